@@ -1,0 +1,568 @@
+"""Keras-compatible attention layers as torch modules, each returning an ``AttentionResult``.
+
+    MultiHeadAttention   keras.layers.MultiHeadAttention (+ num_kv_heads for GQA/MQA = GroupQueryAttention)
+    DotProductAttention  keras.layers.Attention (Luong dot / concat, optional learned scale), no projections
+    AdditiveAttention    keras.layers.AdditiveAttention (Bahdanau), no projections
+
+Weights keep Keras' EinsumDense shapes, so ``layer.set_weights(keras_layer.get_weights())``-style copies are a
+reshape at most (see ``attnviz.interop``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from attnviz import masks as masks_lib
+from attnviz.engine import (
+    MASKED_ROW_POLICIES,
+    SCORE_MODES,
+    AttentionResult,
+    _check_choice,
+    as_mask,
+    attention,
+    resolve_device,
+    resolve_dtype,
+)
+
+__all__ = ["MultiHeadAttention", "DotProductAttention", "AdditiveAttention", "initialize"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Initializers (Keras names and fan rules; reproducible through a seeded generator)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _fans(shape: Sequence[int]) -> tuple[float, float]:
+    """Keras compute_fans: for rank > 2 the leading dims form the receptive field."""
+    if len(shape) == 0:
+        return 1.0, 1.0
+    if len(shape) == 1:
+        return float(shape[0]), float(shape[0])
+    if len(shape) == 2:
+        return float(shape[0]), float(shape[1])
+    receptive = float(np.prod(shape[:-2]))
+    return shape[-2] * receptive, shape[-1] * receptive
+
+
+_INITIALIZERS = (
+    "glorot_uniform",
+    "glorot_normal",
+    "he_uniform",
+    "he_normal",
+    "lecun_uniform",
+    "lecun_normal",
+    "random_normal",
+    "random_uniform",
+    "zeros",
+    "ones",
+)
+
+
+def initialize(name: str, shape: Sequence[int], generator: torch.Generator) -> Tensor:
+    """A float32 tensor of ``shape`` drawn as the Keras initializer ``name`` draws it (in distribution)."""
+    _check_choice("initializer", name, _INITIALIZERS)
+    shape = tuple(int(x) for x in shape)
+    if name == "zeros":
+        return torch.zeros(shape)
+    if name == "ones":
+        return torch.ones(shape)
+    if name == "random_normal":
+        return torch.randn(shape, generator=generator) * 0.05
+    if name == "random_uniform":
+        return (torch.rand(shape, generator=generator) * 2 - 1) * 0.05
+    fan_in, fan_out = _fans(shape)
+    family, dist = name.split("_")
+    fan = {"glorot": (fan_in + fan_out) / 2.0, "he": fan_in / 2.0, "lecun": fan_in}[family]
+    if dist == "uniform":
+        limit = math.sqrt(3.0 / fan)
+        return (torch.rand(shape, generator=generator) * 2 - 1) * limit
+    # Keras' *_normal initializers draw from a normal truncated at 2 std, whose std is 0.8796 of the untruncated.
+    std = math.sqrt(1.0 / fan) / 0.87962566103423978
+    out = torch.empty(shape)
+    return nn.init.trunc_normal_(out, std=std, a=-2 * std, b=2 * std, generator=generator)
+
+
+def _positive_int(label: str, value, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) <= 0:
+        raise ValueError(f"{label} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _to_tensor(label: str, x, device: torch.device, dtype: torch.dtype) -> Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    if not isinstance(x, Tensor):
+        try:
+            x = torch.as_tensor(x)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{label} must be a tensor or array, got {type(x).__name__}") from err
+    if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"{label} must hold numbers, got dtype {x.dtype}")
+    return x.to(device=device, dtype=dtype)
+
+
+def _mask_tensor(label: str, x, device) -> Tensor | None:
+    if x is None:
+        return None
+    m = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x, device=device)
+    if m.is_floating_point():
+        raise ValueError(f"{label} must be boolean (True = keep), got dtype {m.dtype}")
+    return m.bool()
+
+
+class _SeededModule(nn.Module):
+    """Shared set-up: device, dtype, seed, masked-row policy, dropout."""
+
+    def __init__(self, *, dropout, seed, masked_rows, device, dtype):
+        super().__init__()
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout ({dropout}) must be in [0, 1)")
+        _check_choice("masked_rows", masked_rows, MASKED_ROW_POLICIES)
+        self.dropout = float(dropout)
+        self.seed = seed
+        self.masked_rows = masked_rows
+        self.device_ = resolve_device(device)
+        self.dtype_ = resolve_dtype(dtype)
+        self._generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        self._calls = 0  # dropout draws a fresh mask per training call, reproducibly from the seed
+
+    def _param(self, initializer: str, shape) -> nn.Parameter:
+        data = initialize(initializer, shape, self._generator)
+        return nn.Parameter(data.to(device=self.device_, dtype=self.dtype_))
+
+    def _dropout_seed(self, training: bool) -> int | None:
+        if not (training and self.dropout > 0):
+            return None
+        self._calls += 1
+        return None if self.seed is None else int(self.seed) * 1_000_003 + self._calls
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MultiHeadAttention (+ GQA / MQA)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class MultiHeadAttention(_SeededModule):
+    """Multi-head attention with Keras ``MultiHeadAttention`` semantics, plus grouped-query attention.
+
+    Args (Keras names):
+        num_heads: query heads (h).
+        key_dim: size of each query/key head (d).
+        value_dim: size of each value head (v); defaults to key_dim.
+        num_kv_heads: key/value heads (g); None = num_heads (MHA), < num_heads = GQA, 1 = MQA.
+            Query head u reads kv head u // (num_heads // num_kv_heads).
+        dropout: dropout rate on the attention probabilities (only when called with training=True).
+        use_bias: whether the dense projections use biases.
+        output_shape: size (int or tuple) of the output features; defaults to the query's last dim.
+        attention_axes: axes over which attention runs (default: every axis but batch and features).
+        score_mode: "scaled_dot" (Keras), "dot" (Luong, unscaled), "concat" or "additive" (Bahdanau, with a
+            learned per-head weight vector).
+        sliding_window: as Keras 3.15: keys within sliding_window - 1 positions of the query.
+        kernel_initializer / bias_initializer: Keras initializer names.
+        seed: seeds the initial weights and the dropout masks.
+        masked_rows: "zeros" | "uniform" | "nan" for query rows where every key is masked.
+        device: "auto" | "cpu" | "cuda"; dtype: "float32" | "float16" | "bfloat16".
+        query_shape / value_shape / key_shape: build eagerly from these shapes (else built on first call).
+
+    Called as ``layer(query, value, key=None, *, attention_mask=None, mask=None, use_causal_mask=False,
+    training=False)`` with query (b, t, dim) and value (b, s, dim); returns an ``AttentionResult``.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        key_dim: int,
+        value_dim: int | None = None,
+        num_kv_heads: int | None = None,
+        dropout: float = 0.0,
+        use_bias: bool = True,
+        output_shape: int | Sequence[int] | None = None,
+        attention_axes: int | Sequence[int] | None = None,
+        score_mode: str = "scaled_dot",
+        sliding_window: int | None = None,
+        kernel_initializer: str = "glorot_uniform",
+        bias_initializer: str = "zeros",
+        seed: int | None = None,
+        masked_rows: str = "zeros",
+        device: str | torch.device | None = "auto",
+        dtype: str | torch.dtype | None = "float32",
+        query_shape: Sequence[int] | None = None,
+        value_shape: Sequence[int] | None = None,
+        key_shape: Sequence[int] | None = None,
+    ):
+        super().__init__(dropout=dropout, seed=seed, masked_rows=masked_rows, device=device, dtype=dtype)
+        self.num_heads = _positive_int("num_heads", num_heads)
+        self.key_dim = _positive_int("key_dim", key_dim)
+        self.value_dim = _positive_int("value_dim", value_dim, allow_none=True) or self.key_dim
+        self.num_kv_heads = _positive_int("num_kv_heads", num_kv_heads, allow_none=True) or self.num_heads
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+        _check_choice("score_mode", score_mode, SCORE_MODES)
+        self.score_mode = score_mode
+        self.use_bias = bool(use_bias)
+        if isinstance(output_shape, (int, np.integer)):
+            output_shape = (int(output_shape),)
+        if output_shape is not None:
+            output_shape = tuple(_positive_int("output_shape entries", x) for x in output_shape) or None
+        self.output_shape = output_shape
+        if isinstance(attention_axes, (int, np.integer)):
+            attention_axes = (int(attention_axes),)
+        self.attention_axes = None if attention_axes is None else tuple(int(a) for a in attention_axes)
+        self.sliding_window = _positive_int("sliding_window", sliding_window, allow_none=True)
+        _check_choice("kernel_initializer", kernel_initializer, _INITIALIZERS)
+        _check_choice("bias_initializer", bias_initializer, _INITIALIZERS)
+        self.kernel_initializer = kernel_initializer
+        self.bias_initializer = bias_initializer
+        self.built = False
+        if query_shape is not None:
+            self.build(query_shape, value_shape if value_shape is not None else query_shape, key_shape)
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def build(self, query_shape, value_shape, key_shape=None) -> None:
+        """Create the weights for inputs of these shapes (Keras builds on first call the same way)."""
+        query_shape, value_shape = tuple(query_shape), tuple(value_shape)
+        key_shape = value_shape if key_shape is None else tuple(key_shape)
+        rank = len(query_shape)
+        if rank < 3:
+            raise ValueError(f"query must have rank >= 3 (batch, ..., features), got shape {query_shape}")
+        if len(value_shape) != rank or len(key_shape) != rank:
+            raise ValueError(f"query {query_shape}, value {value_shape} and key {key_shape} must have the same rank")
+        if self.attention_axes is None:
+            axes = tuple(range(1, rank - 1))
+        else:
+            axes = tuple(a if a >= 0 else rank - 1 + a for a in self.attention_axes)
+            bad = [a for a in axes if not 1 <= a <= rank - 2]
+            if bad or len(set(axes)) != len(axes):
+                raise ValueError(
+                    f"attention_axes {self.attention_axes} must be distinct axes between 1 and {rank - 2} "
+                    f"for inputs of rank {rank}"
+                )
+            axes = tuple(sorted(axes))
+        self._axes = axes
+        self._other_axes = tuple(a for a in range(1, rank - 1) if a not in axes)
+        dq, dk, dv = query_shape[-1], key_shape[-1], value_shape[-1]
+        out = self.output_shape or (dq,)
+        self._query_features, self._key_features, self._value_features = dq, dk, dv
+        h, g, d, v = self.num_heads, self.num_kv_heads, self.key_dim, self.value_dim
+        k_init, b_init = self.kernel_initializer, self.bias_initializer
+        self.query_kernel = self._param(k_init, (dq, h, d))  # EinsumDense "abc,cde->abde"
+        self.key_kernel = self._param(k_init, (dk, g, d))
+        self.value_kernel = self._param(k_init, (dv, g, v))
+        self.output_kernel = self._param(k_init, (h, v, *out))  # EinsumDense "abcd,cde->abe"
+        biases = (("query_bias", (h, d)), ("key_bias", (g, d)), ("value_bias", (g, v)), ("output_bias", out))
+        for name, shape in biases:
+            setattr(self, name, self._param(b_init, shape) if self.use_bias else None)
+        self.score_scale = self._param("glorot_uniform", (h, 1, 1, d)) if self.score_mode == "additive" else None
+        self.built = True
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, key_dim={self.key_dim}, "
+            f"value_dim={self.value_dim}, score_mode={self.score_mode!r}, masked_rows={self.masked_rows!r}"
+        )
+
+    # -- layout helpers -----------------------------------------------------------------------------------
+    def _to_grid(self, x: Tensor) -> Tensor:
+        """(b, *positions, heads, dim) -> (b * other, heads, attended, dim)."""
+        rank = x.dim() - 1  # rank of the unprojected input
+        perm = (0, *self._other_axes, rank - 1, *self._axes, rank)
+        y = x.permute(perm)
+        n_other = int(np.prod([x.shape[a] for a in self._other_axes])) if self._other_axes else 1
+        n_att = int(np.prod([x.shape[a] for a in self._axes]))
+        return y.reshape(x.shape[0] * n_other, x.shape[rank - 1], n_att, x.shape[rank])
+
+    def _from_grid(self, y: Tensor, query_shape: tuple[int, ...]) -> Tensor:
+        """(b * other, t, o) -> Keras layout (b, *positions, o)."""
+        rank = len(query_shape)
+        order = (0, *self._other_axes, *self._axes)
+        sizes = [query_shape[a] for a in order]
+        z = y.reshape(*sizes, y.shape[-1])  # (b, *other, *attended, o)
+        inverse = [order.index(a) for a in range(rank - 1)] + [rank - 1]
+        return z.permute(inverse)
+
+    def _combined_mask(self, q_shape, v_shape, attention_mask, mask, query_mask, value_mask, key_mask,
+                       use_causal_mask, b_grid, t, s) -> masks_lib.Mask | None:
+        """AND of every mask source, as one named Mask over the grid (b', h, t, s)."""
+        parts: list[masks_lib.Mask] = []
+        keras_rank = 1 + len(self._other_axes) + 1 + 2 * len(self._axes)  # (b, *other, h, *t_axes, *s_axes)
+        if attention_mask is not None:
+            m = _mask_tensor("attention_mask", attention_mask, self.device_)
+            # Keras inserts size-1 dims before the query axes until the mask has the scores' rank.
+            while m.dim() < keras_rank:
+                m = m.unsqueeze(-2 * len(self._axes) - 1)
+            keras_shape = (
+                q_shape[0], *[q_shape[a] for a in self._other_axes], 1,
+                *[q_shape[a] for a in self._axes], *[v_shape[a] for a in self._axes],
+            )
+            try:
+                full = torch.broadcast_to(m, torch.broadcast_shapes(m.shape, keras_shape))
+            except RuntimeError:
+                raise ValueError(
+                    f"attention_mask of shape {tuple(attention_mask.shape)} does not broadcast to the scores "
+                    f"(batch, ..., heads, targets, sources) = {keras_shape[:-2 * len(self._axes) - 1]} + "
+                    f"(h,) + {keras_shape[-2 * len(self._axes):]}"
+                ) from None
+            heads = full.shape[1 + len(self._other_axes)]
+            if heads not in (1, self.num_heads):
+                raise ValueError(f"attention_mask has {heads} heads but the layer has num_heads={self.num_heads}")
+            parts.append(masks_lib.from_tensor(full.reshape(b_grid, heads, t, s), name="attention_mask"))
+        pad_q = _mask_tensor("query_mask", query_mask, self.device_)
+        pad_k = None
+        for label, m in (("value_mask", value_mask), ("key_mask", key_mask)):
+            m = _mask_tensor(label, m, self.device_)
+            if m is not None:
+                pad_k = m if pad_k is None else pad_k & m
+        if pad_q is not None or pad_k is not None:
+            if self._other_axes:
+                raise ValueError("query/value/key masks need attention over all non-batch axes (attention_axes)")
+            if pad_q is not None and tuple(pad_q.shape) != tuple(q_shape[:-1]):
+                raise ValueError(f"query_mask shape {tuple(pad_q.shape)} must be the query's {tuple(q_shape[:-1])}")
+            if pad_k is not None and tuple(pad_k.shape) != tuple(v_shape[:-1]):
+                raise ValueError(f"value/key mask shape {tuple(pad_k.shape)} must be the value's {tuple(v_shape[:-1])}")
+            parts.append(masks_lib.padding(
+                None if pad_q is None else pad_q.reshape(b_grid, t),
+                None if pad_k is None else pad_k.reshape(b_grid, s),
+            ))
+        if use_causal_mask:
+            parts.append(masks_lib.causal())
+        if self.sliding_window is not None:
+            parts.append(masks_lib.sliding_window(self.sliding_window))
+        extra = as_mask(mask)
+        if extra is not None:
+            parts.append(extra)
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else masks_lib.And(*parts)
+
+    # -- call ---------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        query,
+        value,
+        key=None,
+        *,
+        attention_mask=None,
+        mask=None,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        use_causal_mask: bool = False,
+        training: bool = False,
+    ) -> AttentionResult:
+        query = _to_tensor("query", query, self.device_, self.dtype_)
+        value = _to_tensor("value", value, self.device_, self.dtype_)
+        key = value if key is None else _to_tensor("key", key, self.device_, self.dtype_)
+        q_shape, v_shape, k_shape = tuple(query.shape), tuple(value.shape), tuple(key.shape)
+        if v_shape[:-1] != k_shape[:-1]:
+            raise ValueError(
+                f"All dimensions of value and key, except the last one, must be equal. "
+                f"Received: value_shape={v_shape} and key_shape={k_shape}"
+            )
+        if not self.built:
+            self.build(q_shape, v_shape, k_shape)
+        if len(q_shape) != len(v_shape):
+            raise ValueError(f"query {q_shape} and value {v_shape} must have the same rank")
+        expected = (self._query_features, self._key_features, self._value_features)
+        if (q_shape[-1], k_shape[-1], v_shape[-1]) != expected:
+            raise ValueError(
+                f"the layer was built for (query, key, value) features {expected}, "
+                f"got {(q_shape[-1], k_shape[-1], v_shape[-1])}"
+            )
+        if q_shape[0] != v_shape[0]:
+            raise ValueError(f"query batch ({q_shape[0]}) and value batch ({v_shape[0]}) differ")
+        for a in self._other_axes:
+            if q_shape[a] != v_shape[a]:
+                raise ValueError(f"axis {a} is not attended, so query and value must match there: {q_shape[a]} vs {v_shape[a]}")
+
+        q = torch.einsum("...c,chd->...hd", query, self.query_kernel)  # (b, *t_pos, h, d)
+        k = torch.einsum("...c,cgd->...gd", key, self.key_kernel)  # (b, *s_pos, g, d)
+        v = torch.einsum("...c,cgv->...gv", value, self.value_kernel)  # (b, *s_pos, g, v)
+        if self.use_bias:
+            q, k, v = q + self.query_bias, k + self.key_bias, v + self.value_bias
+        q_grid, k_grid, v_grid = self._to_grid(q), self._to_grid(k), self._to_grid(v)  # (b', h|g, t|s, d|v)
+        b_grid, _, t, _ = q_grid.shape
+        s = k_grid.shape[2]
+        mask_fn = self._combined_mask(q_shape, v_shape, attention_mask, mask, query_mask, value_mask, key_mask,
+                                      use_causal_mask, b_grid, t, s)
+        core = attention(
+            q_grid, k_grid, v_grid,
+            mask=mask_fn,
+            score_mode=self.score_mode,
+            scale=self.score_scale,
+            dropout=self.dropout,
+            training=training,
+            seed=self._dropout_seed(training),
+            masked_rows=self.masked_rows,
+        )
+        out_kernel = self.output_kernel.reshape(self.num_heads, self.value_dim, -1)  # (h, v, o)
+        contributions = torch.einsum("bhtv,hvo->bhto", core.head_outputs, out_kernel)  # (b', h, t, o)
+        out_grid = torch.einsum("bhtv,hvo->bto", core.head_outputs, out_kernel)  # (b', t, o)
+        if self.use_bias:
+            out_grid = out_grid + self.output_bias.reshape(-1)
+        output = self._from_grid(out_grid, q_shape)  # (b, *t_pos, o)
+        output = output.reshape(*output.shape[:-1], *(self.output_shape or (q_shape[-1],)))
+
+        t_pos = tuple(q_shape[a] for a in self._axes)
+        s_pos = tuple(v_shape[a] for a in self._axes)
+        keras_scores = (q_shape[0], *[q_shape[a] for a in self._other_axes], self.num_heads, *t_pos, *s_pos)
+        shapes = (
+            ("query input", q_shape),
+            ("key input", k_shape),
+            ("value input", v_shape),
+            ("Q = query · W_q (b, t, h, d)", tuple(q.shape)),
+            ("K = key · W_k (b, s, g, d)", tuple(k.shape)),
+            ("V = value · W_v (b, s, g, v)", tuple(v.shape)),
+            *core.shapes[3:],
+            ("head contributions (b, h, t, o)", tuple(contributions.shape)),
+            ("output = Σ_h contributions + b_o", tuple(output.shape)),
+        )
+        return replace(
+            core,
+            output=output,
+            scores=core.scores.reshape(keras_scores),
+            logits=core.logits.reshape(keras_scores),
+            head_contributions=contributions,
+            query_positions=t_pos,
+            key_positions=s_pos,
+            shapes=shapes,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Keras Attention / AdditiveAttention (no projections, one head)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _SingleHeadAttention(_SeededModule):
+    """Shared call of Keras' Attention and AdditiveAttention: query (b, t, d), value (b, s, dv), key (b, s, d)."""
+
+    score_mode: str
+
+    def _scale_and_weight(self, dim: int) -> tuple[Tensor | None, Tensor | float]:
+        """(scale, concat weight) for the scores; unscaled unless a subclass learns them."""
+        return None, 1.0
+
+    def forward(
+        self,
+        query,
+        value,
+        key=None,
+        *,
+        query_mask=None,
+        value_mask=None,
+        mask=None,
+        use_causal_mask: bool = False,
+        training: bool = False,
+    ) -> AttentionResult:
+        query = _to_tensor("query", query, self.device_, self.dtype_)
+        value = _to_tensor("value", value, self.device_, self.dtype_)
+        key = value if key is None else _to_tensor("key", key, self.device_, self.dtype_)
+        for label, x in (("query", query), ("value", value), ("key", key)):
+            if x.dim() != 3:
+                raise ValueError(f"{label} must have shape (batch, length, dim), got {tuple(x.shape)}")
+        if key.shape[:2] != value.shape[:2]:
+            raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree in batch and length")
+        if query.shape[0] != value.shape[0]:
+            raise ValueError(f"query batch ({query.shape[0]}) and value batch ({value.shape[0]}) differ")
+        if query.shape[-1] != key.shape[-1]:
+            raise ValueError(f"query dim ({query.shape[-1]}) and key dim ({key.shape[-1]}) must match")
+        b, t, _ = query.shape
+        s = value.shape[1]
+        scale, weight = self._scale_and_weight(query.shape[-1])
+        parts = []
+        v_mask = _mask_tensor("value_mask", value_mask, self.device_)
+        if v_mask is not None:
+            if tuple(v_mask.shape) != (b, s):
+                raise ValueError(f"value_mask shape {tuple(v_mask.shape)} must be (batch, s) = ({b}, {s})")
+            parts.append(masks_lib.padding(key_valid=v_mask))
+        if use_causal_mask:
+            parts.append(masks_lib.causal())
+        extra = as_mask(mask)
+        if extra is not None:
+            parts.append(extra)
+        mask_fn = None if not parts else (parts[0] if len(parts) == 1 else masks_lib.And(*parts))
+        core = attention(
+            query[:, None], key[:, None], value[:, None],  # (b, 1, t|s, d)
+            mask=mask_fn,
+            score_mode=self.score_mode,
+            scale=scale,
+            concat_weight=weight,
+            dropout=self.dropout,
+            training=training,
+            seed=self._dropout_seed(training),
+            masked_rows=self.masked_rows,
+        )
+        output = core.head_outputs[:, 0]  # (b, t, dv)
+        q_mask = _mask_tensor("query_mask", query_mask, self.device_)
+        if q_mask is not None:
+            # Keras zeroes the output rows of padded queries; their scores are left as computed.
+            if tuple(q_mask.shape) != (b, t):
+                raise ValueError(f"query_mask shape {tuple(q_mask.shape)} must be (batch, t) = ({b}, {t})")
+            output = output * q_mask[..., None].to(output.dtype)
+        return replace(
+            core,
+            output=output,
+            scores=core.scores[:, 0],  # (b, t, s) as Keras returns them
+            logits=core.logits[:, 0],
+            head_contributions=output[:, None],
+            shapes=core.shapes + (("output (b, t, v)", tuple(output.shape)),),
+        )
+
+
+class DotProductAttention(_SingleHeadAttention):
+    """Keras ``Attention``: Luong dot-product (``score_mode="dot"``) or ``"concat"`` scores, no projections.
+
+    ``use_scale=True`` adds a learned scalar (initialised to 1) multiplying the scores ("dot") or the sum
+    inside tanh ("concat"). Keras fills fully-masked rows uniformly; pass masked_rows="uniform" to match it.
+    """
+
+    def __init__(self, score_mode: str = "dot", use_scale: bool = False, dropout: float = 0.0,
+                 seed: int | None = None, masked_rows: str = "zeros", device="auto", dtype="float32"):
+        super().__init__(dropout=dropout, seed=seed, masked_rows=masked_rows, device=device, dtype=dtype)
+        _check_choice("score_mode", score_mode, ("dot", "concat"))
+        self.score_mode = score_mode
+        self.use_scale = bool(use_scale)
+        self.scale = self._param("ones", ()) if self.use_scale else None
+        self.concat_score_weight = self._param("ones", ()) if score_mode == "concat" else None
+
+    def _scale_and_weight(self, dim):
+        return self.scale, (1.0 if self.concat_score_weight is None else self.concat_score_weight)
+
+
+class AdditiveAttention(_SingleHeadAttention):
+    """Keras ``AdditiveAttention`` (Bahdanau): scores = sum(scale * tanh(q + k)), no projections.
+
+    ``use_scale=True`` learns a per-dimension scale (glorot-uniform, built on first call from the query dim).
+    """
+
+    score_mode = "additive"
+
+    def __init__(self, use_scale: bool = True, dropout: float = 0.0, seed: int | None = None,
+                 masked_rows: str = "zeros", device="auto", dtype="float32", dim: int | None = None):
+        super().__init__(dropout=dropout, seed=seed, masked_rows=masked_rows, device=device, dtype=dtype)
+        self.use_scale = bool(use_scale)
+        self.scale = None
+        if dim is not None:
+            self.build(dim)
+
+    def build(self, dim: int) -> None:
+        if self.use_scale:
+            self.scale = self._param("glorot_uniform", (_positive_int("dim", dim),))
+
+    def _scale_and_weight(self, dim):
+        if self.use_scale and self.scale is None:
+            self.build(dim)
+        if self.scale is not None and self.scale.shape[0] != dim:
+            raise ValueError(f"the layer was built for dim {self.scale.shape[0]}, got query dim {dim}")
+        return self.scale, 1.0
