@@ -66,6 +66,7 @@ class AttentionResult:
     key_positions: tuple[int, ...] = ()
     shapes: tuple[tuple[str, tuple[int, ...]], ...] = field(default=())  # (stage, shape) along the pipeline
     score_mode: str = "scaled_dot"
+    output_grid: Tensor | None = None  # (b, t, o) the projected output in the grid layout (layers only)
 
     @property
     def num_heads(self) -> int:

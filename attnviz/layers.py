@@ -423,7 +423,7 @@ class MultiHeadAttention(_SeededModule):
             ("Q = query · W_q (b, t, h, d)", tuple(q.shape)),
             ("K = key · W_k (b, s, g, d)", tuple(k.shape)),
             ("V = value · W_v (b, s, g, v)", tuple(v.shape)),
-            *core.shapes[3:],
+            *core.shapes,
             ("head contributions (b, h, t, o)", tuple(contributions.shape)),
             ("output = Σ_h contributions + b_o", tuple(output.shape)),
         )
@@ -433,6 +433,7 @@ class MultiHeadAttention(_SeededModule):
             scores=core.scores.reshape(keras_scores),
             logits=core.logits.reshape(keras_scores),
             head_contributions=contributions,
+            output_grid=out_grid,
             query_positions=t_pos,
             key_positions=s_pos,
             shapes=shapes,
@@ -516,6 +517,7 @@ class _SingleHeadAttention(_SeededModule):
             scores=core.scores[:, 0],  # (b, t, s) as Keras returns them
             logits=core.logits[:, 0],
             head_contributions=output[:, None],
+            output_grid=output,
             shapes=core.shapes + (("output (b, t, v)", tuple(output.shape)),),
         )
 

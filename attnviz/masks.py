@@ -96,8 +96,10 @@ class Mask(ABC):
         return [name for name, grid in blame.items() if bool(torch.broadcast_to(grid, (1, 1, 1, 1))[0, 0, 0, 0])]
 
     def explain_grid(self, b: int, h: int, t: int, s: int) -> np.ndarray:
-        """(t, s) array of strings for batch item b and head h: '' where attendable, else the blamed names."""
-        self.validate(b + 1, h + 1, t, s)
+        """(t, s) array of strings for batch item b and head h: '' where attendable, else the blamed names.
+
+        b and h are indices (the mask is assumed valid for the sizes it was materialised at).
+        """
         idx = (torch.tensor([[[[b]]]]), torch.tensor([[[[h]]]]), *index_grids(1, 1, t, s)[2:])
         value, blame = self._blame(*idx, t, s)
         out = np.full((t, s), "", dtype=object)

@@ -1,0 +1,320 @@
+"""The Playground's model: a frozen config, named presets, input sources, and one function that runs it.
+
+No Streamlit here: a notebook user can ``run(PRESETS["GQA: 8 query / 2 kv heads, causal"])`` and get the same
+record the app draws.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+from torch import Tensor
+
+from attnviz import masks as masks_lib
+from attnviz.engine import AttentionResult
+from attnviz.layers import MultiHeadAttention
+
+SOURCES: dict[str, str] = {
+    "random": "seeded Gaussian noise: every token different, attention fairly diffuse",
+    "sinusoidal": "sinusoidal position encodings (Vaswani et al.): nearby positions look alike",
+    "one_hot": "identity / one-hot rows: token i is the unit vector e_(i mod dim)",
+    "repeated": "a 3-token vocabulary repeated (A B C A B C ...): identical tokens attract each other",
+    "ones": "all ones (d2l 10.5's example): every key looks the same, so attention is uniform",
+}
+CAUSAL_CHOICES = ("off", "top_left", "bottom_right")
+
+# The largest configuration the Playground draws cell by cell (the Scale page handles long sequences).
+LIMITS = {"batch": 8, "t": 128, "s": 128, "model_dim": 512, "num_heads": 32, "key_dim": 256, "value_dim": 256}
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """Which library masks to combine; the Playground turns this into one ``attnviz.masks.Mask``."""
+
+    causal: str = "off"  # "off" | "top_left" | "bottom_right"
+    sliding_window: int = 0  # |i - j| < w; 0 = off
+    valid_lens: tuple[int, ...] = ()  # d2l: keys at or past valid_lens[b] are padding; () = off
+    key_padding: int = 0  # Keras value_mask: the last n keys of every batch item are padding
+    query_padding: int = 0  # Keras query_mask: the last n queries of every batch item are padding
+    prefix_lm: int = 0  # the first n keys are visible to every query, the rest causal; 0 = off
+    documents: tuple[int, ...] = ()  # packed documents: lengths of consecutive documents; () = off
+    combine: str = "and"  # "and": a cell is kept only if every chosen mask keeps it; "or": if any does
+    invert: bool = False  # NOT of the combination (what a mask bug with a flipped boolean looks like)
+
+    def build(self, b: int, t: int, s: int) -> masks_lib.Mask | None:
+        """The composed Mask, or None when no component is on. Raises ValueError for impossible settings."""
+        parts: list[masks_lib.Mask] = []
+        if self.causal != "off":
+            parts.append(masks_lib.causal(self.causal))
+        if self.sliding_window:
+            parts.append(masks_lib.sliding_window(self.sliding_window))
+        if self.valid_lens:
+            if len(self.valid_lens) != b:
+                raise ValueError(f"valid_lens has {len(self.valid_lens)} entries but the batch size is {b}")
+            parts.append(masks_lib.valid_lens(list(self.valid_lens)))
+        if self.key_padding or self.query_padding:
+            if self.key_padding >= s + 1 or self.query_padding >= t + 1:
+                raise ValueError(
+                    f"padding ({self.query_padding} queries, {self.key_padding} keys) exceeds t={t}, s={s}"
+                )
+            q_valid = torch.arange(t).expand(b, t) < t - self.query_padding if self.query_padding else None
+            k_valid = torch.arange(s).expand(b, s) < s - self.key_padding if self.key_padding else None
+            parts.append(masks_lib.padding(q_valid, k_valid))
+        if self.prefix_lm:
+            parts.append(masks_lib.prefix_lm(self.prefix_lm))
+        if self.documents:
+            if sum(self.documents) != t or t != s:
+                raise ValueError(
+                    f"document lengths {list(self.documents)} sum to {sum(self.documents)}; packed documents "
+                    f"need self-attention with t = s = that sum (t={t}, s={s})"
+                )
+            ids = torch.repeat_interleave(torch.arange(len(self.documents)), torch.tensor(self.documents))
+            parts.append(masks_lib.document(ids))
+        if not parts:
+            return masks_lib.Not(masks_lib.full()) if self.invert else None
+        combined = parts[0]
+        for p in parts[1:]:
+            combined = (combined & p) if self.combine == "and" else (combined | p)
+        return ~combined if self.invert else combined
+
+
+@dataclass(frozen=True)
+class PlaygroundConfig:
+    """One Playground configuration: everything needed to reproduce the numbers on screen."""
+
+    batch: int = 2  # batch size b
+    t: int = 8  # query (target) length
+    s: int = 8  # key/value (source) length; equals t for self-attention
+    model_dim: int = 32  # feature size of the inputs (Keras: query.shape[-1])
+    num_heads: int = 8  # query heads h
+    num_kv_heads: int = 0  # key/value heads g; 0 = num_heads (MHA), < h = GQA, 1 = MQA
+    key_dim: int = 4  # per-head query/key size d
+    value_dim: int = 0  # per-head value size v; 0 = key_dim
+    score_mode: str = "scaled_dot"  # scaled_dot | dot (Luong) | concat | additive (Bahdanau)
+    use_bias: bool = True  # biases in the Q/K/V/output projections
+    output_dim: int = 0  # output features o; 0 = model_dim (Keras output_shape=None)
+    attention: str = "self"  # "self": keys = queries' tokens; "cross": a separate source sequence
+    source: str = "sinusoidal"  # how the inputs are made, see SOURCES
+    masks: MaskSpec = field(default_factory=MaskSpec)
+    dropout: float = 0.0  # dropout on the probabilities (applied only when training)
+    training: bool = False  # training mode: apply dropout
+    seed: int = 0  # seeds inputs, weights and dropout
+    masked_rows: str = "zeros"  # zeros | uniform | nan: what a query row with every key masked becomes
+    device: str = "cpu"  # cpu | cuda
+    dtype: str = "float32"  # float32 | float16 | bfloat16
+
+    def validate(self) -> None:
+        """Raise ValueError, with the numbers, for anything the engine would reject or the page cannot draw."""
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
+            low = 0 if name == "value_dim" else 1
+            if not low <= value <= limit:
+                raise ValueError(f"{name} ({value}) must be between {low} and {limit} in the Playground")
+        if self.attention == "self" and self.s != self.t:
+            raise ValueError(f"self-attention needs s = t (got t={self.t}, s={self.s}); choose cross-attention")
+        if self.source not in SOURCES:
+            raise ValueError(f"source must be one of {list(SOURCES)}, got {self.source!r}")
+        if self.attention not in ("self", "cross"):
+            raise ValueError(f"attention must be 'self' or 'cross', got {self.attention!r}")
+        kv = self.num_kv_heads or self.num_heads
+        if self.num_heads % kv:
+            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({kv})")
+        if self.masks.causal not in CAUSAL_CHOICES or self.masks.combine not in ("and", "or"):
+            raise ValueError(f"mask settings not understood: causal={self.masks.causal!r}, combine={self.masks.combine!r}")
+
+
+PRESETS: dict[str, PlaygroundConfig] = {
+    "GQA: 8 query / 2 kv heads, causal": PlaygroundConfig(
+        t=8, s=8, model_dim=32, num_heads=8, num_kv_heads=2, key_dim=4, masks=MaskSpec(causal="top_left"),
+    ),
+    "Keras docs: (None, 6, 8) self-attention, 2 heads": PlaygroundConfig(
+        batch=1, t=6, s=6, model_dim=8, num_heads=2, key_dim=2, source="random",
+    ),
+    "d2l 10.5: 100 hiddens, 5 heads, valid_lens [3, 2]": PlaygroundConfig(
+        batch=2, t=4, s=6, model_dim=100, num_heads=5, key_dim=20, use_bias=False, attention="cross",
+        source="ones", dropout=0.5, masks=MaskSpec(valid_lens=(3, 2)),
+    ),
+    "MQA: 4 query heads share 1 kv head": PlaygroundConfig(
+        t=8, s=8, model_dim=32, num_heads=4, num_kv_heads=1, key_dim=8, source="repeated",
+        masks=MaskSpec(causal="top_left"),
+    ),
+    "Luong dot (unscaled), 1 head": PlaygroundConfig(
+        batch=1, t=6, s=6, model_dim=16, num_heads=1, key_dim=16, score_mode="dot", source="repeated",
+    ),
+    "Bahdanau additive, 1 head": PlaygroundConfig(
+        batch=1, t=6, s=6, model_dim=16, num_heads=1, key_dim=16, score_mode="additive", source="random",
+    ),
+    "Cross-attention: 5 queries over 9 keys": PlaygroundConfig(
+        batch=1, t=5, s=9, model_dim=16, num_heads=4, key_dim=4, attention="cross", source="random",
+    ),
+    "Sliding window (3) + causal, packed documents": PlaygroundConfig(
+        batch=1, t=10, s=10, model_dim=16, num_heads=4, key_dim=4, source="sinusoidal",
+        masks=MaskSpec(causal="top_left", sliding_window=3, documents=(4, 6)),
+    ),
+}
+DEFAULT_PRESET = "GQA: 8 query / 2 kv heads, causal"
+
+
+def make_source(kind: str, b: int, n: int, dim: int, generator: torch.Generator) -> Tensor:
+    """Inputs of shape (b, n, dim) for one of SOURCES."""
+    if kind == "random":
+        return torch.randn(b, n, dim, generator=generator)
+    if kind == "ones":
+        return torch.ones(b, n, dim)
+    if kind == "one_hot":
+        return torch.eye(dim)[torch.arange(n) % dim].expand(b, n, dim).clone()
+    if kind == "sinusoidal":
+        pos = torch.arange(n, dtype=torch.float32)[:, None]  # (n, 1)
+        i = torch.arange(0, dim, 2, dtype=torch.float32)  # (dim/2,)
+        angle = pos / torch.pow(10000.0, i / dim)  # (n, dim/2)
+        pe = torch.zeros(n, dim)
+        pe[:, 0::2] = torch.sin(angle)
+        pe[:, 1::2] = torch.cos(angle[:, : dim // 2])
+        return pe.expand(b, n, dim).clone()
+    if kind == "repeated":
+        vocab = torch.randn(3, dim, generator=generator)
+        return vocab[torch.arange(n) % 3].expand(b, n, dim).clone()
+    raise ValueError(f"source must be one of {list(SOURCES)}, got {kind!r}")
+
+
+def make_inputs(config: PlaygroundConfig) -> tuple[Tensor, Tensor]:
+    """(query input (b, t, dim), value input (b, s, dim)), reproducible from the config's seed."""
+    generator = torch.Generator().manual_seed(config.seed)
+    query = make_source(config.source, config.batch, config.t, config.model_dim, generator)
+    if config.attention == "self":
+        return query, query
+    value = make_source(config.source, config.batch, config.s, config.model_dim, generator)
+    if config.source != "ones":
+        value = torch.roll(value, shifts=config.t // 2 + 1, dims=1)  # so cross keys are not the queries' tokens
+    return query, value
+
+
+def build_layer(config: PlaygroundConfig) -> MultiHeadAttention:
+    return MultiHeadAttention(
+        num_heads=config.num_heads,
+        key_dim=config.key_dim,
+        value_dim=config.value_dim or None,
+        num_kv_heads=config.num_kv_heads or None,
+        dropout=config.dropout,
+        use_bias=config.use_bias,
+        output_shape=config.output_dim or None,
+        score_mode=config.score_mode,
+        seed=config.seed,
+        masked_rows=config.masked_rows,
+        device=config.device,
+        dtype=config.dtype,
+        query_shape=(config.batch, config.t, config.model_dim),
+        value_shape=(config.batch, config.s, config.model_dim),
+    )
+
+
+@torch.no_grad()
+def run(config: PlaygroundConfig) -> AttentionResult:
+    """Build the layer and inputs the config describes and run them. Raises ValueError for a bad config."""
+    config.validate()
+    mask = config.masks.build(config.batch, config.t, config.s)
+    layer = build_layer(config)
+    query, value = make_inputs(config)
+    return layer(query, value, mask=mask, training=config.training)
+
+
+def with_preset(name: str) -> PlaygroundConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
+    return PRESETS[name]
+
+
+def parse_int_list(label: str, text: str) -> tuple[int, ...]:
+    """'3, 2' -> (3, 2); '' -> (). A clear ValueError for anything else."""
+    text = (text or "").strip().strip("[]()")
+    if not text:
+        return ()
+    items = [x for x in text.replace(";", ",").replace(" ", ",").split(",") if x]
+    try:
+        values = tuple(int(x) for x in items)
+    except ValueError:
+        raise ValueError(f"{label}: expected whole numbers separated by commas (e.g. '3, 2'), got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise ValueError(f"{label}: numbers must be >= 0, got {list(values)}")
+    return values
+
+
+def config_from_values(values: dict) -> PlaygroundConfig:
+    """Build a config from plain widget values (mask fields under their MaskSpec names, lists as text)."""
+    mask_names = {f.name for f in fields(MaskSpec)}
+    mask_values = {k: v for k, v in values.items() if k in mask_names}
+    for name in ("valid_lens", "documents"):
+        if isinstance(mask_values.get(name), str):
+            mask_values[name] = parse_int_list(name, mask_values[name])
+    config_names = {f.name for f in fields(PlaygroundConfig)} - {"masks"}
+    unknown = set(values) - mask_names - config_names
+    if unknown:
+        raise ValueError(f"unknown Playground settings: {sorted(unknown)}")
+    config = PlaygroundConfig(masks=MaskSpec(**mask_values), **{k: v for k, v in values.items() if k in config_names})
+    if config.attention == "self":
+        config = replace(config, s=config.t)
+    return config
+
+
+def config_values(config: PlaygroundConfig) -> dict:
+    """The inverse of config_from_values: a flat dict of plain values (lists as text) for the widgets."""
+    values = {f.name: getattr(config, f.name) for f in fields(PlaygroundConfig) if f.name != "masks"}
+    for f in fields(MaskSpec):
+        value = getattr(config.masks, f.name)
+        values[f.name] = ", ".join(map(str, value)) if isinstance(value, tuple) else value
+    return values
+
+
+def mask_summary(record: AttentionResult) -> dict[str, float]:
+    """Counts the page reports: kept/masked cells and fully-masked query rows."""
+    grid = record.mask_grid
+    total = math.prod(grid.shape)
+    kept = int(grid.sum())
+    return {
+        "cells": total,
+        "kept": kept,
+        "masked": total - kept,
+        "fully_masked_rows": int(record.fully_masked_rows.sum()),
+    }
+
+
+__all__ = [
+    "PlaygroundConfig",
+    "MaskSpec",
+    "PRESETS",
+    "DEFAULT_PRESET",
+    "SOURCES",
+    "LIMITS",
+    "run",
+    "make_inputs",
+    "make_source",
+    "build_layer",
+    "with_preset",
+    "mask_summary",
+    "parse_int_list",
+    "config_from_values",
+    "config_values",
+    "describe",
+]
+
+
+def describe(config: PlaygroundConfig, record: AttentionResult) -> str:
+    """One line saying what is on screen: heads and grouping, score function, mask."""
+    h, g = record.num_heads, record.num_kv_heads
+    if g == h:
+        heads = f"{h} head{'s' if h > 1 else ''} (multi-head)"
+    elif g == 1:
+        heads = f"{h} query heads share 1 kv head (multi-query)"
+    else:
+        heads = f"{h} query heads share {g} kv heads, {h // g} per group (grouped-query)"
+    score = {
+        "scaled_dot": f"scaled dot product q·k/√{config.key_dim}",
+        "dot": "dot product q·k (Luong, unscaled)",
+        "concat": "concat Σ tanh(q + k)",
+        "additive": "additive Σ w ⊙ tanh(q + k) (Bahdanau)",
+    }[config.score_mode]
+    mask = record.mask_fn.name if record.mask_fn is not None else "none"
+    kind = "self-attention" if config.attention == "self" else "cross-attention"
+    return f"{kind} · t={config.t}, s={config.s} · {heads} · {score} · mask: {mask}"

@@ -1,0 +1,1 @@
+"""The Streamlit layer: the only part of attnviz that imports streamlit (widgets and caching wrappers)."""

@@ -1,0 +1,31 @@
+"""Small display helpers shared by pages."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from attnviz.engine import AttentionResult
+
+POLICY_EFFECT = {
+    "zeros": "their probabilities and head outputs are all 0 (the output is just the output bias)",
+    "uniform": "they attend uniformly (1/s) to every key, masked or not — as Keras' Attention layer and d2l do",
+    "nan": "they are NaN, and the NaN spreads into the output — as torch.nn.MultiheadAttention does",
+}
+
+
+def fully_masked_warning(record: AttentionResult) -> None:
+    """Warn, in plain words, when some query rows have no key left to attend to."""
+    rows = record.fully_masked_rows
+    count = int(rows.sum())
+    if not count:
+        return
+    b, h, t = rows.shape
+    per_batch = rows.any(dim=1)  # (b, t): a row is fully masked in at least one head
+    where = "; ".join(
+        f"batch {i}: queries {per_batch[i].nonzero().flatten().tolist()}" for i in range(b) if per_batch[i].any()
+    )
+    st.warning(
+        f"**{count} query row(s) are fully masked** (every key is masked) — {where}. "
+        f"Under the '{record.masked_rows}' policy {POLICY_EFFECT[record.masked_rows]}.",
+        icon="🚫",
+    )

@@ -1,0 +1,37 @@
+"""Playground: configure multi-head / grouped-query attention, masks and scores; see every head."""
+
+import streamlit as st
+
+from attnviz import figures
+from attnviz.playground import describe, mask_summary
+from attnviz.ui.playground import cached_run, config_ui, view_ui
+from attnviz.ui.widgets import fully_masked_warning
+
+st.title("Playground")
+try:
+    config = config_ui()
+    record = cached_run(config)
+except ValueError as err:
+    st.error(f"**This configuration cannot run:** {err}", icon="⚠️")
+    st.stop()
+
+st.caption(describe(config, record))
+fully_masked_warning(record)
+view = view_ui(config)
+
+heads_tab, output_tab, shapes_tab = st.tabs(["Heads", "Output projection", "Shapes"])
+with heads_tab:
+    st.plotly_chart(figures.attention_heads_figure(record, view.batch_index, values=view.values), width="content")
+    counts = mask_summary(record)
+    st.caption(f"{counts['kept']} of {counts['cells']} cells may attend; masked cells are grey "
+               "(hover one to see which mask rule masked it).")
+with output_tab:
+    st.markdown("**Output** = Σ over heads of (head output · W_o[head]) + output bias")
+    st.plotly_chart(figures.output_figure(record, view.batch_index))
+    st.markdown("**Each head's contribution** (head output · W_o[head]) and its size per query")
+    st.plotly_chart(figures.contribution_norms_figure(record, view.batch_index))
+    st.plotly_chart(figures.head_contributions_figure(record, view.batch_index))
+    st.markdown("**Per-head outputs** (probabilities · V, before the output projection)")
+    st.plotly_chart(figures.head_outputs_figure(record, view.batch_index))
+with shapes_tab:
+    st.dataframe(figures.shapes_frame(record), hide_index=True)
