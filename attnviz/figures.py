@@ -79,7 +79,7 @@ def heatmap_grid(
     rows = math.ceil(len(panels) / cols)
     fig = make_subplots(
         rows=rows, cols=cols, subplot_titles=[p.title for p in panels],
-        horizontal_spacing=min(0.06, 0.3 / max(cols, 1)), vertical_spacing=min(0.12, 0.5 / max(rows, 1)),
+        horizontal_spacing=min(0.06, 0.3 / max(cols, 1)), vertical_spacing=min(0.16, 0.6 / max(rows, 1)),
         row_titles=list(row_titles) if row_titles else None,
     )
     finite = [p.values[np.isfinite(p.values) & (p.keep if p.keep is not None else True)] for p in panels]

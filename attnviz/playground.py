@@ -94,6 +94,7 @@ class PlaygroundConfig:
     value_dim: int = 0  # per-head value size v; 0 = key_dim
     score_mode: str = "scaled_dot"  # scaled_dot | dot (Luong) | concat | additive (Bahdanau)
     use_bias: bool = True  # biases in the Q/K/V/output projections
+    weight_scale: float = 1.0  # multiplies the initial W_q and W_k (1 = Keras' glorot_uniform as drawn)
     output_dim: int = 0  # output features o; 0 = model_dim (Keras output_shape=None)
     attention: str = "self"  # "self": keys = queries' tokens; "cross": a separate source sequence
     source: str = "sinusoidal"  # how the inputs are made, see SOURCES
@@ -121,13 +122,16 @@ class PlaygroundConfig:
         kv = self.num_kv_heads or self.num_heads
         if self.num_heads % kv:
             raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({kv})")
+        if not 0.0 < self.weight_scale <= 100.0:
+            raise ValueError(f"weight_scale ({self.weight_scale}) must be in (0, 100]")
         if self.masks.causal not in CAUSAL_CHOICES or self.masks.combine not in ("and", "or"):
             raise ValueError(f"mask settings not understood: causal={self.masks.causal!r}, combine={self.masks.combine!r}")
 
 
 PRESETS: dict[str, PlaygroundConfig] = {
     "GQA: 8 query / 2 kv heads, causal": PlaygroundConfig(
-        t=8, s=8, model_dim=32, num_heads=8, num_kv_heads=2, key_dim=4, masks=MaskSpec(causal="top_left"),
+        t=8, s=8, model_dim=32, num_heads=8, num_kv_heads=2, key_dim=4, source="random", weight_scale=3.0,
+        masks=MaskSpec(causal="top_left"),
     ),
     "Keras docs: (None, 6, 8) self-attention, 2 heads": PlaygroundConfig(
         batch=1, t=6, s=6, model_dim=8, num_heads=2, key_dim=2, source="random",
@@ -192,7 +196,8 @@ def make_inputs(config: PlaygroundConfig) -> tuple[Tensor, Tensor]:
 
 
 def build_layer(config: PlaygroundConfig) -> MultiHeadAttention:
-    return MultiHeadAttention(
+    """The layer the config describes, with seeded weights (W_q, W_k scaled by weight_scale)."""
+    layer = MultiHeadAttention(
         num_heads=config.num_heads,
         key_dim=config.key_dim,
         value_dim=config.value_dim or None,
@@ -208,6 +213,13 @@ def build_layer(config: PlaygroundConfig) -> MultiHeadAttention:
         query_shape=(config.batch, config.t, config.model_dim),
         value_shape=(config.batch, config.s, config.model_dim),
     )
+    if config.weight_scale != 1.0:
+        # Untrained (glorot) projections give near-uniform attention; larger q/k weights give the sharper,
+        # more varied heads a trained model has.
+        with torch.no_grad():
+            layer.query_kernel.mul_(config.weight_scale)
+            layer.key_kernel.mul_(config.weight_scale)
+    return layer
 
 
 @torch.no_grad()

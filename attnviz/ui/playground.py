@@ -33,6 +33,9 @@ HELP = {
     "output_dim": "Output features (Keras `output_shape`): the size the concatenated heads are projected to. "
     "0 = the query's last dimension.",
     "use_bias": "Whether the dense layers (Q, K, V projections and the output projection) use bias vectors (Keras `use_bias`).",
+    "weight_scale": "Multiplies the randomly initialised query and key projection weights. 1 = Keras' "
+    "glorot_uniform as drawn: an untrained layer attends almost uniformly. Larger values sharpen the logits and make "
+    "heads differ, as trained heads do.",
     "score_mode": "How a query and a key are scored. scaled_dot: q·k / √key_dim (Transformer). dot: q·k, unscaled "
     "(Luong). concat: Σ tanh(q + k) (Keras Attention score_mode='concat'). additive: Σ w ⊙ tanh(q + k) with a "
     "learned w per head (Bahdanau).",
@@ -113,6 +116,8 @@ def config_ui() -> pg.PlaygroundConfig:
         values["value_dim"] = _number("value_dim v (0 = d)", "value_dim", 0, limits["value_dim"], st)
         values["output_dim"] = _number("output_shape o (0 = model dim)", "output_dim", 0, limits["model_dim"], st)
         values["use_bias"] = st.checkbox("use_bias", key=_key("use_bias"), help=HELP["use_bias"])
+        values["weight_scale"] = st.slider("Q/K weight scale", 0.25, 10.0, step=0.25, key=_key("weight_scale"),
+                                           help=HELP["weight_scale"])
 
     with sb.expander("Scores and masks", expanded=True):
         values["score_mode"] = st.selectbox("Score mode", list(("scaled_dot", "dot", "concat", "additive")),
@@ -142,7 +147,7 @@ def config_ui() -> pg.PlaygroundConfig:
         values["device"] = st.selectbox("Device", devices, key=_key("device"), help=HELP["device"])
         values["dtype"] = st.selectbox("dtype", ["float32", "float16", "bfloat16"], key=_key("dtype"), help=HELP["dtype"])
 
-    return pg.config_from_values({k: int(v) if isinstance(v, float) and k != "dropout" else v for k, v in values.items()})
+    return pg.config_from_values(values)
 
 
 @dataclass(frozen=True)

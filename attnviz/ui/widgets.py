@@ -15,17 +15,17 @@ POLICY_EFFECT = {
 
 def fully_masked_warning(record: AttentionResult) -> None:
     """Warn, in plain words, when some query rows have no key left to attend to."""
-    rows = record.fully_masked_rows
-    count = int(rows.sum())
-    if not count:
+    rows = record.fully_masked_rows  # (b, h, t)
+    if not bool(rows.any()):
         return
     b, h, t = rows.shape
     per_batch = rows.any(dim=1)  # (b, t): a row is fully masked in at least one head
+    count = int(per_batch.sum())
     where = "; ".join(
         f"batch {i}: queries {per_batch[i].nonzero().flatten().tolist()}" for i in range(b) if per_batch[i].any()
     )
     st.warning(
-        f"**{count} query row(s) are fully masked** (every key is masked) — {where}. "
+        f"**{count} query row(s) are fully masked** (every key is masked, in {int(rows.sum())} head-rows) — {where}. "
         f"Under the '{record.masked_rows}' policy {POLICY_EFFECT[record.masked_rows]}.",
         icon="🚫",
     )
