@@ -1,0 +1,583 @@
+"""Tier 3: the figures draw exactly the record's tensors.
+
+Every check reads the numbers back out of the ``go.Figure`` (z, customdata, bar heights, subplot layout) and
+compares them with the ``AttentionResult`` the figure was built from, with the materialised mask, or with values
+derived by hand (a causal triangle, d2l's valid_lens, document boundaries).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import attnviz
+from attnviz import figures
+from attnviz import masks as masks_lib
+from attnviz.playground import DEFAULT_PRESET, PRESETS, build_layer, run
+
+GQA = DEFAULT_PRESET  # 8 query / 2 kv heads, causal, b=2, t=s=8
+MQA = "MQA: 4 query heads share 1 kv head"
+D2L = "d2l 10.5: 100 hiddens, 5 heads, valid_lens [3, 2]"
+DOCS = "Sliding window (3) + causal, packed documents"
+CROSS = "Cross-attention: 5 queries over 9 keys"
+KERAS = "Keras docs: (None, 6, 8) self-attention, 2 heads"
+LUONG = "Luong dot (unscaled), 1 head"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def records():
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = run(PRESETS[name])
+        return cache[name]
+
+    return get
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().float().cpu().numpy()
+
+
+def main_traces(fig):
+    return [tr for tr in fig.data if not tr.name.endswith("(masked)")]
+
+
+def masked_traces(fig):
+    return {tr.name[: -len(" (masked)")]: tr for tr in fig.data if tr.name.endswith("(masked)")}
+
+
+def expected_keep(record, b):
+    """(h, t, s) keep-mask of batch item b, materialised independently of mask_grid from record.mask_fn."""
+    B, h, t, s = record.grid_shape
+    if record.mask_fn is None:
+        return np.ones((h, t, s), dtype=bool)
+    m = record.mask_fn.materialize(B, h, t, s)
+    return torch.broadcast_to(m, (B, h, t, s))[b].numpy()
+
+
+def axis_cell(fig, trace):
+    """(row, col), 0-based, of the subplot holding the trace, from the axis domains (row 0 = top)."""
+    xname = "xaxis" + trace.xaxis[1:]
+    yname = "yaxis" + trace.yaxis[1:]
+    xdom = tuple(fig.layout[xname].domain)
+    ydom = tuple(fig.layout[yname].domain)
+    xdoms = sorted({tuple(fig.layout[k].domain) for k in fig.layout if k.startswith("xaxis")})
+    ydoms = sorted({tuple(fig.layout[k].domain) for k in fig.layout if k.startswith("yaxis")}, reverse=True)
+    return ydoms.index(ydom), xdoms.index(xdom)
+
+
+def grid_size(fig):
+    """(rows, cols) of the subplot grid, from the distinct axis domains."""
+    xdoms = {tuple(fig.layout[k].domain) for k in fig.layout if k.startswith("xaxis")}
+    ydoms = {tuple(fig.layout[k].domain) for k in fig.layout if k.startswith("yaxis")}
+    return len(ydoms), len(xdoms)
+
+
+def _mha_record(*, num_heads=3, num_kv_heads=None, t=5, s=None, seed=0, **call):
+    s = t if s is None else s
+    layer = attnviz.MultiHeadAttention(num_heads=num_heads, key_dim=4, num_kv_heads=num_kv_heads, seed=seed,
+                                       device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, t, 6, generator=gen)
+    v = q if s == t else torch.randn(2, s, 6, generator=gen)
+    return layer, layer(q, v, **call)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# attention_heads_figure: values
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [GQA, MQA, D2L, DOCS, CROSS, KERAS, LUONG])
+def test_one_main_heatmap_per_head_in_order(records, name):
+    rec = records(name)
+    fig = figures.attention_heads_figure(rec)
+    mains = main_traces(fig)
+    assert len(mains) == rec.num_heads
+    for u, tr in enumerate(mains):
+        assert tr.type == "heatmap"
+        assert tr.name == f"head {u}" or tr.name.startswith(f"head {u} ")
+
+
+@pytest.mark.parametrize("name", [GQA, MQA, D2L, DOCS, CROSS, KERAS])
+@pytest.mark.parametrize("b_sel", ["first", "last"])
+def test_main_z_is_probabilities_where_kept_nan_where_masked(records, name, b_sel):
+    rec = records(name)
+    B, h, t, s = rec.grid_shape
+    b = 0 if b_sel == "first" else B - 1
+    fig = figures.attention_heads_figure(rec, b)
+    probs = _np(rec.scores_grid[b])
+    keep_grid = rec.mask_grid[b].numpy()
+    keep_fn = expected_keep(rec, b)
+    np.testing.assert_array_equal(keep_grid, keep_fn)
+    for u, tr in enumerate(main_traces(fig)):
+        z = np.asarray(tr.z, dtype=float)
+        assert z.shape == (t, s)
+        np.testing.assert_array_equal(np.isnan(z), ~keep_fn[u])
+        np.testing.assert_array_equal(z[keep_fn[u]], probs[u][keep_fn[u]].astype(float))
+        assert list(tr.x) == [f"k{j}" for j in range(s)]
+        assert list(tr.y) == [f"q{i}" for i in range(t)]
+        assert (tr.zmin, tr.zmax) == (0.0, 1.0)
+
+
+def test_default_preset_is_the_causal_triangle(records):
+    rec = records(GQA)
+    fig = figures.attention_heads_figure(rec, 1)
+    tri = np.tril(np.ones((8, 8), dtype=bool))
+    for tr in main_traces(fig):
+        np.testing.assert_array_equal(~np.isnan(np.asarray(tr.z, dtype=float)), tri)
+        # kept probabilities of every row sum to 1 (the drawn numbers are real softmax rows)
+        np.testing.assert_allclose(np.nansum(np.asarray(tr.z, dtype=float), axis=1), 1.0, rtol=1e-5)
+
+
+def test_d2l_valid_lens_hide_keys_past_the_length(records):
+    rec = records(D2L)  # valid_lens (3, 2), t=4, s=6
+    for b, length in enumerate((3, 2)):
+        fig = figures.attention_heads_figure(rec, b)
+        expected = np.zeros((4, 6), dtype=bool)
+        expected[:, :length] = True
+        for tr in main_traces(fig):
+            np.testing.assert_array_equal(~np.isnan(np.asarray(tr.z, dtype=float)), expected)
+
+
+def test_logits_view_uses_logits_with_a_symmetric_diverging_scale(records):
+    rec = records(GQA)
+    fig = figures.attention_heads_figure(rec, 1, values="logits")
+    logits = _np(rec.logits_grid[1])
+    keep = expected_keep(rec, 1)
+    bound = np.abs(logits[keep]).max()
+    for u, tr in enumerate(main_traces(fig)):
+        z = np.asarray(tr.z, dtype=float)
+        np.testing.assert_array_equal(np.isnan(z), ~keep[u])
+        np.testing.assert_array_equal(z[keep[u]], logits[u][keep[u]].astype(float))
+        assert tr.zmin == pytest.approx(-bound) and tr.zmax == pytest.approx(bound)
+        assert "logit" in tr.hovertemplate
+    assert fig.data[0].colorbar.title.text == "logit"
+    # the probability view differs from the logits view
+    p = figures.attention_heads_figure(rec, 1)
+    assert not np.allclose(np.nan_to_num(np.asarray(p.data[0].z, dtype=float)),
+                           np.nan_to_num(np.asarray(fig.data[0].z, dtype=float)))
+
+
+def test_unknown_values_raises(records):
+    with pytest.raises(ValueError, match="probabilities"):
+        figures.attention_heads_figure(records(GQA), values="weights")
+
+
+@pytest.mark.parametrize("bad", [-1, 2, 10])
+def test_batch_index_out_of_range_raises(records, bad):
+    with pytest.raises(ValueError, match="batch_index"):
+        figures.attention_heads_figure(records(GQA), bad)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# attention_heads_figure: hover and the masked overlay
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [GQA, D2L, KERAS])
+def test_hover_customdata_holds_probability_and_logit(records, name):
+    rec = records(name)
+    B = rec.grid_shape[0]
+    for b in range(B):
+        fig = figures.attention_heads_figure(rec, b)
+        probs, logits = _np(rec.scores_grid[b]), _np(rec.logits_grid[b])
+        for u, tr in enumerate(main_traces(fig)):
+            cd = np.asarray(tr.customdata, dtype=float)
+            assert cd.shape == (*probs[u].shape, 2)
+            np.testing.assert_array_equal(cd[..., 0], probs[u])
+            np.testing.assert_array_equal(cd[..., 1], logits[u])
+            assert "probability: %{customdata[0]" in tr.hovertemplate
+            assert "logit: %{customdata[1]" in tr.hovertemplate
+
+
+@pytest.mark.parametrize("name", [GQA, MQA, D2L, DOCS, CROSS, KERAS])
+def test_masked_overlay_exists_exactly_when_cells_are_masked(records, name):
+    rec = records(name)
+    B, h, t, s = rec.grid_shape
+    for b in range(B):
+        fig = figures.attention_heads_figure(rec, b)
+        keep = expected_keep(rec, b)
+        overlays = masked_traces(fig)
+        mains = main_traces(fig)
+        assert len(fig.data) == h + sum(not keep[u].all() for u in range(h))
+        for u, tr in enumerate(mains):
+            if keep[u].all():
+                assert tr.name not in overlays
+                continue
+            ov = overlays[tr.name]
+            z = np.asarray(ov.z, dtype=float)
+            np.testing.assert_array_equal(~np.isnan(z), ~keep[u])
+            assert (z[~keep[u]] == 1.0).all()
+            assert ov.showscale is False
+            assert {c for _, c in ov.colorscale} == {figures.MASKED_COLOR}
+            assert (ov.xaxis, ov.yaxis) == (tr.xaxis, tr.yaxis)  # same subplot as its head
+
+
+def test_unmasked_records_have_no_overlay(records):
+    for name in (CROSS, KERAS, LUONG):
+        fig = figures.attention_heads_figure(records(name))
+        assert not masked_traces(fig)
+        assert all(not np.isnan(np.asarray(tr.z, dtype=float)).any() for tr in fig.data)
+
+
+@pytest.mark.parametrize("name", [GQA, D2L, DOCS])
+def test_overlay_reasons_equal_explain_grid(records, name):
+    rec = records(name)
+    B, h, t, s = rec.grid_shape
+    probs_all, logits_all = _np(rec.scores_grid), _np(rec.logits_grid)
+    for b in range(B):
+        fig = figures.attention_heads_figure(rec, b)
+        keep = expected_keep(rec, b)
+        overlays = masked_traces(fig)
+        for u, tr in enumerate(main_traces(fig)):
+            if keep[u].all():
+                continue
+            cd = np.asarray(overlays[tr.name].customdata, dtype=object)
+            assert cd.shape == (t, s, 3)
+            explained = rec.mask_fn.explain_grid(b, u, t, s)
+            masked = ~keep[u]
+            assert list(cd[..., 0][masked]) == list(explained[masked])
+            assert all(r != "" for r in cd[..., 0][masked])
+            assert all(r == "" for r in cd[..., 0][~masked])
+            np.testing.assert_array_equal(cd[..., 1].astype(float), probs_all[b, u])
+            np.testing.assert_array_equal(cd[..., 2].astype(float), logits_all[b, u])
+            assert "masked</b> by: %{customdata[0]}" in overlays[tr.name].hovertemplate
+
+
+def test_default_preset_reason_is_causal(records):
+    rec = records(GQA)
+    fig = figures.attention_heads_figure(rec)
+    for ov in masked_traces(fig).values():
+        reasons = np.asarray(ov.customdata, dtype=object)[..., 0]
+        upper = np.triu(np.ones((8, 8), dtype=bool), k=1)
+        assert set(reasons[upper]) == {"causal"}
+        assert set(reasons[~upper]) == {""}
+
+
+def test_docs_preset_reasons_name_each_component(records):
+    rec = records(DOCS)  # causal & sliding_window(3) & documents (4, 6), t=s=10
+    fig = figures.attention_heads_figure(rec)
+    reasons = np.asarray(next(iter(masked_traces(fig).values())).customdata, dtype=object)[..., 0]
+    assert reasons[0, 1] == "causal"  # future key, same document, inside the window
+    assert reasons[4, 3].startswith("document(")  # previous document, inside the window
+    assert reasons[9, 5] == "sliding_window(3)"  # same document, past key, 4 away
+    assert "sliding_window(3)" in reasons[5, 0] and "document(" in reasons[5, 0]
+    assert "causal" not in reasons[5, 0]
+    assert reasons[5, 4] == ""  # kept: same document, 1 back
+
+
+def test_per_head_mask_draws_overlay_only_on_masked_heads():
+    # attention_mask with a head axis: head 0 masks key 0 for every query, heads 1 and 2 keep everything
+    am = torch.ones(2, 3, 5, 5, dtype=torch.bool)
+    am[:, 0, :, 0] = False
+    _, rec = _mha_record(num_heads=3, attention_mask=am)
+    fig = figures.attention_heads_figure(rec, 1)
+    overlays = masked_traces(fig)
+    assert list(overlays) == ["head 0"]
+    z = np.asarray(overlays["head 0"].z, dtype=float)
+    expected = np.zeros((5, 5), dtype=bool)
+    expected[:, 0] = True
+    np.testing.assert_array_equal(~np.isnan(z), expected)
+    reasons = np.asarray(overlays["head 0"].customdata, dtype=object)[..., 0]
+    assert set(reasons[:, 0]) == {"attention_mask"}
+    for u, tr in enumerate(main_traces(fig)):
+        z = np.asarray(tr.z, dtype=float)
+        np.testing.assert_array_equal(np.isnan(z), ~am[1, u].numpy())
+        np.testing.assert_array_equal(z[am[1, u].numpy()], _np(rec.scores_grid[1, u])[am[1, u].numpy()])
+
+
+def test_direct_layer_causal_and_query_padding():
+    qmask = torch.ones(2, 5, dtype=torch.bool)
+    qmask[1, 3:] = False  # queries 3, 4 of batch item 1 are padding: fully masked rows
+    _, rec = _mha_record(num_heads=2, use_causal_mask=True, query_mask=qmask)
+    assert rec.fully_masked_rows[1, :, 3:].all() and not rec.fully_masked_rows[0].any()
+    fig = figures.attention_heads_figure(rec, 1)
+    tri = np.tril(np.ones((5, 5), dtype=bool))
+    tri[3:] = False
+    overlays = masked_traces(fig)
+    for u, tr in enumerate(main_traces(fig)):
+        z = np.asarray(tr.z, dtype=float)
+        np.testing.assert_array_equal(~np.isnan(z), tri)
+        cd = np.asarray(overlays[tr.name].customdata, dtype=object)
+        assert "padding(query)" in cd[4, 0][0]  # fully-masked row blames the query padding
+        assert cd[4, 0][0] == rec.mask_fn.explain_grid(1, u, 5, 5)[4, 0]
+        np.testing.assert_array_equal(cd[3:, :, 1].astype(float), 0.0)  # 'zeros' policy: p = 0 on those rows
+        assert cd[0, 1][0] == "causal"
+
+
+def test_functional_core_record_draws_heads():
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 3, 2, generator=gen)
+    k = torch.randn(1, 2, 3, 2, generator=gen)
+    v = torch.randn(1, 2, 3, 5, generator=gen)
+    rec = attnviz.attention(q, k, v, mask=masks_lib.causal())
+    fig = figures.attention_heads_figure(rec)
+    assert [tr.name for tr in main_traces(fig)] == [f"head {u} · kv {u // 2}" for u in range(4)]
+    for u, tr in enumerate(main_traces(fig)):
+        np.testing.assert_array_equal(np.isnan(np.asarray(tr.z, dtype=float)), ~np.tril(np.ones((3, 3), dtype=bool)))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# attention_heads_figure: layout (GQA rows = kv heads)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_gqa_layout_rows_are_kv_heads(records):
+    rec = records(GQA)  # h=8, g=2: 2 rows x 4 columns
+    order, cols, row_titles = figures.head_layout(rec)
+    assert order == list(range(8)) and cols == 4 and row_titles == ["kv head 0", "kv head 1"]
+    fig = figures.attention_heads_figure(rec)
+    assert grid_size(fig) == (2, 4)
+    for u, tr in enumerate(main_traces(fig)):
+        assert axis_cell(fig, tr) == (u // 4, u % 4)
+        assert rec.kv_head_of(u) == u // 4
+        assert tr.name == f"head {u} · kv {u // 4}"
+    texts = [a.text for a in fig.layout.annotations]
+    assert [f"head {u} · kv {u // 4}" for u in range(8)] == texts[:8]
+    assert "kv head 0" in texts and "kv head 1" in texts
+    # the row titles sit beside their row: the kv head 0 title is higher up than the kv head 1 title
+    row_ann = {a.text: a for a in fig.layout.annotations if a.text.startswith("kv head")}
+    assert row_ann["kv head 0"].y > row_ann["kv head 1"].y
+
+
+def test_mqa_layout_is_one_row(records):
+    rec = records(MQA)  # h=4, g=1
+    assert figures.head_layout(rec) == ([0, 1, 2, 3], 4, ["kv head 0"])
+    fig = figures.attention_heads_figure(rec)
+    assert grid_size(fig) == (1, 4)
+    assert [tr.name for tr in main_traces(fig)] == [f"head {u} · kv 0" for u in range(4)]
+    assert [axis_cell(fig, tr) for tr in main_traces(fig)] == [(0, c) for c in range(4)]
+
+
+def test_gqa_layout_with_direct_layer():
+    _, rec = _mha_record(num_heads=6, num_kv_heads=3)  # group size 2: 3 rows x 2 columns
+    assert figures.head_layout(rec) == (list(range(6)), 2, ["kv head 0", "kv head 1", "kv head 2"])
+    fig = figures.attention_heads_figure(rec)
+    assert grid_size(fig) == (3, 2)
+    for u, tr in enumerate(main_traces(fig)):
+        assert axis_cell(fig, tr) == (u // 2, u % 2)
+        assert tr.name == f"head {u} · kv {u // 2}"
+
+
+def test_mha_layout_has_no_kv_mention(records):
+    rec = records(D2L)  # h=5, plain multi-head: rows of up to 4
+    assert figures.head_layout(rec) == (list(range(5)), 4, None)
+    fig = figures.attention_heads_figure(rec)
+    assert grid_size(fig) == (2, 4)
+    assert [tr.name for tr in main_traces(fig)] == [f"head {u}" for u in range(5)]
+    assert not any("kv" in (a.text or "") for a in fig.layout.annotations)
+    assert [axis_cell(fig, tr) for tr in main_traces(fig)] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]
+    single = figures.attention_heads_figure(records(LUONG))
+    assert grid_size(single) == (1, 1) and single.data[0].name == "head 0"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# position labels
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_position_labels():
+    assert figures.position_labels(3, "q") == ["q0", "q1", "q2"]
+    labels = figures.position_labels(4, "k", ["the", "cat", "the", "cat"])
+    assert len(set(labels)) == 4
+    assert all(tok in lab for lab, tok in zip(labels, ["the", "cat", "the", "cat"]))
+    with pytest.raises(ValueError):
+        figures.position_labels(3, "q", ["a", "b"])
+
+
+def test_token_labels_keep_repeated_tokens_distinct(records):
+    rec = records(GQA)
+    toks = ["the", "cat", "sat", "on", "the", "mat", "the", "end"]
+    fig = figures.attention_heads_figure(rec, query_labels=toks, key_labels=toks)
+    for tr in fig.data:
+        assert len(tr.y) == 8 and len(set(tr.y)) == 8
+        assert len(tr.x) == 8 and len(set(tr.x)) == 8
+        assert all(tok in lab for lab, tok in zip(tr.y, toks))
+    # the values are still those of the record, cell for cell, with token labels
+    z = np.asarray(fig.data[0].z, dtype=float)
+    keep = expected_keep(rec, 0)[0]
+    np.testing.assert_array_equal(z[keep], _np(rec.scores_grid[0, 0])[keep])
+    with pytest.raises(ValueError):
+        figures.attention_heads_figure(rec, query_labels=toks[:5])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# output projection figures
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [GQA, D2L, CROSS])
+def test_output_figure_is_output_grid(records, name):
+    rec = records(name)
+    B = rec.grid_shape[0]
+    for b in range(B):
+        fig = figures.output_figure(rec, b)
+        assert len(fig.data) == 1
+        z = np.asarray(fig.data[0].z, dtype=float)
+        np.testing.assert_array_equal(z, _np(rec.output_grid[b]))
+        np.testing.assert_array_equal(z, _np(rec.output[b]))  # plain (b, t, o) layout: same as Keras' output
+        assert list(fig.data[0].x) == [f"o{j}" for j in range(z.shape[1])]
+
+
+@pytest.mark.parametrize("name", [GQA, D2L, MQA])
+def test_head_contributions_figure_is_the_record(records, name):
+    rec = records(name)
+    B, h, t, _ = rec.grid_shape
+    for b in range(B):
+        fig = figures.head_contributions_figure(rec, b)
+        assert len(fig.data) == h  # no masked overlay on the contribution panels
+        for u, tr in enumerate(fig.data):
+            np.testing.assert_array_equal(np.asarray(tr.z, dtype=float), _np(rec.head_contributions[b, u]))
+            assert tr.name == f"head {u}"
+
+
+@pytest.mark.parametrize("name", [GQA, D2L, MQA])
+def test_head_outputs_figure_is_the_record(records, name):
+    rec = records(name)
+    B, h, t, _ = rec.grid_shape
+    for b in range(B):
+        fig = figures.head_outputs_figure(rec, b)
+        assert len(fig.data) == h
+        for u, tr in enumerate(fig.data):
+            np.testing.assert_array_equal(np.asarray(tr.z, dtype=float), _np(rec.head_outputs[b, u]))
+
+
+@pytest.mark.parametrize("name", [GQA, D2L])
+def test_contributions_sum_to_output(records, name):
+    config = PRESETS[name]
+    rec = records(name)
+    layer = build_layer(config)  # same seed: same weights as the run that made the record
+    bias = layer.output_bias.detach().reshape(-1) if layer.output_bias is not None else torch.zeros(())
+    torch.testing.assert_close(rec.head_contributions.sum(1) + bias, rec.output_grid, rtol=1e-5, atol=1e-5)
+    # and as drawn: the panels of the contribution figure add up to the output panel
+    for b in range(rec.grid_shape[0]):
+        contrib = figures.head_contributions_figure(rec, b)
+        total = sum(np.asarray(tr.z, dtype=float) for tr in contrib.data) + bias.numpy()
+        np.testing.assert_allclose(total, np.asarray(figures.output_figure(rec, b).data[0].z, dtype=float),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_contributions_sum_to_output_direct_layer():
+    layer, rec = _mha_record(num_heads=4, num_kv_heads=2, use_causal_mask=True)
+    torch.testing.assert_close(rec.head_contributions.sum(1) + layer.output_bias, rec.output_grid,
+                               rtol=1e-5, atol=1e-5)
+    # contributions are head output · W_o[head]
+    w = layer.output_kernel.detach().reshape(4, layer.value_dim, -1)
+    torch.testing.assert_close(rec.head_contributions, torch.einsum("bhtv,hvo->bhto", rec.head_outputs, w))
+
+
+@pytest.mark.parametrize("name", [GQA, D2L])
+def test_contribution_norms_are_l2_norms(records, name):
+    rec = records(name)
+    B, h, t, _ = rec.grid_shape
+    for b in range(B):
+        fig = figures.contribution_norms_figure(rec, b)
+        assert fig.layout.barmode == "stack"
+        assert len(fig.data) == h
+        norms = torch.linalg.vector_norm(rec.head_contributions[b].double(), dim=-1).numpy()  # (h, t)
+        for u, bar in enumerate(fig.data):
+            assert bar.type == "bar" and bar.name == f"head {u}"
+            assert list(bar.x) == [f"q{i}" for i in range(t)]
+            np.testing.assert_allclose(np.asarray(bar.y, dtype=float), norms[u], rtol=1e-5)
+            for i in range(t):  # the definition, spelled out
+                assert bar.y[i] == pytest.approx(math.sqrt(sum(float(x) ** 2 for x in rec.head_contributions[b, u, i])),
+                                                 rel=1e-5)
+
+
+def test_fully_masked_rows_zero_policy_contribution_is_zero():
+    qmask = torch.ones(2, 5, dtype=torch.bool)
+    qmask[0, 4] = False
+    _, rec = _mha_record(num_heads=2, query_mask=qmask)
+    fig = figures.contribution_norms_figure(rec, 0)
+    for bar in fig.data:
+        assert bar.y[4] == 0.0
+        assert all(y > 0 for y in bar.y[:4])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# shapes table
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_shapes_frame_default_preset(records):
+    rec = records(GQA)
+    df = figures.shapes_frame(rec)
+    assert list(df.columns) == ["stage", "shape"]
+    expected = {
+        "query input": "2 × 8 × 32",
+        "key input": "2 × 8 × 32",
+        "value input": "2 × 8 × 32",
+        "Q = query · W_q (b, t, h, d)": "2 × 8 × 8 × 4",
+        "K = key · W_k (b, s, g, d)": "2 × 8 × 2 × 4",
+        "V = value · W_v (b, s, g, v)": "2 × 8 × 2 × 4",
+        "query (b, h, t, d)": "2 × 8 × 8 × 4",
+        "key (b, g, s, d)": "2 × 2 × 8 × 4",
+        "value (b, g, s, v)": "2 × 2 × 8 × 4",
+        "logits (b, h, t, s)": "2 × 8 × 8 × 8",
+        "mask (b|1, h|1, t, s)": "1 × 1 × 8 × 8",
+        "probabilities (b, h, t, s)": "2 × 8 × 8 × 8",
+        "head outputs (b, h, t, v)": "2 × 8 × 8 × 4",
+        "head contributions (b, h, t, o)": "2 × 8 × 8 × 32",
+        "output = Σ_h contributions + b_o": "2 × 8 × 32",
+    }
+    assert dict(zip(df["stage"], df["shape"])) == expected
+    assert list(df["stage"]) == list(expected)  # pipeline order
+    assert list(df["stage"]) == [name for name, _ in rec.shapes]
+
+
+@pytest.mark.parametrize("name", [D2L, CROSS, KERAS])
+def test_shapes_frame_matches_tensors(records, name):
+    rec = records(name)
+    frame = figures.shapes_frame(rec)
+    df = dict(zip(frame["stage"], frame["shape"]))
+    fmt = lambda x: " × ".join(map(str, x.shape))  # noqa: E731
+    assert df["probabilities (b, h, t, s)"] == fmt(rec.scores_grid)
+    assert df["logits (b, h, t, s)"] == fmt(rec.logits_grid)
+    assert df["head outputs (b, h, t, v)"] == fmt(rec.head_outputs)
+    assert df["head contributions (b, h, t, o)"] == fmt(rec.head_contributions)
+    assert df["output = Σ_h contributions + b_o"] == fmt(rec.output)
+    assert df["mask (b|1, h|1, t, s)"] == ("—" if rec.mask is None else fmt(rec.mask))
+    assert len(df) == len(rec.shapes)
+
+
+def test_shapes_frame_cross_attention_sizes(records):
+    df = figures.shapes_frame(records(CROSS))  # b=1, t=5, s=9, h=4, d=4, model 16
+    shapes = dict(zip(df["stage"], df["shape"]))
+    assert shapes["probabilities (b, h, t, s)"] == "1 × 4 × 5 × 9"
+    assert shapes["key (b, g, s, d)"] == "1 × 4 × 9 × 4"
+    assert shapes["mask (b|1, h|1, t, s)"] == "—"
+    assert shapes["output = Σ_h contributions + b_o"] == "1 × 5 × 16"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# functional-core records have no output projection
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_functional_core_record_has_no_output_figures():
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 3, 4, generator=gen) for _ in range(3))
+    rec = attnviz.attention(q, k, v)
+    with pytest.raises(ValueError, match="functional core"):
+        figures.output_figure(rec)
+    with pytest.raises(ValueError, match="functional core"):
+        figures.head_contributions_figure(rec)
+    with pytest.raises(ValueError, match="functional core"):
+        figures.contribution_norms_figure(rec)
+    fig = figures.head_outputs_figure(rec)  # the per-head context vectors exist without a projection
+    for u, tr in enumerate(fig.data):
+        np.testing.assert_array_equal(np.asarray(tr.z, dtype=float), _np(rec.head_outputs[0, u]))
+    df = dict(zip(figures.shapes_frame(rec)["stage"], figures.shapes_frame(rec)["shape"]))
+    assert df["probabilities (b, h, t, s)"] == "1 × 2 × 3 × 3"
+    assert df["mask (b|1, h|1, t, s)"] == "—"
