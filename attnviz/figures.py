@@ -98,7 +98,8 @@ def heatmap_grid(
         hover_fields = dict(panel.hover or {})
         names = list(hover_fields)
         custom = np.stack([hover_fields[n] for n in names], axis=-1) if names else None
-        lines = [f"{n}: %{{customdata[{k}]:.4g}}" for k, n in enumerate(names)]
+        # z already shows the value itself; the other hover fields follow it.
+        lines = [f"{n}: %{{customdata[{k}]:.4g}}" for k, n in enumerate(names) if n != value_name]
         base = f"{panel.title}<br>{y_title} %{{y}} → {x_title} %{{x}}<br>{value_name}: %{{z:.4g}}"
         fig.add_trace(
             go.Heatmap(
