@@ -362,7 +362,9 @@ def prefix_lm(prefix: int, align: Align = "top_left") -> Mask:
     prefix = int(prefix)
     if prefix < 0:
         raise ValueError(f"prefix_lm prefix ({prefix}) must be >= 0")
-    return MaskFn(f"prefix_lm({prefix})", lambda b, h, q, kv, t, s: (kv < prefix) | (kv <= q + _offset(align, t, s)))
+    _offset(align, 1, 1)
+    suffix = "" if align == "top_left" else ", bottom_right"
+    return MaskFn(f"prefix_lm({prefix}{suffix})", lambda b, h, q, kv, t, s: (kv < prefix) | (kv <= q + _offset(align, t, s)))
 
 
 def document(ids, kv_ids=None) -> Mask:
@@ -423,8 +425,9 @@ def from_tensor(mask, name: str | None = None) -> Mask:
 
     def fn(b, h, q, kv, t, s):
         mm = m4.to(kv.device)
-        # Index size-1 dims with 0 so the tensor broadcasts like Keras.
-        return mm[tuple(idx if mm.shape[i] > 1 else torch.zeros_like(idx) for i, idx in enumerate((b, h, q, kv)))]
+        # Index size-1 dims with a single 0 so the tensor broadcasts like Keras and the result stays small.
+        zero = torch.zeros((1, 1, 1, 1), dtype=torch.long, device=kv.device)
+        return mm[tuple(idx if mm.shape[i] > 1 else zero for i, idx in enumerate((b, h, q, kv)))]
 
     return MaskFn(name or f"mask{list(m.shape)}", fn, validate)
 
