@@ -206,7 +206,8 @@ def test_fully_masked_rows_other_policies_differ_from_sdpa(policy):
     torch.testing.assert_close(rec.output[~dead], ref[~dead], atol=ATOL, rtol=RTOL)
     if policy == "uniform":
         torch.testing.assert_close(rec.scores[dead], torch.full_like(rec.scores[dead], 1.0 / s))
-        torch.testing.assert_close(rec.output[dead], v.mean(2, keepdim=True).expand(b, h, t, v.shape[-1])[dead], atol=ATOL, rtol=RTOL)
+        mean_value = v.mean(2, keepdim=True).expand(b, h, t, v.shape[-1])  # uniform weights average the values
+        torch.testing.assert_close(rec.output[dead], mean_value[dead], atol=ATOL, rtol=RTOL)
     else:
         assert torch.isnan(rec.scores[dead]).all() and torch.isnan(rec.output[dead]).all()
         assert not torch.isnan(rec.output[~dead]).any()

@@ -191,7 +191,9 @@ def test_fully_masked_rows_are_nan_like_torch(builder):
     assert torch.equal(torch.isnan(ref_w).any(-1), rec.fully_masked_rows)
 
 
-@pytest.mark.parametrize("kwargs", [{"add_bias_kv": True}, {"add_zero_attn": True}], ids=["add_bias_kv", "add_zero_attn"])
+@pytest.mark.parametrize(
+    "kwargs", [{"add_bias_kv": True}, {"add_zero_attn": True}], ids=["add_bias_kv", "add_zero_attn"]
+)
 def test_from_torch_rejects_unsupported_options(kwargs):
     mha = nn.MultiheadAttention(8, 2, batch_first=True, **kwargs)
     with pytest.raises(ValueError):
