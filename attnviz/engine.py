@@ -132,9 +132,13 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def as_mask(mask, name: str = "mask") -> masks_lib.Mask | None:
-    """A Mask, a bool tensor / array (True = may attend) or None -> a Mask or None."""
+    """A Mask, a FlexAttention-style callable ``(b, h, q_idx, kv_idx) -> bool``, a bool tensor / array
+    (True = may attend) or None -> a Mask or None."""
     if mask is None or isinstance(mask, masks_lib.Mask):
         return mask
+    if callable(mask) and not isinstance(mask, Tensor):
+        fn = mask
+        return masks_lib.MaskFn(getattr(fn, "__name__", name), lambda b, h, q, kv, t, s: fn(b, h, q, kv))
     return masks_lib.from_tensor(mask, name=name)
 
 

@@ -5,14 +5,14 @@ import streamlit as st
 from attnviz import figures
 from attnviz.playground import describe, mask_summary
 from attnviz.ui.playground import cached_run, config_ui, view_ui
-from attnviz.ui.widgets import fully_masked_warning
+from attnviz.ui.widgets import CONFIG_ERRORS, fully_masked_warning, show_config_error
 
 st.title("Playground")
 try:
     config = config_ui()
     record = cached_run(config)
-except ValueError as err:
-    st.error(f"**This configuration cannot run:** {err}", icon="⚠️")
+except CONFIG_ERRORS as err:
+    show_config_error(err)
     st.stop()
 
 st.caption(describe(config, record))

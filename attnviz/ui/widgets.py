@@ -29,3 +29,20 @@ def fully_masked_warning(record: AttentionResult) -> None:
         f"Under the '{record.masked_rows}' policy {POLICY_EFFECT[record.masked_rows]}.",
         icon="🚫",
     )
+
+
+# Errors a configuration can raise: ValueError is the engine's own message; torch reports resource and
+# kernel problems (out of memory, an op missing for a dtype on a device) as RuntimeError.
+CONFIG_ERRORS = (ValueError, RuntimeError, MemoryError)
+
+
+def show_config_error(err: Exception) -> None:
+    """Say what is wrong in the page (never a traceback); the user's settings stay as they are."""
+    if isinstance(err, ValueError):
+        st.error(f"**This configuration cannot run:** {err}", icon="⚠️")
+    else:
+        st.error(
+            f"**The engine could not run this configuration** ({type(err).__name__}: {err}). "
+            "Try smaller sizes, float32, or the cpu device.",
+            icon="⚠️",
+        )
