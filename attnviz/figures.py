@@ -166,8 +166,7 @@ def attention_heads_figure(
     Hover gives head, query, key, probability, logit and, for masked cells, which mask component masked it.
     """
     b, h, t, s = record.grid_shape
-    if not 0 <= batch_index < b:
-        raise ValueError(f"batch_index ({batch_index}) must be in [0, {b})")
+    _check_batch(record, batch_index)
     if values not in ("probabilities", "logits"):
         raise ValueError(f"values must be 'probabilities' or 'logits', got {values!r}")
     probs = _np(record.scores_grid[batch_index])  # (h, t, s)
@@ -197,6 +196,12 @@ def attention_heads_figure(
     )
 
 
+def _check_batch(record: AttentionResult, batch_index: int) -> None:
+    b = record.grid_shape[0]
+    if not 0 <= batch_index < b:
+        raise ValueError(f"batch_index ({batch_index}) must be in [0, {b})")
+
+
 def _output_grid(record: AttentionResult):
     if record.output_grid is None:
         raise ValueError("this record has no output projection (it came from the functional core)")
@@ -205,6 +210,7 @@ def _output_grid(record: AttentionResult):
 
 def output_figure(record: AttentionResult, batch_index: int = 0, query_labels=None) -> go.Figure:
     """The final output (t x o) for one batch item: Σ_h head contribution + output bias."""
+    _check_batch(record, batch_index)
     out = _np(_output_grid(record)[batch_index])  # (t, o)
     t, o = out.shape
     return heatmap_grid(
@@ -216,6 +222,7 @@ def output_figure(record: AttentionResult, batch_index: int = 0, query_labels=No
 
 def _per_head_figure(tensor, record: AttentionResult, batch_index: int, prefix: str, feature: str,
                      query_labels=None) -> go.Figure:
+    _check_batch(record, batch_index)
     per_head = _np(tensor[batch_index])  # (h, t, ·)
     h, t, n = per_head.shape
     order, cols, row_titles = head_layout(record)
@@ -243,6 +250,7 @@ def contribution_norms_figure(record: AttentionResult, batch_index: int = 0, que
     """How much each head contributes at each query: the L2 norm of its contribution, stacked per query."""
     if record.head_contributions is None:
         raise ValueError("this record has no head contributions (it came from the functional core)")
+    _check_batch(record, batch_index)
     norms = np.linalg.norm(_np(record.head_contributions[batch_index]), axis=-1)  # (h, t)
     labels = position_labels(norms.shape[1], "q", query_labels)
     fig = go.Figure([

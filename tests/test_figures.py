@@ -197,8 +197,18 @@ def test_hover_customdata_holds_probability_and_logit(records, name):
             assert cd.shape == (*probs[u].shape, 2)
             np.testing.assert_array_equal(cd[..., 0], probs[u])
             np.testing.assert_array_equal(cd[..., 1], logits[u])
-            assert "probability: %{customdata[0]" in tr.hovertemplate
+            # the shown value comes from z, the other field from customdata, each exactly once
+            assert "probability: %{z" in tr.hovertemplate
             assert "logit: %{customdata[1]" in tr.hovertemplate
+            assert tr.hovertemplate.count("probability:") == 1 and tr.hovertemplate.count("logit:") == 1
+        logit_fig = figures.attention_heads_figure(rec, b, values="logits")
+        for u, tr in enumerate(main_traces(logit_fig)):
+            cd = np.asarray(tr.customdata, dtype=float)
+            np.testing.assert_array_equal(cd[..., 0], probs[u])
+            np.testing.assert_array_equal(cd[..., 1], logits[u])
+            assert "logit: %{z" in tr.hovertemplate
+            assert "probability: %{customdata[0]" in tr.hovertemplate
+            assert tr.hovertemplate.count("probability:") == 1 and tr.hovertemplate.count("logit:") == 1
 
 
 @pytest.mark.parametrize("name", [GQA, MQA, D2L, DOCS, CROSS, KERAS])
@@ -252,7 +262,9 @@ def test_overlay_reasons_equal_explain_grid(records, name):
             assert all(r == "" for r in cd[..., 0][~masked])
             np.testing.assert_array_equal(cd[..., 1].astype(float), probs_all[b, u])
             np.testing.assert_array_equal(cd[..., 2].astype(float), logits_all[b, u])
-            assert "masked</b> by: %{customdata[0]}" in overlays[tr.name].hovertemplate
+            hover = overlays[tr.name].hovertemplate
+            assert "masked</b> by: %{customdata[0]}" in hover
+            assert "probability: %{customdata[1]" in hover and "logit: %{customdata[2]" in hover
 
 
 def test_default_preset_reason_is_causal(records):

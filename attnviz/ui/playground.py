@@ -103,8 +103,13 @@ def config_ui() -> pg.PlaygroundConfig:
                                        help=HELP["attention"])
         values["batch"] = _number("Batch size b", "batch", 1, limits["batch"], st)
         values["t"] = _number("Query length t", "t", 1, limits["t"], st)
-        values["s"] = _number("Key/value length s", "s", 1, limits["s"], st) if values["attention"] == "cross" \
-            else st.session_state.get(_key("s"), values["t"])
+        # The s box is always drawn (a hidden widget drops its value and a stale one comes back); under
+        # self-attention it is disabled and follows t.
+        is_self = values["attention"] == "self"
+        if is_self:
+            st.session_state[_key("s")] = values["t"]
+        values["s"] = st.number_input("Key/value length s", min_value=1, max_value=limits["s"], step=1,
+                                      key=_key("s"), help=HELP["s"], disabled=is_self)
         values["model_dim"] = _number("Model dim", "model_dim", 1, limits["model_dim"], st)
         values["source"] = st.selectbox("Q/K/V source", list(pg.SOURCES), key=_key("source"), help=HELP["source"]
                                         + " " + " · ".join(f"{k}: {v}" for k, v in pg.SOURCES.items()))
