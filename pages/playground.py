@@ -34,4 +34,5 @@ with output_tab:
     st.markdown("**Per-head outputs** (probabilities · V, before the output projection)")
     st.plotly_chart(figures.head_outputs_figure(record, view.batch_index))
 with shapes_tab:
-    st.dataframe(figures.shapes_frame(record), hide_index=True)
+    shapes = figures.shapes_frame(record)
+    st.dataframe(shapes, hide_index=True, height=36 * (len(shapes) + 1) + 4)
