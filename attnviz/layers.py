@@ -138,6 +138,13 @@ class _SeededModule(nn.Module):
         data = initialize(initializer, shape, self._generator)
         return nn.Parameter(data.to(device=self.device_, dtype=self.dtype_))
 
+    def _inputs(self, query, value, key) -> tuple[Tensor, Tensor, Tensor]:
+        """Tensors on the layer's device and dtype; key defaults to value (Keras)."""
+        query = _to_tensor("query", query, self.device_, self.dtype_)
+        value = _to_tensor("value", value, self.device_, self.dtype_)
+        key = value if key is None else _to_tensor("key", key, self.device_, self.dtype_)
+        return query, value, key
+
     def _dropout_seed(self, training: bool) -> int | None:
         if not (training and self.dropout > 0):
             return None
@@ -341,9 +348,7 @@ class MultiHeadAttention(_SeededModule):
         extra = as_mask(mask)
         if extra is not None:
             parts.append(extra)
-        if not parts:
-            return None
-        return parts[0] if len(parts) == 1 else masks_lib.And(*parts)
+        return masks_lib.all_of(parts)
 
     # -- call ---------------------------------------------------------------------------------------------
     def forward(
@@ -360,9 +365,7 @@ class MultiHeadAttention(_SeededModule):
         use_causal_mask: bool = False,
         training: bool = False,
     ) -> AttentionResult:
-        query = _to_tensor("query", query, self.device_, self.dtype_)
-        value = _to_tensor("value", value, self.device_, self.dtype_)
-        key = value if key is None else _to_tensor("key", key, self.device_, self.dtype_)
+        query, value, key = self._inputs(query, value, key)
         q_shape, v_shape, k_shape = tuple(query.shape), tuple(value.shape), tuple(key.shape)
         if v_shape[:-1] != k_shape[:-1]:
             raise ValueError(
@@ -466,9 +469,7 @@ class _SingleHeadAttention(_SeededModule):
         use_causal_mask: bool = False,
         training: bool = False,
     ) -> AttentionResult:
-        query = _to_tensor("query", query, self.device_, self.dtype_)
-        value = _to_tensor("value", value, self.device_, self.dtype_)
-        key = value if key is None else _to_tensor("key", key, self.device_, self.dtype_)
+        query, value, key = self._inputs(query, value, key)
         for label, x in (("query", query), ("value", value), ("key", key)):
             if x.dim() != 3:
                 raise ValueError(f"{label} must have shape (batch, length, dim), got {tuple(x.shape)}")
@@ -492,7 +493,7 @@ class _SingleHeadAttention(_SeededModule):
         extra = as_mask(mask)
         if extra is not None:
             parts.append(extra)
-        mask_fn = None if not parts else (parts[0] if len(parts) == 1 else masks_lib.And(*parts))
+        mask_fn = masks_lib.all_of(parts)
         core = attention(
             query[:, None], key[:, None], value[:, None],  # (b, 1, t|s, d)
             mask=mask_fn,

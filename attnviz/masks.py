@@ -36,6 +36,7 @@ __all__ = [
     "document",
     "from_tensor",
     "full",
+    "all_of",
     "index_grids",
 ]
 
@@ -247,6 +248,19 @@ def _offset(align: Align, t: int, s: int) -> int:
     raise ValueError(f"align must be 'top_left' or 'bottom_right', got {align!r}")
 
 
+def _align_suffix(align: Align) -> str:
+    """Validate align and return what a mask's name adds for it ('' for the default top-left)."""
+    _offset(align, 1, 1)
+    return "" if align == "top_left" else ", bottom_right"
+
+
+def all_of(parts: list[Mask]) -> Mask | None:
+    """AND of the parts (None for no parts): how Keras merges every mask source."""
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else And(*parts)
+
+
 def causal(align: Align = "top_left") -> Mask:
     """Query i may attend to keys up to its own position.
 
@@ -261,9 +275,8 @@ def causal(align: Align = "top_left") -> Mask:
     Bottom-right (flash-attn, MLX, KV-cache decoding): the last query lines up with the last key, j <= i + (s - t).
     For t = 2, s = 4: [[1, 1, 1, 0], [1, 1, 1, 1]].
     """
-    _offset(align, 1, 1)  # validate align eagerly
-    name = "causal" if align == "top_left" else "causal(bottom_right)"
-    return MaskFn(name, lambda b, h, q, kv, t, s: kv <= q + _offset(align, t, s))
+    suffix = _align_suffix(align)
+    return MaskFn(f"causal{suffix and '(bottom_right)'}", lambda b, h, q, kv, t, s: kv <= q + _offset(align, t, s))
 
 
 def sliding_window(window: int, align: Align = "top_left") -> Mask:
@@ -279,8 +292,7 @@ def sliding_window(window: int, align: Align = "top_left") -> Mask:
     window = int(window)
     if window < 1:
         raise ValueError(f"sliding_window window ({window}) must be at least 1")
-    _offset(align, 1, 1)
-    suffix = "" if align == "top_left" else ", bottom_right"
+    suffix = _align_suffix(align)
     return MaskFn(
         f"sliding_window({window}{suffix})",
         lambda b, h, q, kv, t, s: (q + _offset(align, t, s) - kv).abs() < window,
@@ -362,9 +374,11 @@ def prefix_lm(prefix: int, align: Align = "top_left") -> Mask:
     prefix = int(prefix)
     if prefix < 0:
         raise ValueError(f"prefix_lm prefix ({prefix}) must be >= 0")
-    _offset(align, 1, 1)
-    suffix = "" if align == "top_left" else ", bottom_right"
-    return MaskFn(f"prefix_lm({prefix}{suffix})", lambda b, h, q, kv, t, s: (kv < prefix) | (kv <= q + _offset(align, t, s)))
+    suffix = _align_suffix(align)
+    return MaskFn(
+        f"prefix_lm({prefix}{suffix})",
+        lambda b, h, q, kv, t, s: (kv < prefix) | (kv <= q + _offset(align, t, s)),
+    )
 
 
 def document(ids, kv_ids=None) -> Mask:
