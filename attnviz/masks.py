@@ -70,6 +70,7 @@ class Mask(ABC):
 
     def validate(self, b: int, h: int, t: int, s: int) -> None:
         """Raise ValueError if this mask cannot be materialised at these sizes."""
+        return None  # most masks are valid at any size; data-carrying leaves override this
 
     def materialize(self, b: int, h: int, t: int, s: int, device=None) -> Tensor:
         """Bool tensor of rank 4 broadcastable to (b, h, t, s); dims the mask does not depend on stay 1.
