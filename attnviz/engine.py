@@ -167,14 +167,23 @@ def compute_logits(
         return torch.matmul(query, key.transpose(-1, -2)) * (default if scale is None else scale)  # (b, h, t, s)
     if key.shape[-1] != d:
         raise ValueError(f"{score_mode} scores add query and key, so their dims must match: {d} vs {key.shape[-1]}")
-    pair = query.unsqueeze(-2) + key.unsqueeze(-3)  # (b, h, t, s, d)
-    if score_mode == "concat":
-        inner = pair if scale is None else pair * scale
-        return concat_weight * torch.tanh(inner).sum(-1)  # (b, h, t, s)
-    if score_mode == "additive":
-        weight = 1.0 if scale is None else scale
-        return (weight * torch.tanh(pair)).sum(-1)  # (b, h, t, s)
-    raise ValueError(f"score_mode must be one of {list(SCORE_MODES)}, got {score_mode!r}")
+    if score_mode not in ("concat", "additive"):
+        raise ValueError(f"score_mode must be one of {list(SCORE_MODES)}, got {score_mode!r}")
+    # concat/additive need every (query, key) pair's d-vector; build them a block of queries at a time so the
+    # (b, h, t_block, s, d) temporary stays under ~64 MB.
+    b, h, t, _ = query.shape
+    per_query = max(1, b * h * key.shape[-2] * d)
+    block = max(1, (16 * 2**20) // per_query)
+    out = []
+    for start in range(0, t, block):
+        pair = query[:, :, start : start + block].unsqueeze(-2) + key.unsqueeze(-3)  # (b, h, tb, s, d)
+        if score_mode == "concat":
+            inner = pair if scale is None else pair * scale
+            out.append(concat_weight * torch.tanh(inner).sum(-1))  # (b, h, tb, s)
+        else:
+            weight = 1.0 if scale is None else scale
+            out.append((weight * torch.tanh(pair)).sum(-1))  # (b, h, tb, s)
+    return torch.cat(out, dim=2)  # (b, h, t, s)
 
 
 def masked_softmax(logits: Tensor, mask: Tensor | None, masked_rows: str) -> tuple[Tensor, Tensor]:
@@ -186,10 +195,10 @@ def masked_softmax(logits: Tensor, mask: Tensor | None, masked_rows: str) -> tup
     """
     _check_choice("masked_rows", masked_rows, MASKED_ROW_POLICIES)
     b, h, t, s = logits.shape
-    if mask is None:
-        return torch.softmax(logits, dim=-1), torch.zeros((b, h, t), dtype=torch.bool, device=logits.device)
-    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)  # fully-masked rows become NaN
-    fully_masked = torch.broadcast_to(~mask.any(dim=-1), (b, h, t))
+    masked_logits = logits if mask is None else logits.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(masked_logits, dim=-1)  # fully-masked rows become NaN
+    # A row is fully masked when no key is left: by the mask, or by a score_mod that sent every logit to -inf.
+    fully_masked = torch.isneginf(masked_logits).all(dim=-1)  # (b, h, t)
     if masked_rows != "nan" and bool(fully_masked.any()):
         fill = 0.0 if masked_rows == "zeros" else 1.0 / s
         probs = torch.where(fully_masked.unsqueeze(-1), torch.full_like(probs, fill), probs)

@@ -61,7 +61,7 @@ def position_labels(n: int, prefix: str, labels: Sequence[str] | None = None) ->
 
 
 def heatmap_grid(
-    panels: Sequence[Panel],
+    panels: Sequence[Panel | None],
     *,
     cols: int,
     x_labels: Sequence[str],
@@ -75,14 +75,14 @@ def heatmap_grid(
     y_title: str = "query",
     cell_px: int = 26,
 ) -> go.Figure:
-    """A grid of heatmaps sharing one colour scale (and a grey layer for masked cells)."""
+    """A grid of heatmaps sharing one colour scale (and a grey layer for masked cells); None leaves a slot empty."""
     rows = math.ceil(len(panels) / cols)
     fig = make_subplots(
-        rows=rows, cols=cols, subplot_titles=[p.title for p in panels],
+        rows=rows, cols=cols, subplot_titles=[p.title if p is not None else "" for p in panels],
         horizontal_spacing=min(0.06, 0.3 / max(cols, 1)), vertical_spacing=min(0.16, 0.6 / max(rows, 1)),
         row_titles=list(row_titles) if row_titles else None,
     )
-    finite = [p.values[np.isfinite(p.values) & (p.keep if p.keep is not None else True)] for p in panels]
+    finite = [p.values[np.isfinite(p.values) & (p.keep if p.keep is not None else True)] for p in panels if p]
     finite = np.concatenate([f.ravel() for f in finite]) if finite else np.array([])
     if zmin is None or zmax is None:
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
@@ -93,11 +93,15 @@ def heatmap_grid(
         zmax = hi if zmax is None else zmax
     for i, panel in enumerate(panels):
         r, c = i // cols + 1, i % cols + 1
-        z = panel.values.astype(float)
+        if panel is None:
+            fig.update_xaxes(visible=False, row=r, col=c)
+            fig.update_yaxes(visible=False, row=r, col=c)
+            continue
+        z = panel.values.astype(np.float32)  # float32 halves the base64 payload; plenty for a colour
         keep = np.ones(z.shape, dtype=bool) if panel.keep is None else panel.keep
         hover_fields = dict(panel.hover or {})
         names = list(hover_fields)
-        custom = np.stack([hover_fields[n] for n in names], axis=-1) if names else None
+        custom = np.stack([hover_fields[n] for n in names], axis=-1).astype(np.float32) if names else None
         # z already shows the value itself; the other hover fields follow it.
         lines = [f"{n}: %{{customdata[{k}]:.4g}}" for k, n in enumerate(names) if n != value_name]
         base = f"{panel.title}<br>{y_title} %{{y}} → {x_title} %{{x}}<br>{value_name}: %{{z:.4g}}"
@@ -112,15 +116,16 @@ def heatmap_grid(
             row=r, col=c,
         )
         if not keep.all():
+            # Reasons go in `text` (strings, sent once); numbers stay in a numeric customdata array (sent as base64).
             reasons = panel.reasons if panel.reasons is not None else np.full(z.shape, "mask", dtype=object)
-            masked_custom = np.stack([np.where(keep, "", reasons).astype(object), *[hover_fields[n].astype(object) for n in names]], axis=-1)
-            masked_lines = [f"{n}: %{{customdata[{k + 1}]:.4g}}" for k, n in enumerate(names)]
+            masked_lines = [f"{n}: %{{customdata[{k}]:.4g}}" for k, n in enumerate(names)]
             fig.add_trace(
                 go.Heatmap(
-                    z=np.where(keep, np.nan, 1.0), x=list(x_labels), y=list(y_labels), customdata=masked_custom,
+                    z=np.where(keep, np.nan, 1.0).astype(np.float32), x=list(x_labels), y=list(y_labels), customdata=custom,
+                    text=np.where(keep, "", reasons).astype(str),
                     colorscale=[[0, MASKED_COLOR], [1, MASKED_COLOR]], showscale=False, hoverongaps=False,
                     hovertemplate="<br>".join(
-                        [f"{panel.title}<br>{y_title} %{{y}} → {x_title} %{{x}}<br><b>masked</b> by: %{{customdata[0]}}",
+                        [f"{panel.title}<br>{y_title} %{{y}} → {x_title} %{{x}}<br><b>masked</b> by: %{{text}}",
                          *masked_lines]
                     ) + "<extra></extra>",
                     name=f"{panel.title} (masked)",
@@ -139,17 +144,28 @@ def heatmap_grid(
     return fig
 
 
-def head_layout(record: AttentionResult) -> tuple[list[int], int, list[str] | None]:
-    """Order of heads in the grid, number of columns, and row titles.
+MAX_COLUMNS = 8
 
-    Under GQA / MQA each row is one kv head and holds the query heads that share it (u // group_size);
-    plain MHA fills rows of up to 4 heads.
+
+def head_layout(record: AttentionResult) -> tuple[list[int | None], int, list[str] | None]:
+    """Grid slots (a head index, or None for an empty slot), number of columns, and row titles.
+
+    Under GQA / MQA each kv head starts a new row and its query heads (u // group_size) follow, wrapped at
+    8 columns; plain MHA fills rows of 4 heads (8 from 16 heads on).
     """
     h, g = record.num_heads, record.num_kv_heads
-    if 1 < g < h or (g == 1 and h > 1):
-        return list(range(h)), record.group_size, [f"kv head {k}" for k in range(g)]
-    cols = min(h, 4)
-    return list(range(h)), cols, None
+    if g < h:
+        group = record.group_size
+        cols = min(group, MAX_COLUMNS)
+        rows_per_group = math.ceil(group / cols)
+        slots: list[int | None] = []
+        titles: list[str] = []
+        for k in range(g):
+            heads = list(range(k * group, (k + 1) * group))
+            slots += heads + [None] * (rows_per_group * cols - group)
+            titles += [f"kv head {k}"] + [""] * (rows_per_group - 1)
+        return slots, cols, titles
+    return list(range(h)), min(h, 4 if h <= 16 else MAX_COLUMNS), None
 
 
 def attention_heads_figure(
@@ -172,9 +188,15 @@ def attention_heads_figure(
     probs = _np(record.scores_grid[batch_index])  # (h, t, s)
     logits = _np(record.logits_grid[batch_index])  # (h, t, s)
     keep = _np(record.mask_grid[batch_index]).astype(bool)  # (h, t, s)
+    if record.masked_rows == "uniform":
+        # Under the uniform policy a fully-masked row really does attend 1/s everywhere: draw it, don't grey it.
+        keep = keep | _np(record.fully_masked_rows[batch_index]).astype(bool)[:, :, None]
     order, cols, row_titles = head_layout(record)
-    panels = []
+    panels: list[Panel | None] = []
     for u in order:
+        if u is None:
+            panels.append(None)
+            continue
         reasons = None
         if record.mask_fn is not None and not keep[u].all():
             reasons = record.mask_fn.explain_grid(batch_index, u, t, s)
@@ -226,7 +248,7 @@ def _per_head_figure(tensor, record: AttentionResult, batch_index: int, prefix: 
     per_head = _np(tensor[batch_index])  # (h, t, ·)
     h, t, n = per_head.shape
     order, cols, row_titles = head_layout(record)
-    panels = [Panel(title=f"head {u}", values=per_head[u]) for u in order]
+    panels = [None if u is None else Panel(title=f"head {u}", values=per_head[u]) for u in order]
     return heatmap_grid(
         panels, cols=cols, row_titles=row_titles,
         x_labels=[f"{prefix}{j}" for j in range(n)], y_labels=position_labels(t, "q", query_labels),

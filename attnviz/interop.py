@@ -26,7 +26,7 @@ def _copy(param: nn.Parameter | None, array, label: str) -> None:
         raise ValueError(f"{label}: the attnviz layer has no such weight")
     data = torch.as_tensor(np.asarray(array), dtype=param.dtype, device=param.device)
     if tuple(data.shape) != tuple(param.shape):
-        data = data.reshape(param.shape)  # e.g. Keras output kernel (h, v, *out) -> (h, v, o)
+        raise ValueError(f"{label}: source weight has shape {tuple(data.shape)}, attnviz expects {tuple(param.shape)}")
     with torch.no_grad():
         param.copy_(data)
 

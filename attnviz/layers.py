@@ -110,11 +110,16 @@ def _to_tensor(label: str, x, device: torch.device, dtype: torch.dtype) -> Tenso
 
 
 def _mask_tensor(label: str, x, device) -> Tensor | None:
+    """A keep-mask as bool. Floats are accepted only as 0/1 (Keras casts them); anything else is most likely an
+    additive mask (0 / -inf), which means the opposite, so it is refused."""
     if x is None:
         return None
     m = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x, device=device)
-    if m.is_floating_point():
-        raise ValueError(f"{label} must be boolean (True = keep), got dtype {m.dtype}")
+    if m.is_floating_point() and not bool(((m == 0) | (m == 1)).all()):
+        raise ValueError(
+            f"{label} must be boolean or 0/1 (True = keep), got {m.dtype} values such as "
+            f"{m[(m != 0) & (m != 1)].flatten()[:3].tolist()}; an additive mask (0 / -inf) is not a keep-mask"
+        )
     return m.bool()
 
 
@@ -131,7 +136,11 @@ class _SeededModule(nn.Module):
         self.masked_rows = masked_rows
         self.device_ = resolve_device(device)
         self.dtype_ = resolve_dtype(dtype)
-        self._generator = torch.Generator().manual_seed(0 if seed is None else int(seed))
+        self._generator = torch.Generator()
+        if seed is None:  # as Keras: no seed, fresh random weights
+            self._generator.seed()
+        else:
+            self._generator.manual_seed(int(seed))
         self._calls = 0  # dropout draws a fresh mask per training call, reproducibly from the seed
 
     def _param(self, initializer: str, shape) -> nn.Parameter:
@@ -173,6 +182,8 @@ class MultiHeadAttention(_SeededModule):
         score_mode: "scaled_dot" (Keras), "dot" (Luong, unscaled), "concat" or "additive" (Bahdanau, with a
             learned per-head weight vector).
         sliding_window: as Keras 3.15: keys within sliding_window - 1 positions of the query.
+        score_mod: optional FlexAttention-style ``(score, b, h, q_idx, kv_idx) -> score`` applied to the logits
+            before masking, e.g. ``attnviz.score_mods.alibi(num_heads)`` or ``softcap(30.0)`` (an attnviz extra).
         kernel_initializer / bias_initializer: Keras initializer names.
         seed: seeds the initial weights and the dropout masks.
         masked_rows: "zeros" | "uniform" | "nan" for query rows where every key is masked.
@@ -195,6 +206,7 @@ class MultiHeadAttention(_SeededModule):
         attention_axes: int | Sequence[int] | None = None,
         score_mode: str = "scaled_dot",
         sliding_window: int | None = None,
+        score_mod=None,
         kernel_initializer: str = "glorot_uniform",
         bias_initializer: str = "zeros",
         seed: int | None = None,
@@ -224,6 +236,7 @@ class MultiHeadAttention(_SeededModule):
             attention_axes = (int(attention_axes),)
         self.attention_axes = None if attention_axes is None else tuple(int(a) for a in attention_axes)
         self.sliding_window = _positive_int("sliding_window", sliding_window, allow_none=True)
+        self.score_mod = score_mod
         _check_choice("kernel_initializer", kernel_initializer, _INITIALIZERS)
         _check_choice("bias_initializer", bias_initializer, _INITIALIZERS)
         self.kernel_initializer = kernel_initializer
@@ -341,6 +354,10 @@ class MultiHeadAttention(_SeededModule):
                 None if pad_q is None else pad_q.reshape(b_grid, t),
                 None if pad_k is None else pad_k.reshape(b_grid, s),
             ))
+        if (use_causal_mask or self.sliding_window is not None) and len(self._axes) > 1:
+            raise ValueError(
+                f"use_causal_mask and sliding_window need one attention axis, got attention_axes {self._axes}"
+            )
         if use_causal_mask:
             parts.append(masks_lib.causal())
         if self.sliding_window is not None:
@@ -402,6 +419,7 @@ class MultiHeadAttention(_SeededModule):
             q_grid, k_grid, v_grid,
             mask=mask_fn,
             score_mode=self.score_mode,
+            score_mod=self.score_mod,
             scale=self.score_scale,
             dropout=self.dropout,
             training=training,

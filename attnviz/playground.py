@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from attnviz import masks as masks_lib
+from attnviz import score_mods
 from attnviz.engine import AttentionResult
 from attnviz.layers import MultiHeadAttention
 
@@ -25,8 +26,12 @@ SOURCES: dict[str, str] = {
 }
 CAUSAL_CHOICES = ("off", "top_left", "bottom_right")
 
-# The largest configuration the Playground draws cell by cell (the Scale page handles long sequences).
+# The largest configuration the Playground draws cell by cell.
 LIMITS = {"batch": 8, "t": 128, "s": 128, "model_dim": 512, "num_heads": 32, "key_dim": 256, "value_dim": 256}
+# concat/additive scores touch every (query, key, feature) triple: b*h*t*s*d work. Above this the Playground
+# refuses with a message instead of keeping a shared server busy for tens of seconds.
+MAX_PAIRWISE_WORK = 64_000_000
+SCORE_MODS = ("none", "alibi", "softcap")
 
 
 @dataclass(frozen=True)
@@ -46,10 +51,12 @@ class MaskSpec:
     def build(self, b: int, t: int, s: int) -> masks_lib.Mask | None:
         """The composed Mask, or None when no component is on. Raises ValueError for impossible settings."""
         parts: list[masks_lib.Mask] = []
+        # Window and prefix follow the causal alignment, so bottom-right decoding keeps its band on the last keys.
+        align = self.causal if self.causal != "off" else "top_left"
         if self.causal != "off":
             parts.append(masks_lib.causal(self.causal))
         if self.sliding_window:
-            parts.append(masks_lib.sliding_window(self.sliding_window))
+            parts.append(masks_lib.sliding_window(self.sliding_window, align))
         if self.valid_lens:
             if len(self.valid_lens) != b:
                 raise ValueError(f"valid_lens has {len(self.valid_lens)} entries but the batch size is {b}")
@@ -63,7 +70,7 @@ class MaskSpec:
             k_valid = torch.arange(s).expand(b, s) < s - self.key_padding if self.key_padding else None
             parts.append(masks_lib.padding(q_valid, k_valid))
         if self.prefix_lm:
-            parts.append(masks_lib.prefix_lm(self.prefix_lm))
+            parts.append(masks_lib.prefix_lm(self.prefix_lm, align))
         if self.documents:
             if sum(self.documents) != t or t != s:
                 raise ValueError(
@@ -93,6 +100,8 @@ class PlaygroundConfig:
     key_dim: int = 4  # per-head query/key size d
     value_dim: int = 0  # per-head value size v; 0 = key_dim
     score_mode: str = "scaled_dot"  # scaled_dot | dot (Luong) | concat | additive (Bahdanau)
+    score_mod: str = "none"  # none | alibi (linear distance penalty per head) | softcap (cap * tanh(x / cap))
+    softcap: float = 5.0  # the cap used when score_mod == "softcap"
     use_bias: bool = True  # biases in the Q/K/V/output projections
     weight_scale: float = 1.0  # multiplies the initial W_q and W_k (1 = Keras' glorot_uniform as drawn)
     output_dim: int = 0  # output features o; 0 = model_dim (Keras output_shape=None)
@@ -122,6 +131,15 @@ class PlaygroundConfig:
         kv = self.num_kv_heads or self.num_heads
         if self.num_heads % kv:
             raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({kv})")
+        if self.score_mode in ("concat", "additive"):
+            work = self.batch * self.num_heads * self.t * self.s * self.key_dim
+            if work > MAX_PAIRWISE_WORK:
+                raise ValueError(
+                    f"{self.score_mode} scores need b·h·t·s·key_dim = {work:,} operations, over the Playground's "
+                    f"{MAX_PAIRWISE_WORK:,}; lower the batch, heads, lengths or key_dim"
+                )
+        if self.score_mod not in SCORE_MODS:
+            raise ValueError(f"score_mod must be one of {list(SCORE_MODS)}, got {self.score_mod!r}")
         if not 0.0 < self.weight_scale <= 100.0:
             raise ValueError(f"weight_scale ({self.weight_scale}) must be in (0, 100]")
         if self.masks.causal not in CAUSAL_CHOICES or self.masks.combine not in ("and", "or"):
@@ -195,6 +213,14 @@ def make_inputs(config: PlaygroundConfig) -> tuple[Tensor, Tensor]:
     return query, value
 
 
+def build_score_mod(config: PlaygroundConfig):
+    if config.score_mod == "alibi":
+        return score_mods.alibi(config.num_heads)
+    if config.score_mod == "softcap":
+        return score_mods.softcap(config.softcap)
+    return None
+
+
 def build_layer(config: PlaygroundConfig) -> MultiHeadAttention:
     """The layer the config describes, with seeded weights (W_q, W_k scaled by weight_scale)."""
     layer = MultiHeadAttention(
@@ -206,6 +232,7 @@ def build_layer(config: PlaygroundConfig) -> MultiHeadAttention:
         use_bias=config.use_bias,
         output_shape=config.output_dim or None,
         score_mode=config.score_mode,
+        score_mod=build_score_mod(config),
         seed=config.seed,
         masked_rows=config.masked_rows,
         device=config.device,
@@ -248,8 +275,8 @@ def parse_int_list(label: str, text: str) -> tuple[int, ...]:
         values = tuple(int(x) for x in items)
     except ValueError:
         raise ValueError(f"{label}: expected whole numbers separated by commas (e.g. '3, 2'), got {text!r}") from None
-    if any(v < 0 for v in values):
-        raise ValueError(f"{label}: numbers must be >= 0, got {list(values)}")
+    if any(not 0 <= v <= 1_000_000 for v in values):
+        raise ValueError(f"{label}: numbers must be between 0 and 1,000,000, got {text!r}")
     return values
 
 
@@ -279,16 +306,17 @@ def config_values(config: PlaygroundConfig) -> dict:
     return values
 
 
-def mask_summary(record: AttentionResult) -> dict[str, float]:
-    """Counts the page reports: kept/masked cells and fully-masked query rows."""
-    grid = record.mask_grid
+def mask_summary(record: AttentionResult, batch_index: int | None = None) -> dict[str, int]:
+    """Counts the page reports: kept/masked cells and fully-masked query rows (one batch item, or all)."""
+    grid = record.mask_grid if batch_index is None else record.mask_grid[batch_index]
+    rows = record.fully_masked_rows if batch_index is None else record.fully_masked_rows[batch_index]
     total = math.prod(grid.shape)
     kept = int(grid.sum())
     return {
         "cells": total,
         "kept": kept,
         "masked": total - kept,
-        "fully_masked_rows": int(record.fully_masked_rows.sum()),
+        "fully_masked_rows": int(rows.sum()),
     }
 
 
@@ -299,6 +327,8 @@ __all__ = [
     "DEFAULT_PRESET",
     "SOURCES",
     "LIMITS",
+    "SCORE_MODS",
+    "build_score_mod",
     "run",
     "make_inputs",
     "make_source",
@@ -328,5 +358,7 @@ def describe(config: PlaygroundConfig, record: AttentionResult) -> str:
         "additive": "additive Σ w ⊙ tanh(q + k) (Bahdanau)",
     }[config.score_mode]
     mask = record.mask_fn.name if record.mask_fn is not None else "none"
+    if config.score_mod != "none":
+        score += f" + {build_score_mod(config).name}"
     kind = "self-attention" if config.attention == "self" else "cross-attention"
     return f"{kind} · t={config.t}, s={config.s} · {heads} · {score} · mask: {mask}"

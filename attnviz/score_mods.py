@@ -38,6 +38,8 @@ def alibi(num_heads: int) -> ScoreMod:
     slopes = alibi_slopes(num_heads)
 
     def fn(score, b, h, q, kv):
+        if h.shape[1] != num_heads:
+            raise ValueError(f"alibi was built for {num_heads} heads but the attention has {h.shape[1]}")
         return score + slopes.to(score.device, score.dtype)[h] * (kv - q).to(score.dtype)
 
     return ScoreMod(f"alibi({num_heads})", fn)

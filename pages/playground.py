@@ -19,20 +19,24 @@ st.caption(describe(config, record))
 fully_masked_warning(record)
 view = view_ui(config)
 
-heads_tab, output_tab, shapes_tab = st.tabs(["Heads", "Output projection", "Shapes"])
-with heads_tab:
-    st.plotly_chart(figures.attention_heads_figure(record, view.batch_index, values=view.values), width="content")
-    counts = mask_summary(record)
-    st.caption(f"{counts['kept']} of {counts['cells']} cells may attend; masked cells are grey "
-               "(hover one to see which mask rule masked it).")
-with output_tab:
-    st.markdown("**Output** = Σ over heads of (head output · W_o[head]) + output bias")
-    st.plotly_chart(figures.output_figure(record, view.batch_index))
-    st.markdown("**Each head's contribution** (head output · W_o[head]) and its size per query")
-    st.plotly_chart(figures.contribution_norms_figure(record, view.batch_index))
-    st.plotly_chart(figures.head_contributions_figure(record, view.batch_index))
-    st.markdown("**Per-head outputs** (probabilities · V, before the output projection)")
-    st.plotly_chart(figures.head_outputs_figure(record, view.batch_index))
-with shapes_tab:
-    shapes = figures.shapes_frame(record)
-    st.dataframe(shapes, hide_index=True, height=36 * (len(shapes) + 1) + 4)
+# Only the open tab runs, so switching tabs or view options never rebuilds the other tabs' figures.
+heads_tab, output_tab, shapes_tab = st.tabs(["Heads", "Output projection", "Shapes"], key="pg_tab", on_change="rerun")
+if heads_tab.open:
+    with heads_tab:
+        st.plotly_chart(figures.attention_heads_figure(record, view.batch_index, values=view.values), width="content")
+        counts = mask_summary(record, view.batch_index)
+        st.caption(f"Batch item {view.batch_index}: {counts['kept']} of {counts['cells']} cells may attend; masked "
+                   "cells are grey (hover one to see which mask rule masked it).")
+if output_tab.open:
+    with output_tab:
+        st.markdown("**Output** = Σ over heads of (head output · W_o[head]) + output bias")
+        st.plotly_chart(figures.output_figure(record, view.batch_index))
+        st.markdown("**Each head's contribution** (head output · W_o[head]) and its size per query")
+        st.plotly_chart(figures.contribution_norms_figure(record, view.batch_index))
+        st.plotly_chart(figures.head_contributions_figure(record, view.batch_index))
+        st.markdown("**Per-head outputs** (probabilities · V, before the output projection)")
+        st.plotly_chart(figures.head_outputs_figure(record, view.batch_index))
+if shapes_tab.open:
+    with shapes_tab:
+        shapes = figures.shapes_frame(record)
+        st.dataframe(shapes, hide_index=True, height=36 * (len(shapes) + 1) + 4)

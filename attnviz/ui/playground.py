@@ -12,7 +12,7 @@ import streamlit as st
 import torch
 
 from attnviz import playground as pg
-from attnviz.engine import AttentionResult
+from attnviz.engine import DTYPES, MASKED_ROW_POLICIES, SCORE_MODES, AttentionResult
 
 PREFIX = "pg_"
 
@@ -39,6 +39,10 @@ HELP = {
     "score_mode": "How a query and a key are scored. scaled_dot: q·k / √key_dim (Transformer). dot: q·k, unscaled "
     "(Luong). concat: Σ tanh(q + k) (Keras Attention score_mode='concat'). additive: Σ w ⊙ tanh(q + k) with a "
     "learned w per head (Bahdanau).",
+    "score_mod": "A FlexAttention-style score modifier applied to the logits before masking. alibi: adds "
+    "slope_h · (key − query), a per-head linear distance penalty (Press et al.). softcap: cap · tanh(logit / cap), "
+    "which keeps logits within ±cap (Gemma 2).",
+    "softcap": "The cap for the softcap modifier: logits are squashed into (−cap, cap).",
     "source": "How the input vectors are made (all reproducible from the seed).",
     "causal": "Causal mask: query i sees keys up to its position. top_left: key j ≤ i (Keras use_causal_mask, SDPA "
     "is_causal). bottom_right: the last query lines up with the last key, j ≤ i + (s − t) (flash-attn, KV-cache decoding).",
@@ -59,8 +63,8 @@ HELP = {
     "heatmaps show probabilities before dropout, as Keras' return_attention_scores does.",
     "training": "Training mode: apply dropout to the probabilities (so the output changes, reproducibly per seed).",
     "seed": "Seeds the inputs, the initial weights and the dropout masks: the same seed gives the same numbers.",
-    "masked_rows": "What a query row with every key masked becomes. zeros: all-zero probabilities and output "
-    "(SDPA on CPU, FlexAttention, Keras ≥ 3.10 with scores). uniform: 1/s everywhere (Keras Attention layer, d2l). "
+    "masked_rows": "What a query row with every key masked becomes. zeros: all-zero probabilities and head "
+    "outputs, so the output is just the output bias (SDPA on CPU, FlexAttention, Keras ≥ 3.10 with scores). uniform: 1/s everywhere (Keras Attention layer, d2l). "
     "nan: NaN (torch.nn.MultiheadAttention).",
     "device": "Where the engine runs. cuda appears when a GPU is present.",
     "dtype": "Numeric precision. float16/bfloat16 are scored and normalised in float32, then cast back.",
@@ -125,8 +129,13 @@ def config_ui() -> pg.PlaygroundConfig:
                                            help=HELP["weight_scale"])
 
     with sb.expander("Scores and masks", expanded=True):
-        values["score_mode"] = st.selectbox("Score mode", list(("scaled_dot", "dot", "concat", "additive")),
-                                            key=_key("score_mode"), help=HELP["score_mode"])
+        values["score_mode"] = st.selectbox("Score mode", list(SCORE_MODES), key=_key("score_mode"),
+                                            help=HELP["score_mode"])
+        values["score_mod"] = st.selectbox("Score modifier", list(pg.SCORE_MODS), key=_key("score_mod"),
+                                           help=HELP["score_mod"])
+        values["softcap"] = st.number_input("Soft-cap value", min_value=0.1, max_value=1000.0, step=1.0,
+                                            key=_key("softcap"), help=HELP["softcap"],
+                                            disabled=values["score_mod"] != "softcap")
         values["causal"] = st.selectbox("Causal", list(pg.CAUSAL_CHOICES), key=_key("causal"), help=HELP["causal"])
         values["sliding_window"] = _number("Sliding window w (0 = off)", "sliding_window", 0, 4096, st)
         values["valid_lens"] = st.text_input("valid_lens (d2l)", key=_key("valid_lens"), help=HELP["valid_lens"],
@@ -139,7 +148,7 @@ def config_ui() -> pg.PlaygroundConfig:
         values["combine"] = st.radio("Combine masks with", ["and", "or"], key=_key("combine"), horizontal=True,
                                      help=HELP["combine"])
         values["invert"] = st.checkbox("Invert (NOT)", key=_key("invert"), help=HELP["invert"])
-        values["masked_rows"] = st.selectbox("Fully-masked rows", ["zeros", "uniform", "nan"], key=_key("masked_rows"),
+        values["masked_rows"] = st.selectbox("Fully-masked rows", list(MASKED_ROW_POLICIES), key=_key("masked_rows"),
                                              help=HELP["masked_rows"])
 
     with sb.expander("Dropout and numerics"):
@@ -150,7 +159,7 @@ def config_ui() -> pg.PlaygroundConfig:
         if st.session_state.get(_key("device")) not in devices:
             st.session_state[_key("device")] = "cpu"
         values["device"] = st.selectbox("Device", devices, key=_key("device"), help=HELP["device"])
-        values["dtype"] = st.selectbox("dtype", ["float32", "float16", "bfloat16"], key=_key("dtype"), help=HELP["dtype"])
+        values["dtype"] = st.selectbox("dtype", list(DTYPES), key=_key("dtype"), help=HELP["dtype"])
 
     return pg.config_from_values(values)
 
@@ -180,7 +189,8 @@ def _config_key(config: pg.PlaygroundConfig) -> str:
     return repr(config)
 
 
-@st.cache_resource(max_entries=128, show_spinner="Running the attention engine…",
+# Shared by every session; bounded because one large record can hold a few hundred MB of tensors.
+@st.cache_resource(max_entries=16, ttl=3600, show_spinner="Running the attention engine…",
                    hash_funcs={pg.PlaygroundConfig: _config_key})
 def cached_run(config: pg.PlaygroundConfig) -> AttentionResult:
     """One engine run per distinct config, shared by every session (records are frozen and never mutated)."""

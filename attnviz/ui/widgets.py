@@ -13,6 +13,10 @@ POLICY_EFFECT = {
 }
 
 
+def _short(items: list, limit: int = 10) -> str:
+    return str(items) if len(items) <= limit else f"{items[:limit]} … ({len(items)} in all)"
+
+
 def fully_masked_warning(record: AttentionResult) -> None:
     """Warn, in plain words, when some query rows have no key left to attend to."""
     rows = record.fully_masked_rows  # (b, h, t)
@@ -22,7 +26,8 @@ def fully_masked_warning(record: AttentionResult) -> None:
     per_batch = rows.any(dim=1)  # (b, t): a row is fully masked in at least one head
     count = int(per_batch.sum())
     where = "; ".join(
-        f"batch {i}: queries {per_batch[i].nonzero().flatten().tolist()}" for i in range(b) if per_batch[i].any()
+        f"batch {i}: queries {_short(per_batch[i].nonzero().flatten().tolist())}"
+        for i in range(b) if per_batch[i].any()
     )
     st.warning(
         f"**{count} query row(s) are fully masked** (every key is masked, in {int(rows.sum())} head-rows) — {where}. "

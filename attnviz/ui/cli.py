@@ -8,7 +8,7 @@ from pathlib import Path
 
 def app_path() -> Path:
     """app.py at the repository root (the package is installed editable from the checkout)."""
-    path = Path(__file__).resolve().parent.parent / "app.py"
+    path = Path(__file__).resolve().parents[2] / "app.py"
     if not path.exists():
         raise SystemExit(f"attnviz: cannot find the app at {path}; run from a checkout (pip install -e .)")
     return path
