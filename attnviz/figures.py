@@ -134,11 +134,14 @@ def heatmap_grid(
             )
         fig.update_yaxes(autorange="reversed", row=r, col=c, title_text=y_title if c == 1 else None)
         fig.update_xaxes(row=r, col=c, title_text=x_title if r == rows else None)
+    # Panels keep cells roughly square and readable: 150-320 px a side, whatever the grid.
     n_rows, n_cols = len(y_labels), len(x_labels)
-    width_px = cols * max(180, n_cols * cell_px)
-    height = rows * max(180, n_rows * cell_px) + 120
+    panel_w = min(max(n_cols * cell_px, 150), 320)
+    panel_h = min(max(n_rows * cell_px, 150), 320)
+    fig.update_yaxes(showticklabels=False)
+    fig.update_yaxes(showticklabels=True, col=1)
     fig.update_layout(
-        height=int(min(height, 2600)), width=int(min(width_px + 160, 1800)) if cols * n_cols < 40 else None,
+        width=int(cols * (panel_w + 30) + 200), height=int(rows * (panel_h + 60) + 90),
         margin=dict(l=60, r=30, t=60, b=50), template="plotly_white", plot_bgcolor="white",
     )
     return fig
