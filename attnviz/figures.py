@@ -91,6 +91,7 @@ def heatmap_grid(
             lo, hi = -bound, bound
         zmin = lo if zmin is None else zmin
         zmax = hi if zmax is None else zmax
+    first = next(i for i, p in enumerate(panels) if p is not None)  # the panel that carries the colour bar
     for i, panel in enumerate(panels):
         r, c = i // cols + 1, i % cols + 1
         if panel is None:
@@ -108,7 +109,7 @@ def heatmap_grid(
         fig.add_trace(
             go.Heatmap(
                 z=np.where(keep, z, np.nan), x=list(x_labels), y=list(y_labels), customdata=custom,
-                colorscale=colorscale, zmin=zmin, zmax=zmax, hoverongaps=False, showscale=(i == 0),
+                colorscale=colorscale, zmin=zmin, zmax=zmax, hoverongaps=False, showscale=(i == first),
                 colorbar=dict(title=dict(text=value_name), thickness=12, len=min(1.0, 320 / max(rows * 220, 1))),
                 hovertemplate="<br>".join([base, *lines]) + "<extra></extra>",
                 name=panel.title,

@@ -25,8 +25,10 @@ if heads_tab.open:
     with heads_tab:
         st.plotly_chart(figures.attention_heads_figure(record, view.batch_index, values=view.values), width="content")
         counts = mask_summary(record, view.batch_index)
+        uniform_note = (" Under the 'uniform' policy, fully-masked rows are drawn with their 1/s probabilities."
+                        if record.masked_rows == "uniform" and counts["fully_masked_rows"] else "")
         st.caption(f"Batch item {view.batch_index}: {counts['kept']} of {counts['cells']} cells may attend; masked "
-                   "cells are grey (hover one to see which mask rule masked it).")
+                   f"cells are grey (hover one to see which mask rule masked it).{uniform_note}")
 if output_tab.open:
     with output_tab:
         st.markdown("**Output** = Σ over heads of (head output · W_o[head]) + output bias")

@@ -83,10 +83,34 @@ def grid_size(fig):
     return len(ydoms), len(xdoms)
 
 
-def _mha_record(*, num_heads=3, num_kv_heads=None, t=5, s=None, seed=0, **call):
+def row_title_annotations(fig):
+    """The row titles make_subplots drew (rotated annotations on the right), top to bottom."""
+    anns = [a for a in fig.layout.annotations if a.textangle == 90]
+    return sorted(anns, key=lambda a: -a.y)
+
+
+def row_domains(fig):
+    """y domains of the grid rows, top (row 0) first."""
+    return sorted({tuple(fig.layout[k].domain) for k in fig.layout if k.startswith("yaxis")}, reverse=True)
+
+
+def empty_slot_axes(fig):
+    """(row, col) of the subplots whose axes are hidden (the empty slots of a wrapped grid)."""
+    xdoms = sorted({tuple(fig.layout[k].domain) for k in fig.layout if k.startswith("xaxis")})
+    ydoms = row_domains(fig)
+    cells = set()
+    for k in fig.layout:
+        if k.startswith("xaxis") and fig.layout[k].visible is False:
+            y = fig.layout["yaxis" + k[len("xaxis"):]]
+            assert y.visible is False, k  # both axes of an empty slot are hidden
+            cells.add((ydoms.index(tuple(y.domain)), xdoms.index(tuple(fig.layout[k].domain))))
+    return cells
+
+
+def _mha_record(*, num_heads=3, num_kv_heads=None, t=5, s=None, seed=0, masked_rows="zeros", **call):
     s = t if s is None else s
     layer = attnviz.MultiHeadAttention(num_heads=num_heads, key_dim=4, num_kv_heads=num_kv_heads, seed=seed,
-                                       device="cpu")
+                                       device="cpu", masked_rows=masked_rows)
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(2, t, 6, generator=gen)
     v = q if s == t else torch.randn(2, s, 6, generator=gen)
@@ -253,25 +277,54 @@ def test_overlay_reasons_equal_explain_grid(records, name):
         for u, tr in enumerate(main_traces(fig)):
             if keep[u].all():
                 continue
-            cd = np.asarray(overlays[tr.name].customdata, dtype=object)
-            assert cd.shape == (t, s, 3)
+            ov = overlays[tr.name]
+            # the reasons are the overlay's text: a (t, s) string array, "" where the cell is kept
+            text = np.asarray(ov.text)
+            assert text.shape == (t, s)
+            assert all(isinstance(r, str) for r in text.ravel())
             explained = rec.mask_fn.explain_grid(b, u, t, s)
             masked = ~keep[u]
-            assert list(cd[..., 0][masked]) == list(explained[masked])
-            assert all(r != "" for r in cd[..., 0][masked])
-            assert all(r == "" for r in cd[..., 0][~masked])
-            np.testing.assert_array_equal(cd[..., 1].astype(float), probs_all[b, u])
-            np.testing.assert_array_equal(cd[..., 2].astype(float), logits_all[b, u])
-            hover = overlays[tr.name].hovertemplate
-            assert "masked</b> by: %{customdata[0]}" in hover
-            assert "probability: %{customdata[1]" in hover and "logit: %{customdata[2]" in hover
+            assert list(text[masked]) == list(explained[masked])
+            assert all(r != "" for r in text[masked])
+            assert all(r == "" for r in text[~masked])
+            # customdata is numeric (float32) and holds the main trace's hover fields: probability, logit
+            cd = np.asarray(ov.customdata)
+            assert cd.dtype == np.float32
+            assert cd.shape == (t, s, 2)
+            np.testing.assert_array_equal(cd[..., 0], probs_all[b, u])
+            np.testing.assert_array_equal(cd[..., 1], logits_all[b, u])
+            np.testing.assert_array_equal(cd, np.asarray(tr.customdata))
+            hover = ov.hovertemplate
+            assert "masked</b> by: %{text}" in hover
+            assert "probability: %{customdata[0]" in hover and "logit: %{customdata[1]" in hover
+            assert hover.count("probability:") == 1 and hover.count("logit:") == 1
+            assert "customdata[2]" not in hover
+
+
+@pytest.mark.parametrize("name", [GQA, D2L, DOCS, MQA])
+def test_heatmap_payload_is_float32(records, name):
+    rec = records(name)
+    fig = figures.attention_heads_figure(rec)
+    overlays = masked_traces(fig)
+    assert overlays  # every one of these presets masks something
+    for tr in fig.data:
+        assert np.asarray(tr.z).dtype == np.float32, tr.name
+        assert np.asarray(tr.customdata).dtype == np.float32, tr.name
+    for ov in overlays.values():
+        assert np.asarray(ov.z).dtype == np.float32
+        assert ov.text is not None and np.asarray(ov.text).dtype.kind in ("U", "O")
+    for fig in (figures.head_outputs_figure(rec), figures.head_contributions_figure(rec), figures.output_figure(rec)):
+        for tr in fig.data:
+            assert np.asarray(tr.z).dtype == np.float32, tr.name
 
 
 def test_default_preset_reason_is_causal(records):
     rec = records(GQA)
     fig = figures.attention_heads_figure(rec)
-    for ov in masked_traces(fig).values():
-        reasons = np.asarray(ov.customdata, dtype=object)[..., 0]
+    overlays = masked_traces(fig)
+    assert len(overlays) == 8
+    for ov in overlays.values():
+        reasons = np.asarray(ov.text)
         upper = np.triu(np.ones((8, 8), dtype=bool), k=1)
         assert set(reasons[upper]) == {"causal"}
         assert set(reasons[~upper]) == {""}
@@ -280,7 +333,7 @@ def test_default_preset_reason_is_causal(records):
 def test_docs_preset_reasons_name_each_component(records):
     rec = records(DOCS)  # causal & sliding_window(3) & documents (4, 6), t=s=10
     fig = figures.attention_heads_figure(rec)
-    reasons = np.asarray(next(iter(masked_traces(fig).values())).customdata, dtype=object)[..., 0]
+    reasons = np.asarray(next(iter(masked_traces(fig).values())).text)
     assert reasons[0, 1] == "causal"  # future key, same document, inside the window
     assert reasons[4, 3].startswith("document(")  # previous document, inside the window
     assert reasons[9, 5] == "sliding_window(3)"  # same document, past key, 4 away
@@ -301,8 +354,9 @@ def test_per_head_mask_draws_overlay_only_on_masked_heads():
     expected = np.zeros((5, 5), dtype=bool)
     expected[:, 0] = True
     np.testing.assert_array_equal(~np.isnan(z), expected)
-    reasons = np.asarray(overlays["head 0"].customdata, dtype=object)[..., 0]
+    reasons = np.asarray(overlays["head 0"].text)
     assert set(reasons[:, 0]) == {"attention_mask"}
+    assert set(reasons[:, 1:].ravel()) == {""}
     for u, tr in enumerate(main_traces(fig)):
         z = np.asarray(tr.z, dtype=float)
         np.testing.assert_array_equal(np.isnan(z), ~am[1, u].numpy())
@@ -321,11 +375,66 @@ def test_direct_layer_causal_and_query_padding():
     for u, tr in enumerate(main_traces(fig)):
         z = np.asarray(tr.z, dtype=float)
         np.testing.assert_array_equal(~np.isnan(z), tri)
-        cd = np.asarray(overlays[tr.name].customdata, dtype=object)
-        assert "padding(query)" in cd[4, 0][0]  # fully-masked row blames the query padding
-        assert cd[4, 0][0] == rec.mask_fn.explain_grid(1, u, 5, 5)[4, 0]
-        np.testing.assert_array_equal(cd[3:, :, 1].astype(float), 0.0)  # 'zeros' policy: p = 0 on those rows
-        assert cd[0, 1][0] == "causal"
+        ov = overlays[tr.name]
+        text, cd = np.asarray(ov.text), np.asarray(ov.customdata)
+        assert "padding(query)" in text[4, 0]  # fully-masked row blames the query padding
+        assert text[4, 0] == rec.mask_fn.explain_grid(1, u, 5, 5)[4, 0]
+        np.testing.assert_array_equal(cd[3:, :, 0], 0.0)  # 'zeros' policy: p = 0 on those rows
+        np.testing.assert_array_equal(cd[..., 1], _np(rec.logits_grid[1, u]))
+        assert text[0, 1] == "causal"
+        # 'zeros' policy: the fully-masked rows are entirely grey
+        np.testing.assert_array_equal(~np.isnan(np.asarray(ov.z, dtype=float)), ~tri)
+
+
+@pytest.mark.parametrize("policy", ["zeros", "nan"])
+def test_non_uniform_policies_grey_fully_masked_rows(policy):
+    qmask = torch.ones(2, 5, dtype=torch.bool)
+    qmask[1, 3:] = False
+    _, rec = _mha_record(num_heads=2, use_causal_mask=True, query_mask=qmask, masked_rows=policy)
+    fig = figures.attention_heads_figure(rec, 1)
+    overlays = masked_traces(fig)
+    for tr in main_traces(fig):
+        z = np.asarray(tr.z, dtype=float)
+        assert np.isnan(z[3:]).all()
+        assert (np.asarray(overlays[tr.name].z, dtype=float)[3:] == 1.0).all()
+
+
+def test_uniform_policy_draws_fully_masked_rows_in_colour():
+    qmask = torch.ones(2, 5, dtype=torch.bool)
+    qmask[1, 3:] = False  # queries 3, 4 of batch item 1 are padding: fully masked rows
+    _, rec = _mha_record(num_heads=2, use_causal_mask=True, query_mask=qmask, masked_rows="uniform")
+    assert rec.masked_rows == "uniform"
+    assert rec.fully_masked_rows[1, :, 3:].all() and not rec.fully_masked_rows[0].any()
+    probs = _np(rec.scores_grid[1])
+    np.testing.assert_allclose(probs[:, 3:], 1 / 5)  # the uniform policy: 1/s on every key
+    tri = np.tril(np.ones((5, 5), dtype=bool))
+    drawn = tri.copy()
+    drawn[3:] = True  # fully-masked rows are drawn in colour ...
+    fig = figures.attention_heads_figure(rec, 1)
+    overlays = masked_traces(fig)
+    assert sorted(overlays) == ["head 0", "head 1"]
+    for u, tr in enumerate(main_traces(fig)):
+        z = np.asarray(tr.z, dtype=float)
+        np.testing.assert_array_equal(~np.isnan(z), drawn)
+        np.testing.assert_array_equal(z[drawn], probs[u][drawn].astype(float))
+        np.testing.assert_allclose(z[3:], 1 / 5, rtol=1e-6)
+        ov = overlays[tr.name]
+        # ... and the grey layer covers only the causal cells of the other rows
+        np.testing.assert_array_equal(~np.isnan(np.asarray(ov.z, dtype=float)), ~drawn)
+        text = np.asarray(ov.text)
+        assert set(text[3:].ravel()) == {""}
+        assert set(text[~drawn]) == {"causal"}
+    # the same layer under 'zeros' greys those rows; the rows without padding look the same under both
+    _, zeros = _mha_record(num_heads=2, use_causal_mask=True, query_mask=qmask, masked_rows="zeros")
+    zfig = figures.attention_heads_figure(zeros, 1)
+    for tr in main_traces(zfig):
+        assert np.isnan(np.asarray(tr.z, dtype=float)[3:]).all()
+    for a, b in zip(main_traces(figures.attention_heads_figure(rec, 0)),
+                    main_traces(figures.attention_heads_figure(zeros, 0))):
+        np.testing.assert_array_equal(np.asarray(a.z, dtype=float), np.asarray(b.z, dtype=float))
+    # the logits view draws the same cells
+    for tr in main_traces(figures.attention_heads_figure(rec, 1, values="logits")):
+        np.testing.assert_array_equal(~np.isnan(np.asarray(tr.z, dtype=float)), drawn)
 
 
 def test_functional_core_record_draws_heads():
@@ -341,7 +450,7 @@ def test_functional_core_record_draws_heads():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# attention_heads_figure: layout (GQA rows = kv heads)
+# attention_heads_figure: layout (each kv head starts a row; groups wrap at MAX_COLUMNS; None = empty slot)
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -392,6 +501,124 @@ def test_mha_layout_has_no_kv_mention(records):
     assert [axis_cell(fig, tr) for tr in main_traces(fig)] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]
     single = figures.attention_heads_figure(records(LUONG))
     assert grid_size(single) == (1, 1) and single.data[0].name == "head 0"
+
+
+def _assert_wrapped_gqa(rec, cols, rows_per_group):
+    """Each kv head starts a new row; its query heads follow left to right, wrapping at `cols`."""
+    h, g = rec.num_heads, rec.num_kv_heads
+    group = h // g
+    fig = figures.attention_heads_figure(rec)
+    assert grid_size(fig) == (g * rows_per_group, cols)
+    mains = main_traces(fig)
+    assert [tr.name for tr in mains] == [f"head {u} · kv {u // group}" for u in range(h)]
+    for u, tr in enumerate(mains):
+        k, j = divmod(u, group)  # kv head, position inside its group
+        assert axis_cell(fig, tr) == (k * rows_per_group + j // cols, j % cols), u
+    # the empty slots (end of each group's last row) have hidden axes and draw nothing
+    empty = {(k * rows_per_group + j // cols, j % cols)
+             for k in range(g) for j in range(group, rows_per_group * cols)}
+    assert empty_slot_axes(fig) == empty
+    assert not {axis_cell(fig, tr) for tr in fig.data} & empty
+    # one visible row title per kv head, beside the first row of its group
+    titles = row_title_annotations(fig)
+    assert [a.text for a in titles] == [f"kv head {k}" for k in range(g)]
+    domains = row_domains(fig)
+    for k, ann in enumerate(titles):
+        lo, hi = domains[k * rows_per_group]
+        assert lo <= ann.y <= hi, (k, ann.y, (lo, hi))
+    return fig
+
+
+def test_max_columns_is_8():
+    assert figures.MAX_COLUMNS == 8
+
+
+def test_gqa_32_over_2_wraps_at_8_columns():
+    _, rec = _mha_record(num_heads=32, num_kv_heads=2, t=3)  # 16 query heads per kv head: 2 rows of 8 each
+    slots, cols, titles = figures.head_layout(rec)
+    assert slots == list(range(32)) and cols == 8
+    assert titles == ["kv head 0", "", "kv head 1", ""]
+    _assert_wrapped_gqa(rec, cols=8, rows_per_group=2)
+
+
+def test_gqa_64_over_2_has_4_rows_per_kv_head():
+    _, rec = _mha_record(num_heads=64, num_kv_heads=2, t=2)  # 32 per kv head: 4 rows of 8 each
+    slots, cols, titles = figures.head_layout(rec)
+    assert slots == list(range(64)) and cols == 8
+    assert titles == ["kv head 0", "", "", "", "kv head 1", "", "", ""]
+    _assert_wrapped_gqa(rec, cols=8, rows_per_group=4)
+
+
+def test_mqa_16_over_1_is_two_rows_of_8():
+    _, rec = _mha_record(num_heads=16, num_kv_heads=1, t=3)
+    assert figures.head_layout(rec) == (list(range(16)), 8, ["kv head 0", ""])
+    _assert_wrapped_gqa(rec, cols=8, rows_per_group=2)
+
+
+def test_mqa_32_over_1_is_four_rows_of_8():
+    _, rec = _mha_record(num_heads=32, num_kv_heads=1, t=2)
+    assert figures.head_layout(rec) == (list(range(32)), 8, ["kv head 0", "", "", ""])
+    _assert_wrapped_gqa(rec, cols=8, rows_per_group=4)
+
+
+def test_gqa_group_of_12_leaves_empty_slots():
+    _, rec = _mha_record(num_heads=24, num_kv_heads=2, t=3, use_causal_mask=True)  # 12 per kv head
+    slots, cols, titles = figures.head_layout(rec)
+    assert cols == 8 and titles == ["kv head 0", "", "kv head 1", ""]
+    assert slots == [*range(12), None, None, None, None, *range(12, 24), None, None, None, None]
+    fig = _assert_wrapped_gqa(rec, cols=8, rows_per_group=2)
+    assert len(masked_traces(fig)) == 24  # causal: every head has an overlay, the empty slots none
+    assert axis_cell(fig, main_traces(fig)[12]) == (2, 0)  # kv head 1 starts a new row
+    # the per-head output figures use the same slots
+    for per_head, tensor in ((figures.head_outputs_figure, rec.head_outputs),
+                             (figures.head_contributions_figure, rec.head_contributions)):
+        pfig = per_head(rec, 1)
+        assert grid_size(pfig) == (4, 8)
+        assert len(pfig.data) == 24
+        assert empty_slot_axes(pfig) == {(r, c) for r in (1, 3) for c in range(4, 8)}
+        for u, tr in enumerate(pfig.data):
+            assert tr.name == f"head {u}"
+            k, j = divmod(u, 12)
+            assert axis_cell(pfig, tr) == (k * 2 + j // 8, j % 8)
+            np.testing.assert_array_equal(np.asarray(tr.z, dtype=float), _np(tensor[1, u]))
+        assert [a.text for a in row_title_annotations(pfig)] == ["kv head 0", "kv head 1"]
+
+
+def test_gqa_group_up_to_8_keeps_one_row_per_kv_head():
+    _, rec = _mha_record(num_heads=16, num_kv_heads=2, t=3)  # 8 per kv head: exactly one row each
+    assert figures.head_layout(rec) == (list(range(16)), 8, ["kv head 0", "kv head 1"])
+    _assert_wrapped_gqa(rec, cols=8, rows_per_group=1)
+
+
+@pytest.mark.parametrize(("h", "cols"), [(1, 1), (3, 3), (4, 4), (5, 4), (16, 4), (17, 8), (32, 8)])
+def test_mha_layout_columns(h, cols):
+    _, rec = _mha_record(num_heads=h, t=2)
+    assert figures.head_layout(rec) == (list(range(h)), cols, None)
+    fig = figures.attention_heads_figure(rec)
+    assert grid_size(fig) == (math.ceil(h / cols), cols)
+    assert [axis_cell(fig, tr) for tr in main_traces(fig)] == [divmod(u, cols) for u in range(h)]
+    assert not row_title_annotations(fig)
+    assert not any("kv" in (a.text or "") for a in fig.layout.annotations)
+
+
+def test_heatmap_grid_none_panels_are_empty_slots():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2, 3)), rng.normal(size=(2, 3)) + 10.0
+    fig = figures.heatmap_grid(
+        [figures.Panel(title="a", values=a), None, figures.Panel(title="b", values=b), None],
+        cols=2, x_labels=["x0", "x1", "x2"], y_labels=["y0", "y1"], value_name="value",
+    )
+    assert grid_size(fig) == (2, 2)
+    assert [tr.name for tr in fig.data] == ["a", "b"]
+    assert [axis_cell(fig, tr) for tr in fig.data] == [(0, 0), (1, 0)]
+    assert empty_slot_axes(fig) == {(0, 1), (1, 1)}
+    assert [ann.text for ann in fig.layout.annotations] == ["a", "b"]  # no title for an empty slot
+    np.testing.assert_array_equal(np.asarray(fig.data[0].z, dtype=float), a.astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(fig.data[1].z, dtype=float), b.astype(np.float32))
+    # the shared colour scale spans the real panels only
+    lo, hi = min(a.min(), b.min()), max(a.max(), b.max())
+    assert fig.data[0].zmin <= lo and fig.data[0].zmax >= hi
+    assert (fig.data[0].zmin, fig.data[0].zmax) == (fig.data[1].zmin, fig.data[1].zmax)
 
 
 # ------------------------------------------------------------------------------------------------------------
