@@ -142,7 +142,7 @@ def as_mask(mask, name: str = "mask") -> masks_lib.Mask | None:
     return masks_lib.from_tensor(mask, name=name)
 
 
-def _check_choice(label: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(label: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{label} must be one of {list(choices)}, got {value!r}")
 
@@ -193,7 +193,7 @@ def masked_softmax(logits: Tensor, mask: Tensor | None, masked_rows: str) -> tup
     "uniform" (1/s everywhere: Keras' Attention layer and d2l, which add a large negative number), or "nan"
     (torch.nn.MultiheadAttention).
     """
-    _check_choice("masked_rows", masked_rows, MASKED_ROW_POLICIES)
+    check_choice("masked_rows", masked_rows, MASKED_ROW_POLICIES)
     b, h, t, s = logits.shape
     masked_logits = logits if mask is None else logits.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(masked_logits, dim=-1)  # fully-masked rows become NaN
@@ -252,8 +252,8 @@ def attention(
             raise ValueError(f"{label} must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(f"{label} must have shape (b, heads, length, dim), got {tuple(x.shape)}")
-    _check_choice("score_mode", score_mode, SCORE_MODES)
-    _check_choice("masked_rows", masked_rows, MASKED_ROW_POLICIES)
+    check_choice("score_mode", score_mode, SCORE_MODES)
+    check_choice("masked_rows", masked_rows, MASKED_ROW_POLICIES)
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout ({dropout}) must be in [0, 1)")
     b, h, t, d = query.shape

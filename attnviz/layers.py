@@ -23,7 +23,7 @@ from attnviz.engine import (
     MASKED_ROW_POLICIES,
     SCORE_MODES,
     AttentionResult,
-    _check_choice,
+    check_choice,
     as_mask,
     attention,
     resolve_device,
@@ -66,7 +66,7 @@ _INITIALIZERS = (
 
 def initialize(name: str, shape: Sequence[int], generator: torch.Generator) -> Tensor:
     """A float32 tensor of ``shape`` drawn as the Keras initializer ``name`` draws it (in distribution)."""
-    _check_choice("initializer", name, _INITIALIZERS)
+    check_choice("initializer", name, _INITIALIZERS)
     shape = tuple(int(x) for x in shape)
     if name == "zeros":
         return torch.zeros(shape)
@@ -130,7 +130,7 @@ class _SeededModule(nn.Module):
         super().__init__()
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout ({dropout}) must be in [0, 1)")
-        _check_choice("masked_rows", masked_rows, MASKED_ROW_POLICIES)
+        check_choice("masked_rows", masked_rows, MASKED_ROW_POLICIES)
         self.dropout = float(dropout)
         self.seed = seed
         self.masked_rows = masked_rows
@@ -224,7 +224,7 @@ class MultiHeadAttention(_SeededModule):
         self.num_kv_heads = _positive_int("num_kv_heads", num_kv_heads, allow_none=True) or self.num_heads
         if self.num_heads % self.num_kv_heads != 0:
             raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
-        _check_choice("score_mode", score_mode, SCORE_MODES)
+        check_choice("score_mode", score_mode, SCORE_MODES)
         self.score_mode = score_mode
         self.use_bias = bool(use_bias)
         if isinstance(output_shape, (int, np.integer)):
@@ -237,8 +237,8 @@ class MultiHeadAttention(_SeededModule):
         self.attention_axes = None if attention_axes is None else tuple(int(a) for a in attention_axes)
         self.sliding_window = _positive_int("sliding_window", sliding_window, allow_none=True)
         self.score_mod = score_mod
-        _check_choice("kernel_initializer", kernel_initializer, _INITIALIZERS)
-        _check_choice("bias_initializer", bias_initializer, _INITIALIZERS)
+        check_choice("kernel_initializer", kernel_initializer, _INITIALIZERS)
+        check_choice("bias_initializer", bias_initializer, _INITIALIZERS)
         self.kernel_initializer = kernel_initializer
         self.bias_initializer = bias_initializer
         self.built = False
@@ -551,7 +551,7 @@ class DotProductAttention(_SingleHeadAttention):
     def __init__(self, score_mode: str = "dot", use_scale: bool = False, dropout: float = 0.0,
                  seed: int | None = None, masked_rows: str = "zeros", device="auto", dtype="float32"):
         super().__init__(dropout=dropout, seed=seed, masked_rows=masked_rows, device=device, dtype=dtype)
-        _check_choice("score_mode", score_mode, ("dot", "concat"))
+        check_choice("score_mode", score_mode, ("dot", "concat"))
         self.score_mode = score_mode
         self.use_scale = bool(use_scale)
         self.scale = self._param("ones", ()) if self.use_scale else None

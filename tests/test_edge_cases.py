@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import attnviz
-from attnviz import interop, masks, playground, score_mods
+from attnviz import interop, playground, score_mods
 from attnviz.engine import compute_logits
 
 

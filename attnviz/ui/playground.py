@@ -90,8 +90,8 @@ def _ensure_defaults() -> None:
         _load_values(pg.config_values(pg.with_preset(pg.DEFAULT_PRESET)))
 
 
-def _number(label: str, name: str, lo: int, hi: int, container) -> int:
-    return container.number_input(label, min_value=lo, max_value=hi, step=1, key=_key(name), help=HELP[name])
+def _number(label: str, name: str, lo: int, hi: int) -> int:
+    return st.number_input(label, min_value=lo, max_value=hi, step=1, key=_key(name), help=HELP[name])
 
 
 def config_ui() -> pg.PlaygroundConfig:
@@ -105,8 +105,8 @@ def config_ui() -> pg.PlaygroundConfig:
     with sb.expander("Sequences", expanded=True):
         values["attention"] = st.radio("Attention", ["self", "cross"], key=_key("attention"), horizontal=True,
                                        help=HELP["attention"])
-        values["batch"] = _number("Batch size b", "batch", 1, limits["batch"], st)
-        values["t"] = _number("Query length t", "t", 1, limits["t"], st)
+        values["batch"] = _number("Batch size b", "batch", 1, limits["batch"])
+        values["t"] = _number("Query length t", "t", 1, limits["t"])
         # The s box is always drawn (a hidden widget drops its value and a stale one comes back); under
         # self-attention it is disabled and follows t.
         is_self = values["attention"] == "self"
@@ -114,16 +114,16 @@ def config_ui() -> pg.PlaygroundConfig:
             st.session_state[_key("s")] = values["t"]
         values["s"] = st.number_input("Key/value length s", min_value=1, max_value=limits["s"], step=1,
                                       key=_key("s"), help=HELP["s"], disabled=is_self)
-        values["model_dim"] = _number("Model dim", "model_dim", 1, limits["model_dim"], st)
+        values["model_dim"] = _number("Model dim", "model_dim", 1, limits["model_dim"])
         values["source"] = st.selectbox("Q/K/V source", list(pg.SOURCES), key=_key("source"), help=HELP["source"]
                                         + " " + " · ".join(f"{k}: {v}" for k, v in pg.SOURCES.items()))
 
     with sb.expander("Heads", expanded=True):
-        values["num_heads"] = _number("Heads h", "num_heads", 1, limits["num_heads"], st)
-        values["num_kv_heads"] = _number("KV heads g (0 = h)", "num_kv_heads", 0, limits["num_heads"], st)
-        values["key_dim"] = _number("key_dim d", "key_dim", 1, limits["key_dim"], st)
-        values["value_dim"] = _number("value_dim v (0 = d)", "value_dim", 0, limits["value_dim"], st)
-        values["output_dim"] = _number("output_shape o (0 = model dim)", "output_dim", 0, limits["model_dim"], st)
+        values["num_heads"] = _number("Heads h", "num_heads", 1, limits["num_heads"])
+        values["num_kv_heads"] = _number("KV heads g (0 = h)", "num_kv_heads", 0, limits["num_heads"])
+        values["key_dim"] = _number("key_dim d", "key_dim", 1, limits["key_dim"])
+        values["value_dim"] = _number("value_dim v (0 = d)", "value_dim", 0, limits["value_dim"])
+        values["output_dim"] = _number("output_shape o (0 = model dim)", "output_dim", 0, limits["model_dim"])
         values["use_bias"] = st.checkbox("use_bias", key=_key("use_bias"), help=HELP["use_bias"])
         values["weight_scale"] = st.slider("Q/K weight scale", 0.25, 10.0, step=0.25, key=_key("weight_scale"),
                                            help=HELP["weight_scale"])
@@ -137,12 +137,12 @@ def config_ui() -> pg.PlaygroundConfig:
                                             key=_key("softcap"), help=HELP["softcap"],
                                             disabled=values["score_mod"] != "softcap")
         values["causal"] = st.selectbox("Causal", list(pg.CAUSAL_CHOICES), key=_key("causal"), help=HELP["causal"])
-        values["sliding_window"] = _number("Sliding window w (0 = off)", "sliding_window", 0, 4096, st)
+        values["sliding_window"] = _number("Sliding window w (0 = off)", "sliding_window", 0, 4096)
         values["valid_lens"] = st.text_input("valid_lens (d2l)", key=_key("valid_lens"), help=HELP["valid_lens"],
                                              placeholder="e.g. 3, 2")
-        values["key_padding"] = _number("Padded keys at the end", "key_padding", 0, limits["s"], st)
-        values["query_padding"] = _number("Padded queries at the end", "query_padding", 0, limits["t"], st)
-        values["prefix_lm"] = _number("Prefix-LM prefix (0 = off)", "prefix_lm", 0, limits["s"], st)
+        values["key_padding"] = _number("Padded keys at the end", "key_padding", 0, limits["s"])
+        values["query_padding"] = _number("Padded queries at the end", "query_padding", 0, limits["t"])
+        values["prefix_lm"] = _number("Prefix-LM prefix (0 = off)", "prefix_lm", 0, limits["s"])
         values["documents"] = st.text_input("Packed document lengths", key=_key("documents"), help=HELP["documents"],
                                             placeholder="e.g. 4, 6")
         values["combine"] = st.radio("Combine masks with", ["and", "or"], key=_key("combine"), horizontal=True,
@@ -154,7 +154,7 @@ def config_ui() -> pg.PlaygroundConfig:
     with sb.expander("Dropout and numerics"):
         values["dropout"] = st.slider("Dropout", 0.0, 0.9, step=0.05, key=_key("dropout"), help=HELP["dropout"])
         values["training"] = st.checkbox("Training mode", key=_key("training"), help=HELP["training"])
-        values["seed"] = _number("Seed", "seed", 0, 2**31 - 1, st)
+        values["seed"] = _number("Seed", "seed", 0, 2**31 - 1)
         devices = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
         if st.session_state.get(_key("device")) not in devices:
             st.session_state[_key("device")] = "cpu"
