@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install everything the test suite needs (Debian's Chromium for the browser tests, the package with its
-# test extra, torch pinned by constraints.txt), then run the whole suite. Extra arguments go to pytest.
+# model and test extras, torch pinned by constraints.txt), then run the whole suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,5 +11,5 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
 
-python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test]"
+python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[model,test]"
 exec python -m pytest "$@"
