@@ -12,7 +12,7 @@ Everything the app shows comes from this explicit path: logits -> mask -> softma
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from attnviz import masks as masks_lib
+from attnviz.memory import check_memory, estimate_attention_bytes
 
 ScoreMode = Literal["scaled_dot", "dot", "concat", "additive"]
 MaskedRows = Literal["zeros", "uniform", "nan"]
@@ -32,6 +33,9 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.flo
 __all__ = [
     "AttentionResult",
     "attention",
+    "attention_output",
+    "probability_tiles",
+    "Tile",
     "resolve_device",
     "resolve_dtype",
     "as_mask",
@@ -216,6 +220,178 @@ def apply_dropout(probs: Tensor, rate: float, seed: int | None) -> Tensor:
     return probs * keep / (1.0 - rate)
 
 
+# A tile of query rows is scored, masked and normalised while it sits in cache: about 2 MB of float32 logits.
+TILE_ELEMENTS = 2**19
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One block of the probability matrix: ``probs[b, h, rows]`` and what was computed with it."""
+
+    b: slice  # batch items in this tile
+    h: slice  # query heads in this tile
+    rows: slice  # query rows in this tile
+    logits: Tensor  # (tb, th, tr, s) after score_mod, before masking
+    probs: Tensor  # (tb, th, tr, s) after masking, softmax and the masked-row policy
+    fully_masked: Tensor  # (tb, th, tr) bool
+
+
+def _validate_qkv(query: Tensor, key: Tensor, value: Tensor | None, score_mode: str) -> None:
+    named = (("query", query), ("key", key)) + ((("value", value),) if value is not None else ())
+    for label, x in named:
+        if not isinstance(x, Tensor):
+            raise ValueError(f"{label} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{label} must have shape (b, heads, length, dim), got {tuple(x.shape)}")
+    check_choice("score_mode", score_mode, SCORE_MODES)
+    b, h, t, d = query.shape
+    bk, g, s, dk = key.shape
+    if value is not None and key.shape[:3] != value.shape[:3]:
+        raise ValueError(
+            f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree in batch, heads and length"
+        )
+    if bk != b:
+        raise ValueError(f"query batch ({b}) and key batch ({bk}) differ")
+    if g < 1 or h % g != 0:
+        raise ValueError(f"num_heads ({h}) must be divisible by num_kv_heads ({g})")
+    if score_mode in ("scaled_dot", "dot") and dk != d:
+        raise ValueError(f"query dim ({d}) and key dim ({dk}) must match for {score_mode} scores")
+    if t == 0 or s == 0:
+        raise ValueError(f"sequence lengths must be at least 1, got t={t}, s={s}")
+
+
+def _head_scale(scale, heads: slice, num_heads: int):
+    """The part of a per-head scale (h, 1, 1, d) that belongs to ``heads``; scalars and (d,) pass through."""
+    if isinstance(scale, Tensor) and scale.dim() == 4 and scale.shape[0] == num_heads:
+        return scale[heads]
+    return scale
+
+
+def _score_block(
+    q: Tensor,  # (tb, th, tr, d) queries of this block
+    k: Tensor,  # (tb, th, s, d) keys already matched to the query heads
+    mask: Tensor | None,  # bool, broadcastable to (tb, th, tr, s)
+    index: tuple[Tensor, Tensor, Tensor, Tensor],  # b, h, q, kv indices of this block (broadcastable)
+    *,
+    score_mode: str,
+    scale,
+    concat_weight,
+    score_mod: ScoreMod | None,
+    masked_rows: str,
+    may_be_infinite: bool,
+    logits_out: Tensor | None = None,
+    probs_out: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits, probabilities and fully-masked rows of one block; writes into the *_out views when given."""
+    in_place = logits_out is not None and score_mod is None and score_mode in ("scaled_dot", "dot")
+    if in_place:
+        # Scaling q before the product costs tr*d multiplies instead of tr*s (torch MHA and Keras do the same).
+        default = 1.0 / math.sqrt(q.shape[-1]) if score_mode == "scaled_dot" else 1.0
+        factor = default if scale is None else scale
+        q_scaled = q if isinstance(factor, float) and factor == 1.0 else q * factor
+        logits = torch.matmul(q_scaled, k.transpose(-1, -2), out=logits_out)  # (tb, th, tr, s)
+    else:
+        logits = compute_logits(q, k, score_mode=score_mode, scale=scale, concat_weight=concat_weight)
+        if score_mod is not None:
+            logits = score_mod(logits, *index)  # (tb, th, tr, s)
+        if logits_out is not None:
+            logits = logits_out.copy_(logits)
+    masked = logits if mask is None else logits.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(masked, dim=-1) if probs_out is None else torch.softmax(masked, dim=-1, out=probs_out)
+    tb, th, tr, s = logits.shape
+    if mask is not None or score_mod is not None or may_be_infinite:
+        # A row is fully masked when no key is left: by the mask, or by a score_mod that sent every logit to -inf.
+        fully_masked = torch.isneginf(masked).all(dim=-1)  # (tb, th, tr)
+    else:
+        fully_masked = torch.zeros((tb, th, tr), dtype=torch.bool, device=logits.device)
+    if masked_rows != "nan" and bool(fully_masked.any()):
+        fill = 0.0 if masked_rows == "zeros" else 1.0 / s
+        probs.masked_fill_(fully_masked.unsqueeze(-1), fill)
+    return logits, probs, fully_masked
+
+
+def _validated_score_mod(score_mod, b: int, h: int, t: int, s: int, device) -> None:
+    """Call a score_mod once on a (1, h, 1, 1) probe so a head-count mismatch is reported before any tile runs
+    (tiles pass one head at a time, as FlexAttention passes scalar indices)."""
+    probe = torch.zeros(1, h, 1, 1, device=device)
+    idx = (torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device), torch.arange(h, device=device).view(1, h, 1, 1),
+           torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device),
+           torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device))
+    score_mod(probe, *idx)
+
+
+def probability_tiles(
+    query: Tensor,
+    key: Tensor,
+    *,
+    mask=None,
+    scale: float | Tensor | None = None,
+    score_mode: str = "scaled_dot",
+    score_mod: ScoreMod | None = None,
+    concat_weight: float | Tensor = 1.0,
+    masked_rows: str = "zeros",
+    tile_elements: int | None = None,
+    logits_out: Tensor | None = None,
+    probs_out: Tensor | None = None,
+) -> Iterator[Tile]:
+    """Attention probabilities one tile at a time: (batch item, query head, block of query rows).
+
+    Nothing of size t*s is allocated here, so a caller can pool or summarise a 8192 x 8192 map per head without
+    holding it; ``attention`` passes ``logits_out`` / ``probs_out`` (b, h, t, s) buffers and the tiles are views
+    of them. Small problems come as one tile over every batch item and head. Float32 and float64 only (the caller
+    upcasts half precision). Not differentiable when the out-buffers are given.
+    """
+    _validate_qkv(query, key, None, score_mode)
+    check_choice("masked_rows", masked_rows, MASKED_ROW_POLICIES)
+    tile_elements = TILE_ELEMENTS if tile_elements is None else int(tile_elements)
+    b, h, t, d = query.shape
+    g, s = key.shape[1], key.shape[2]
+    group = h // g
+    device = query.device
+    if isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.dim() == 4:
+        mask_t = torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, (1, 1, t, s)))  # already materialised
+    else:
+        mask_fn = as_mask(mask)
+        mask_t = None if mask_fn is None else mask_fn.materialize(b, h, t, s, device=device)  # (b|1, h|1, t, s)
+    if score_mod is not None:
+        _validated_score_mod(score_mod, b, h, t, s, device)
+    # Finite q and k give finite logits, so without a mask or score_mod no row can be fully masked.
+    may_be_infinite = not (bool(torch.isfinite(query).all()) and bool(torch.isfinite(key).all()))
+    common = dict(score_mode=score_mode, concat_weight=concat_weight, score_mod=score_mod,
+                  masked_rows=masked_rows, may_be_infinite=may_be_infinite)
+
+    if b * h * t * s <= tile_elements:
+        k_rep = key.repeat_interleave(group, dim=1) if group > 1 else key  # (b, h, s, d)
+        logits, probs, fully = _score_block(
+            query, k_rep, mask_t, masks_lib.index_grids(b, h, t, s, device=device), scale=scale,
+            logits_out=logits_out, probs_out=probs_out, **common)
+        yield Tile(slice(0, b), slice(0, h), slice(0, t), logits, probs, fully)
+        return
+
+    rows = max(1, min(t, tile_elements // s))
+    kv_idx = torch.arange(s, device=device).view(1, 1, 1, s)
+    for bi in range(b):
+        b_idx = torch.full((1, 1, 1, 1), bi, device=device)
+        for hi in range(h):
+            h_idx = torch.full((1, 1, 1, 1), hi, device=device)
+            k_head = key[bi : bi + 1, hi // group : hi // group + 1]  # (1, 1, s, d): the kv head this query head reads
+            head_scale = _head_scale(scale, slice(hi, hi + 1), h)
+            for r0 in range(0, t, rows):
+                r = slice(r0, min(t, r0 + rows))
+                m = None
+                if mask_t is not None:
+                    mb = bi if mask_t.shape[0] > 1 else 0
+                    mh = hi if mask_t.shape[1] > 1 else 0
+                    m = mask_t[mb : mb + 1, mh : mh + 1, r]  # (1, 1, tr, s)
+                q_idx = torch.arange(r.start, r.stop, device=device).view(1, 1, -1, 1)
+                here = (slice(bi, bi + 1), slice(hi, hi + 1), r)
+                logits, probs, fully = _score_block(
+                    query[here], k_head, m, (b_idx, h_idx, q_idx, kv_idx), scale=head_scale,
+                    logits_out=None if logits_out is None else logits_out[here],
+                    probs_out=None if probs_out is None else probs_out[here], **common)
+                yield Tile(*here, logits, probs, fully)
+
+
 def attention(
     query: Tensor,
     key: Tensor,
@@ -230,6 +406,7 @@ def attention(
     training: bool = False,
     seed: int | None = None,
     masked_rows: str = "zeros",
+    memory_budget: int | None = None,
 ) -> AttentionResult:
     """Attention on per-head tensors in SDPA's layout, returning the full record.
 
@@ -244,52 +421,58 @@ def attention(
             logits before masking (e.g. ``attnviz.score_mods.alibi``).
         dropout / training / seed: dropout on the probabilities, only when training; reproducible per seed.
         masked_rows: "zeros" | "uniform" | "nan" for query rows where every key is masked.
+        memory_budget: bytes this call may use (default: ``memory_budget()``); a bigger problem is refused
+            with a ValueError that says what would fit.
 
+    The probabilities are computed tile by tile into their final buffers (see ``probability_tiles``), so the
+    peak is about the record itself: logits + probabilities, not several t*s temporaries.
     Half-precision inputs are scored and normalised in float32 and the results cast back.
     """
-    for label, x in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(x, Tensor):
-            raise ValueError(f"{label} must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{label} must have shape (b, heads, length, dim), got {tuple(x.shape)}")
-    check_choice("score_mode", score_mode, SCORE_MODES)
+    _validate_qkv(query, key, value, score_mode)
     check_choice("masked_rows", masked_rows, MASKED_ROW_POLICIES)
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"dropout ({dropout}) must be in [0, 1)")
     b, h, t, d = query.shape
-    bk, g, s, dk = key.shape
-    if key.shape[:3] != value.shape[:3]:
-        raise ValueError(
-            f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree in batch, heads and length"
-        )
-    if bk != b:
-        raise ValueError(f"query batch ({b}) and key batch ({bk}) differ")
-    if g < 1 or h % g != 0:
-        raise ValueError(f"num_heads ({h}) must be divisible by num_kv_heads ({g})")
-    if score_mode in ("scaled_dot", "dot") and dk != d:
-        raise ValueError(f"query dim ({d}) and key dim ({dk}) must match for {score_mode} scores")
-    if t == 0 or s == 0:
-        raise ValueError(f"sequence lengths must be at least 1, got t={t}, s={s}")
+    g, s = key.shape[1], key.shape[2]
+    def estimate(b_: int, h_: int, t_: int, s_: int) -> int:
+        return estimate_attention_bytes(
+            b_, h_, max(1, h_ * g // h), t_, s_, d, value.shape[-1], dtype=query.dtype, score_mode=score_mode,
+            training_dropout=bool(training and dropout > 0), masked=mask is not None)
+
+    check_memory(estimate(b, h, t, s), memory_budget, what=f"attention with b={b}, h={h}, t={t}, s={s}",
+                 device=query.device, shape=(b, h, t, s), estimator=estimate)
 
     out_dtype = query.dtype
     work = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
     q, k, v = query.to(work), key.to(work), value.to(work)
     group = h // g
-    # GQA: repeat each kv head for the `group` query heads that share it (repeat_interleave order).
-    k_rep = k.repeat_interleave(group, dim=1) if group > 1 else k  # (b, h, s, d)
-    v_rep = v.repeat_interleave(group, dim=1) if group > 1 else v  # (b, h, s, v)
-
     scale_w = scale.to(work) if isinstance(scale, Tensor) else scale
-    logits = compute_logits(q, k_rep, score_mode=score_mode, scale=scale_w, concat_weight=concat_weight)
-    idx = masks_lib.index_grids(b, h, t, s, device=q.device)
-    if score_mod is not None:
-        logits = score_mod(logits, *idx)  # (b, h, t, s)
-
     mask_fn = as_mask(mask)
     mask_t = None if mask_fn is None else mask_fn.materialize(b, h, t, s, device=q.device)  # (b|1, h|1, t, s)
-    probs, fully_masked = masked_softmax(logits, mask_t, masked_rows)
-    dropped = apply_dropout(probs, float(dropout), seed) if training and dropout > 0 else probs
-    head_outputs = torch.matmul(dropped, v_rep)  # (b, h, t, v)
+    tiles = dict(mask=mask_t, scale=scale_w, score_mode=score_mode, score_mod=score_mod,
+                 concat_weight=concat_weight, masked_rows=masked_rows)
+
+    wants_grad = torch.is_grad_enabled() and any(
+        x.requires_grad for x in (q, k, v, scale_w, concat_weight) if isinstance(x, Tensor))
+    if wants_grad:
+        # Autograd cannot track writes into preallocated buffers: one differentiable block over everything.
+        (tile,) = probability_tiles(q, k, **tiles, tile_elements=b * h * t * s)
+        logits, probs, fully_masked = tile.logits, tile.probs, tile.fully_masked
+    else:
+        logits = torch.empty((b, h, t, s), dtype=work, device=q.device)
+        probs = torch.empty_like(logits)
+        fully_masked = torch.empty((b, h, t), dtype=torch.bool, device=q.device)
+        for tile in probability_tiles(q, k, **tiles, logits_out=logits, probs_out=probs):
+            fully_masked[tile.b, tile.h, tile.rows] = tile.fully_masked
+
+    if training and dropout > 0:
+        dropped = apply_dropout(probs, float(dropout), seed)
+        v_rep = v.repeat_interleave(group, dim=1) if group > 1 else v  # (b, h, s, v)
+        head_outputs = torch.matmul(dropped, v_rep)  # (b, h, t, v)
+    else:
+        # (b, g, group, t, s) @ (b, g, 1, s, v): each kv head's values serve its group of query heads, unrepeated.
+        grouped = probs.view(b, g, group, t, s)
+        head_outputs = torch.matmul(grouped, v.unsqueeze(2)).view(b, h, t, v.shape[-1])  # (b, h, t, v)
 
     cast = (lambda x: x.to(out_dtype)) if work != out_dtype else (lambda x: x)
     head_out = cast(head_outputs)
@@ -319,3 +502,60 @@ def attention(
         ),
         score_mode=score_mode,
     )
+
+
+def attention_output(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    *,
+    mask=None,
+    scale: float | None = None,
+    score_mode: str = "scaled_dot",
+    masked_rows: str = "zeros",
+    memory_budget: int | None = None,
+) -> Tensor:
+    """The attention output (b, h, t, v) alone, through ``F.scaled_dot_product_attention`` (the fast path).
+
+    Same arguments and semantics as ``attention`` for dot-product scores, but no probabilities are kept, so
+    long sequences cost O(t * v) per head instead of O(t * s). Fully-masked rows follow ``masked_rows`` exactly
+    as in the explicit path (SDPA's own answer for such rows differs by backend, so it is overwritten).
+    Score modifiers, concat/additive scores and dropout need the explicit path: use ``attention``.
+    """
+    _validate_qkv(query, key, value, score_mode)
+    check_choice("masked_rows", masked_rows, MASKED_ROW_POLICIES)
+    if score_mode not in ("scaled_dot", "dot"):
+        raise ValueError(f"the output-only path supports scaled_dot and dot scores, not {score_mode!r}; "
+                         "use attnviz.attention")
+    if isinstance(scale, Tensor):
+        scale = float(scale)
+    b, h, t, d = query.shape
+    g, s, v_dim = key.shape[1], key.shape[2], value.shape[-1]
+    check_memory(
+        estimate_attention_bytes(b, h, g, t, s, d, v_dim, dtype=query.dtype, need_weights=False,
+                                 masked=mask is not None),
+        memory_budget, what=f"output-only attention with b={b}, h={h}, t={t}, s={s}", device=query.device,
+    )
+    mask_fn = as_mask(mask)
+    mask_t = None if mask_fn is None else mask_fn.materialize(b, h, t, s, device=query.device)  # (b|1, h|1, t, s)
+    out_dtype = query.dtype
+    # CPU kernels score half precision in float32 anyway; upcasting keeps the numbers equal to the explicit path.
+    work = torch.float32 if (out_dtype in (torch.float16, torch.bfloat16) and query.device.type == "cpu") \
+        else out_dtype
+    q, k, v = query.to(work), key.to(work), value.to(work)
+    if scale is None:
+        scale = 1.0 / math.sqrt(d) if score_mode == "scaled_dot" else 1.0
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask_t, scale=scale, enable_gqa=g != h)  # (b, h, t, v)
+    if mask_t is not None:
+        fully_masked = ~mask_t.any(dim=-1)  # (b|1, h|1, t)
+        if bool(fully_masked.any()):
+            if masked_rows == "zeros":
+                fill = torch.zeros((), dtype=out.dtype, device=out.device)
+            elif masked_rows == "nan":
+                fill = torch.full((), float("nan"), dtype=out.dtype, device=out.device)
+            else:  # uniform: the mean of the values of the kv head this query head reads
+                group = h // g
+                fill = v.mean(dim=2, keepdim=True).repeat_interleave(group, dim=1)  # (b, h, 1, v)
+            out = torch.where(fully_masked.unsqueeze(-1), fill, out)
+    return out.to(out_dtype)

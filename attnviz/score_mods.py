@@ -38,7 +38,9 @@ def alibi(num_heads: int) -> ScoreMod:
     slopes = alibi_slopes(num_heads)
 
     def fn(score, b, h, q, kv):
-        if h.shape[1] != num_heads:
+        # h is (1, H, 1, 1) over all heads, or (1, 1, 1, 1) when the engine scores one head per tile; the engine
+        # first probes every score_mod with all heads, so a head-count mismatch is still caught by the shape.
+        if h.shape[1] not in (1, num_heads) or int(h.max()) >= num_heads:
             raise ValueError(f"alibi was built for {num_heads} heads but the attention has {h.shape[1]}")
         return score + slopes.to(score.device, score.dtype)[h] * (kv - q).to(score.dtype)
 
