@@ -12,7 +12,7 @@ Everything the app shows comes from this explicit path: logits -> mask -> softma
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -234,6 +234,7 @@ class Tile:
     logits: Tensor  # (tb, th, tr, s) after score_mod, before masking
     probs: Tensor  # (tb, th, tr, s) after masking, softmax and the masked-row policy
     fully_masked: Tensor  # (tb, th, tr) bool
+    keep: Tensor | None = None  # bool mask of this tile, broadcastable to probs (None: no mask)
 
 
 def _validate_qkv(query: Tensor, key: Tensor, value: Tensor | None, score_mode: str) -> None:
@@ -333,6 +334,9 @@ def probability_tiles(
     tile_elements: int | None = None,
     logits_out: Tensor | None = None,
     probs_out: Tensor | None = None,
+    heads: Sequence[int] | None = None,
+    rows: tuple[int, int] | None = None,
+    row_multiple: int = 1,
 ) -> Iterator[Tile]:
     """Attention probabilities one tile at a time: (batch item, query head, block of query rows).
 
@@ -340,6 +344,10 @@ def probability_tiles(
     holding it; ``attention`` passes ``logits_out`` / ``probs_out`` (b, h, t, s) buffers and the tiles are views
     of them. Small problems come as one tile over every batch item and head. Float32 and float64 only (the caller
     upcasts half precision). Not differentiable when the out-buffers are given.
+
+    ``heads`` and ``rows`` (first, stop) restrict the work to those query heads and rows, with their true
+    positions for masks and score_mods (a zoomed region costs its rows, not the whole map). ``row_multiple``
+    makes every tile but the last a multiple of that many rows, so a caller can pool rows tile by tile.
     """
     _validate_qkv(query, key, None, score_mode)
     check_choice("masked_rows", masked_rows, MASKED_ROW_POLICIES)
@@ -360,24 +368,32 @@ def probability_tiles(
     common = dict(score_mode=score_mode, concat_weight=concat_weight, score_mod=score_mod,
                   masked_rows=masked_rows, may_be_infinite=may_be_infinite)
 
-    if b * h * t * s <= tile_elements:
+    restricted = heads is not None or rows is not None
+    if b * h * t * s <= tile_elements and not restricted:
         k_rep = key.repeat_interleave(group, dim=1) if group > 1 else key  # (b, h, s, d)
         logits, probs, fully = _score_block(
             query, k_rep, mask_t, masks_lib.index_grids(b, h, t, s, device=device), scale=scale,
             logits_out=logits_out, probs_out=probs_out, **common)
-        yield Tile(slice(0, b), slice(0, h), slice(0, t), logits, probs, fully)
+        yield Tile(slice(0, b), slice(0, h), slice(0, t), logits, probs, fully, mask_t)
         return
 
-    rows = max(1, min(t, tile_elements // s))
+    first, stop = (0, t) if rows is None else (int(rows[0]), int(rows[1]))
+    if not 0 <= first < stop <= t:
+        raise ValueError(f"rows ({first}, {stop}) must satisfy 0 <= first < stop <= t ({t})")
+    head_list = range(h) if heads is None else [int(x) for x in heads]
+    if any(not 0 <= x < h for x in head_list):
+        raise ValueError(f"heads {list(head_list)} must be in [0, {h})")
+    multiple = max(1, int(row_multiple))
+    step = max(multiple, (tile_elements // s) // multiple * multiple)  # rows per tile
     kv_idx = torch.arange(s, device=device).view(1, 1, 1, s)
     for bi in range(b):
         b_idx = torch.full((1, 1, 1, 1), bi, device=device)
-        for hi in range(h):
+        for hi in head_list:
             h_idx = torch.full((1, 1, 1, 1), hi, device=device)
             k_head = key[bi : bi + 1, hi // group : hi // group + 1]  # (1, 1, s, d): the kv head this query head reads
             head_scale = _head_scale(scale, slice(hi, hi + 1), h)
-            for r0 in range(0, t, rows):
-                r = slice(r0, min(t, r0 + rows))
+            for r0 in range(first, stop, step):
+                r = slice(r0, min(stop, r0 + step))
                 m = None
                 if mask_t is not None:
                     mb = bi if mask_t.shape[0] > 1 else 0
@@ -389,7 +405,7 @@ def probability_tiles(
                     query[here], k_head, m, (b_idx, h_idx, q_idx, kv_idx), scale=head_scale,
                     logits_out=None if logits_out is None else logits_out[here],
                     probs_out=None if probs_out is None else probs_out[here], **common)
-                yield Tile(*here, logits, probs, fully)
+                yield Tile(*here, logits, probs, fully, m)
 
 
 def attention(
