@@ -403,7 +403,8 @@ class MultiHeadAttention(_SeededModule):
             raise ValueError(f"query batch ({q_shape[0]}) and value batch ({v_shape[0]}) differ")
         for a in self._other_axes:
             if q_shape[a] != v_shape[a]:
-                raise ValueError(f"axis {a} is not attended, so query and value must match there: {q_shape[a]} vs {v_shape[a]}")
+                raise ValueError(
+                    f"axis {a} is not attended, so query and value must match there: {q_shape[a]} vs {v_shape[a]}")
 
         q = torch.einsum("...c,chd->...hd", query, self.query_kernel)  # (b, *t_pos, h, d)
         k = torch.einsum("...c,cgd->...gd", key, self.key_kernel)  # (b, *s_pos, g, d)
@@ -428,7 +429,7 @@ class MultiHeadAttention(_SeededModule):
         )
         out_kernel = self.output_kernel.reshape(self.num_heads, self.value_dim, -1)  # (h, v, o)
         contributions = torch.einsum("bhtv,hvo->bhto", core.head_outputs, out_kernel)  # (b', h, t, o)
-        out_grid = torch.einsum("bhtv,hvo->bto", core.head_outputs, out_kernel)  # (b', t, o)
+        out_grid = contributions.sum(dim=1)  # (b', t, o): the output is the sum of the heads' contributions
         if self.use_bias:
             out_grid = out_grid + self.output_bias.reshape(-1)
         output = self._from_grid(out_grid, q_shape)  # (b, *t_pos, o)

@@ -1,0 +1,22 @@
+"""A tiny run of scripts/benchmark.py, so the benchmark command keeps working (its numbers are not asserted:
+timings belong in docs/PERFORMANCE.md, not in tests)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_quick_run_writes_every_section(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--repeats", "1", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert [len(results[k]) for k in ("scores", "output", "views", "memory")] == [2, 4, 2, 1]
+    assert all(r["ratio"] > 0 for r in results["scores"] + results["output"])
+    assert all(r["payload_bytes"] < 2 * 2**20 for r in results["views"])
+    printed = capsys.readouterr().out
+    assert "| t | heads | kv heads | reference | torch (s) | attnviz (s) | ratio |" in printed
