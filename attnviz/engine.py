@@ -321,6 +321,20 @@ def _validated_score_mod(score_mod, b: int, h: int, t: int, s: int, device) -> N
     score_mod(probe, *idx)
 
 
+def _materialized(mask, b: int, h: int, t: int, s: int, device) -> Tensor | None:
+    """The mask as a bool tensor broadcastable to (b, h, t, s); a rank-4 bool tensor that already broadcasts is
+    used as it is (no gather copy of a long mask)."""
+    if isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.dim() == 4:
+        try:
+            torch.broadcast_shapes(tuple(mask.shape), (b, h, t, s))
+        except RuntimeError:
+            pass  # from_tensor below raises the usual message
+        else:
+            return torch.broadcast_to(mask.to(device), torch.broadcast_shapes(mask.shape, (1, 1, t, s)))
+    mask_fn = as_mask(mask)
+    return None if mask_fn is None else mask_fn.materialize(b, h, t, s, device=device)
+
+
 def probability_tiles(
     query: Tensor,
     key: Tensor,
@@ -356,11 +370,7 @@ def probability_tiles(
     g, s = key.shape[1], key.shape[2]
     group = h // g
     device = query.device
-    if isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.dim() == 4:
-        mask_t = torch.broadcast_to(mask, torch.broadcast_shapes(mask.shape, (1, 1, t, s)))  # already materialised
-    else:
-        mask_fn = as_mask(mask)
-        mask_t = None if mask_fn is None else mask_fn.materialize(b, h, t, s, device=device)  # (b|1, h|1, t, s)
+    mask_t = _materialized(mask, b, h, t, s, device)  # (b|1, h|1, t, s) or None
     if score_mod is not None:
         _validated_score_mod(score_mod, b, h, t, s, device)
     # Finite q and k give finite logits, so without a mask or score_mod no row can be fully masked.
@@ -406,6 +416,16 @@ def probability_tiles(
                     logits_out=None if logits_out is None else logits_out[here],
                     probs_out=None if probs_out is None else probs_out[here], **common)
                 yield Tile(*here, logits, probs, fully, m)
+
+
+def _values_for(value: Tensor, tile: Tile, group: int) -> Tensor:
+    """The values (tb, th, s, v) the query heads of ``tile`` read: one kv head, or every head repeated."""
+    heads = tile.h.stop - tile.h.start
+    if heads == 1:
+        kv = tile.h.start // group
+        return value[tile.b, kv : kv + 1]  # (tb, 1, s, v)
+    kv_heads = value[tile.b, tile.h.start // group : (tile.h.stop - 1) // group + 1]  # (tb, g', s, v)
+    return kv_heads.repeat_interleave(group, dim=1) if group > 1 else kv_heads  # (tb, th, s, v)
 
 
 def attention(
@@ -478,14 +498,19 @@ def attention(
         logits = torch.empty((b, h, t, s), dtype=work, device=q.device)
         probs = torch.empty_like(logits)
         fully_masked = torch.empty((b, h, t), dtype=torch.bool, device=q.device)
+        dropping = training and dropout > 0
+        head_outputs = None if dropping else torch.empty((b, h, t, v.shape[-1]), dtype=work, device=q.device)
         for tile in probability_tiles(q, k, **tiles, logits_out=logits, probs_out=probs):
             fully_masked[tile.b, tile.h, tile.rows] = tile.fully_masked
+            if head_outputs is not None:
+                # · V while the tile is still in cache, instead of reading all of probs back afterwards.
+                torch.matmul(tile.probs, _values_for(v, tile, group), out=head_outputs[tile.b, tile.h, tile.rows])
 
     if training and dropout > 0:
         dropped = apply_dropout(probs, float(dropout), seed)
         v_rep = v.repeat_interleave(group, dim=1) if group > 1 else v  # (b, h, s, v)
         head_outputs = torch.matmul(dropped, v_rep)  # (b, h, t, v)
-    else:
+    elif wants_grad:
         # (b, g, group, t, s) @ (b, g, 1, s, v): each kv head's values serve its group of query heads, unrepeated.
         grouped = probs.view(b, g, group, t, s)
         head_outputs = torch.matmul(grouped, v.unsqueeze(2)).view(b, h, t, v.shape[-1])  # (b, h, t, v)
@@ -552,8 +577,7 @@ def attention_output(
                                  masked=mask is not None),
         memory_budget, what=f"output-only attention with b={b}, h={h}, t={t}, s={s}", device=query.device,
     )
-    mask_fn = as_mask(mask)
-    mask_t = None if mask_fn is None else mask_fn.materialize(b, h, t, s, device=query.device)  # (b|1, h|1, t, s)
+    mask_t = _materialized(mask, b, h, t, s, query.device)  # (b|1, h|1, t, s) or None
     out_dtype = query.dtype
     # CPU kernels score half precision in float32 anyway; upcasting keeps the numbers equal to the explicit path.
     work = torch.float32 if (out_dtype in (torch.float16, torch.bfloat16) and query.device.type == "cpu") \

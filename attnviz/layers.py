@@ -166,6 +166,12 @@ class _SeededModule(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _project(x: Tensor, kernel: Tensor) -> Tensor:
+    """x (..., c) times a Keras kernel (c, heads, dim) -> (..., heads, dim)."""
+    c, heads, dim = kernel.shape
+    return torch.matmul(x, kernel.reshape(c, heads * dim)).unflatten(-1, (heads, dim))
+
+
 class MultiHeadAttention(_SeededModule):
     """Multi-head attention with Keras ``MultiHeadAttention`` semantics, plus grouped-query attention.
 
@@ -406,9 +412,10 @@ class MultiHeadAttention(_SeededModule):
                 raise ValueError(
                     f"axis {a} is not attended, so query and value must match there: {q_shape[a]} vs {v_shape[a]}")
 
-        q = torch.einsum("...c,chd->...hd", query, self.query_kernel)  # (b, *t_pos, h, d)
-        k = torch.einsum("...c,cgd->...gd", key, self.key_kernel)  # (b, *s_pos, g, d)
-        v = torch.einsum("...c,cgv->...gv", value, self.value_kernel)  # (b, *s_pos, g, v)
+        # One GEMM per projection against the flattened Keras kernel (einsum takes a slower path for these).
+        q = _project(query, self.query_kernel)  # (b, *t_pos, h, d)
+        k = _project(key, self.key_kernel)  # (b, *s_pos, g, d)
+        v = _project(value, self.value_kernel)  # (b, *s_pos, g, v)
         if self.use_bias:
             q, k, v = q + self.query_bias, k + self.key_bias, v + self.value_bias
         q_grid, k_grid, v_grid = self._to_grid(q), self._to_grid(k), self._to_grid(v)  # (b', h|g, t|s, d|v)
@@ -428,7 +435,7 @@ class MultiHeadAttention(_SeededModule):
             masked_rows=self.masked_rows,
         )
         out_kernel = self.output_kernel.reshape(self.num_heads, self.value_dim, -1)  # (h, v, o)
-        contributions = torch.einsum("bhtv,hvo->bhto", core.head_outputs, out_kernel)  # (b', h, t, o)
+        contributions = torch.matmul(core.head_outputs, out_kernel.unsqueeze(0))  # (b', h, t, o)
         out_grid = contributions.sum(dim=1)  # (b', t, o): the output is the sum of the heads' contributions
         if self.use_bias:
             out_grid = out_grid + self.output_bias.reshape(-1)
