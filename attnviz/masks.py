@@ -102,14 +102,31 @@ class Mask(ABC):
 
         b and h are indices (the mask is assumed valid for the sizes it was materialised at).
         """
-        idx = (torch.tensor([[[[b]]]]), torch.tensor([[[[h]]]]), *index_grids(1, 1, t, s)[2:])
-        value, blame = self._blame(*idx, t, s)
+        value, blame = self.blame_grids(b, h, t, s)
         out = np.full((t, s), "", dtype=object)
-        masked = ~torch.broadcast_to(value, (1, 1, t, s))[0, 0].numpy()
+        masked = ~value.numpy()
         for name, grid in blame.items():
-            cells = torch.broadcast_to(grid, (1, 1, t, s))[0, 0].numpy() & masked
+            cells = grid.numpy() & masked
             out[cells] = np.where(out[cells] == "", name, out[cells] + ", " + name)
         return out
+
+    def blame_grids(self, b: int, h: int, t: int, s: int, queries=None) -> tuple[Tensor, dict[str, Tensor]]:
+        """For batch item b and head h: the (t, s) keep grid, and per named component the (t, s) bool grid of
+        masked cells it is to blame for (the tensors behind ``explain_grid``, cheap enough for long masks).
+
+        ``queries`` (a list of query indices) restricts both to those rows: (len(queries), s).
+        """
+        _, _, q, kv = index_grids(1, 1, t, s)
+        if queries is not None:
+            q = torch.as_tensor(list(queries), dtype=torch.long).view(1, 1, -1, 1)
+        rows = q.shape[2]
+        value, blame = self._blame(torch.tensor([[[[b]]]]), torch.tensor([[[[h]]]]), q, kv, t, s)
+        keep = torch.broadcast_to(torch.as_tensor(value, dtype=torch.bool), (1, 1, rows, s))[0, 0]  # (rows, s)
+        grids = {
+            name: torch.broadcast_to(torch.as_tensor(grid, dtype=torch.bool), (1, 1, rows, s))[0, 0] & ~keep
+            for name, grid in blame.items()
+        }
+        return keep, grids
 
     @abstractmethod
     def leaves(self) -> list[MaskFn]:
@@ -403,7 +420,9 @@ def document(ids, kv_ids=None) -> Mask:
 
     def validate(b, h, t, s):
         if q2.shape[1] != t or k2.shape[1] != s:
-            raise ValueError(f"document ids cover (t={q2.shape[1]}, s={k2.shape[1]}) positions but (t, s) is ({t}, {s})")
+            raise ValueError(
+                f"document ids cover (t={q2.shape[1]}, s={k2.shape[1]}) positions but (t, s) is ({t}, {s})"
+            )
         for m in (q2, k2):
             if m.shape[0] not in (1, b):
                 raise ValueError(f"document ids have {m.shape[0]} batch rows but the batch size is {b}")

@@ -666,3 +666,24 @@ def test_prefix_lm_negative():
 def test_materialize_rejects_empty_sizes(bhts, label):
     with pytest.raises(ValueError, match=rf"{label} \(0\)"):
         M.causal().materialize(*bhts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# blame_grids: the tensors behind explain_grid (used by the Mask Lab for pooled hovers and row tables)
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t,s", [(5, 7), (7, 5)])
+def test_blame_grids_agree_with_explain_cell_by_cell(t, s):
+    lens = torch.tensor([3, 6])
+    mask = (M.causal("bottom_right") | M.sliding_window(2)) & ~M.valid_lens(lens)
+    for b in range(2):
+        keep, blame = mask.blame_grids(b, 0, t, s)
+        assert torch.equal(keep, mask.materialize(2, 1, t, s)[b, 0])
+        for i, j in itertools.product(range(t), range(s)):
+            names = [name for name, grid in blame.items() if grid[i, j]]
+            assert names == mask.explain(b, 0, q=i, kv=j, t=t, s=s)
+        rows = mask.blame_grids(b, 0, t, s, queries=[t - 1, 0])
+        assert torch.equal(rows[0], keep[[t - 1, 0]])
+        for name, grid in rows[1].items():
+            assert torch.equal(grid, blame[name][[t - 1, 0]])
