@@ -33,6 +33,10 @@ __all__ = [
     "contribution_norms_figure",
     "shapes_frame",
     "position_labels",
+    "mask_figure",
+    "mask_panels",
+    "block_sparsity_figure",
+    "mask_effect_figure",
 ]
 
 
@@ -44,7 +48,9 @@ class Panel:
     values: np.ndarray  # (rows, cols)
     keep: np.ndarray | None = None  # (rows, cols) bool; False cells are drawn as masked
     hover: dict[str, np.ndarray] | None = None  # extra hover fields, each (rows, cols)
-    reasons: np.ndarray | None = None  # (rows, cols) str: why a masked cell is masked
+    reasons: np.ndarray | str | None = None  # (rows, cols) str: why a masked cell is masked (or one str for all)
+    text: np.ndarray | None = None  # (rows, cols) str: an extra hover line for every drawn (kept) cell
+    hover_formats: dict[str, str] | None = None  # d3 format per hover field (default ".4g"), e.g. {"share": ".0%"}
 
 
 def _np(x) -> np.ndarray:
@@ -102,13 +108,21 @@ def heatmap_grid(
         keep = np.ones(z.shape, dtype=bool) if panel.keep is None else panel.keep
         hover_fields = dict(panel.hover or {})
         names = list(hover_fields)
-        custom = np.stack([hover_fields[n] for n in names], axis=-1).astype(np.float32) if names else None
+        custom = np.stack([hover_fields[n] for n in names], axis=-1) if names else None
+        if custom is not None:
+            # Small whole numbers (counts, percentages) travel as uint8: a quarter of float32's base64 payload.
+            small_ints = np.issubdtype(custom.dtype, np.integer) and custom.min() >= 0 and custom.max() <= 255
+            custom = custom.astype(np.uint8 if small_ints else np.float32)
         # z already shows the value itself; the other hover fields follow it.
-        lines = [f"{n}: %{{customdata[{k}]:.4g}}" for k, n in enumerate(names) if n != value_name]
+        fmt = {n: (panel.hover_formats or {}).get(n, ".4g") for n in names}
+        lines = [f"{n}: %{{customdata[{k}]:{fmt[n]}}}" for k, n in enumerate(names) if n != value_name]
+        if panel.text is not None:
+            lines.append("%{text}")
         base = f"{panel.title}<br>{y_title} %{{y}} → {x_title} %{{x}}<br>{value_name}: %{{z:.4g}}"
         fig.add_trace(
             go.Heatmap(
                 z=np.where(keep, z, np.nan), x=list(x_labels), y=list(y_labels), customdata=custom,
+                text=None if panel.text is None else np.where(keep, panel.text, "").astype(str),
                 colorscale=colorscale, zmin=zmin, zmax=zmax, hoverongaps=False, showscale=(i == first),
                 colorbar=dict(title=dict(text=value_name), thickness=12, len=min(1.0, 320 / max(rows * 220, 1))),
                 hovertemplate="<br>".join([base, *lines]) + "<extra></extra>",
@@ -119,14 +133,17 @@ def heatmap_grid(
         if not keep.all():
             # Reasons go in `text` (strings, sent once); numbers stay in a numeric customdata array (sent as base64).
             reasons = panel.reasons if panel.reasons is not None else np.full(z.shape, "mask", dtype=object)
-            masked_lines = [f"{n}: %{{customdata[{k}]:.4g}}" for k, n in enumerate(names)]
+            # One reason for every cell goes in the template itself instead of a per-cell text array.
+            by = reasons if isinstance(reasons, str) else "%{text}"
+            masked_lines = [f"{n}: %{{customdata[{k}]:{fmt[n]}}}" for k, n in enumerate(names)]
             fig.add_trace(
                 go.Heatmap(
-                    z=np.where(keep, np.nan, 1.0).astype(np.float32), x=list(x_labels), y=list(y_labels), customdata=custom,
-                    text=np.where(keep, "", reasons).astype(str),
+                    z=np.where(keep, np.nan, 1.0).astype(np.float32), x=list(x_labels), y=list(y_labels),
+                    customdata=custom,
+                    text=None if isinstance(reasons, str) else np.where(keep, "", reasons).astype(str),
                     colorscale=[[0, MASKED_COLOR], [1, MASKED_COLOR]], showscale=False, hoverongaps=False,
                     hovertemplate="<br>".join(
-                        [f"{panel.title}<br>{y_title} %{{y}} → {x_title} %{{x}}<br><b>masked</b> by: %{{text}}",
+                        [f"{panel.title}<br>{y_title} %{{y}} → {x_title} %{{x}}<br><b>masked</b> by: {by}",
                          *masked_lines]
                     ) + "<extra></extra>",
                     name=f"{panel.title} (masked)",
@@ -280,7 +297,8 @@ def contribution_norms_figure(record: AttentionResult, batch_index: int = 0, que
     norms = np.linalg.norm(_np(record.head_contributions[batch_index]), axis=-1)  # (h, t)
     labels = position_labels(norms.shape[1], "q", query_labels)
     fig = go.Figure([
-        go.Bar(name=f"head {u}", x=labels, y=norms[u], hovertemplate=f"head {u}<br>query %{{x}}<br>‖contribution‖ = %{{y:.4g}}<extra></extra>")
+        go.Bar(name=f"head {u}", x=labels, y=norms[u],
+               hovertemplate=f"head {u}<br>query %{{x}}<br>‖contribution‖ = %{{y:.4g}}<extra></extra>")
         for u in range(norms.shape[0])
     ])
     fig.update_layout(barmode="stack", template="plotly_white", height=320, xaxis_title="query",
@@ -292,3 +310,233 @@ def shapes_frame(record: AttentionResult) -> pd.DataFrame:
     """Every tensor's shape along the pipeline, in order, as a table."""
     rows = [{"stage": name, "shape": " × ".join(map(str, shape)) if shape else "—"} for name, shape in record.shapes]
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mask Lab figures: the mask per batch item / head, its block sparsity, and its effect on one head
+# ---------------------------------------------------------------------------------------------------------
+
+MASK_SCALE = [[0.0, "#dce6f5"], [1.0, "#1f5fbf"]]  # share of attendable positions: pale (little) -> blue (all)
+DEAD_ROW_COLOR = "#d62728"
+BLOCK_COLORS = {0: "#ececec", 1: "#f28e2b", 2: "#4e79a7"}  # empty, partial, full
+EXPLAIN_MAX_CELLS = 128 * 128  # per-cell "masked by" hover up to this many cells per panel
+MAX_MASK_PANELS = 8
+
+
+def mask_panels(keep, limit: int = MAX_MASK_PANELS) -> list[tuple[int, int]]:
+    """The (batch, head) panels worth drawing for a (b|1, h|1, t, s) mask: every distinct one, at most ``limit``."""
+    b, h = keep.shape[:2]
+    return [(i, u) for i in range(b) for u in range(h)][:limit]
+
+
+def _panel_budget(max_cells: int, panels: int) -> int:
+    """Cells per side per panel: the whole budget for one panel, less for several (the payload stays small)."""
+    return max_cells if panels == 1 else max(32, max_cells // (2 if panels <= 4 else 3))
+
+
+def _mask_title(b: int, h: int, shape: tuple[int, ...], dead: int) -> str:
+    parts = []
+    if shape[0] > 1:
+        parts.append(f"batch {b}")
+    if shape[1] > 1:
+        parts.append(f"head {h}")
+    title = " · ".join(parts) if parts else "every batch item and head"
+    return title + (f" — {dead} fully-masked row{'s' if dead != 1 else ''}" if dead else "")
+
+
+def _dead_row_runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Consecutive runs [(first, last)] of True in a 1-D bool array."""
+    runs, start = [], None
+    for i, flag in enumerate(list(rows) + [False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            runs.append((start, i - 1))
+            start = None
+    return runs
+
+
+def _outline_rows(fig: go.Figure, rows: np.ndarray, n_cols: int, *, row: int, col: int) -> None:
+    """Red outlines around the given (drawn) rows of one subplot: how fully-masked query rows are marked."""
+    for first, last in _dead_row_runs(rows):
+        fig.add_shape(type="rect", x0=-0.5, x1=n_cols - 0.5, y0=first - 0.5, y1=last + 0.5,
+                      line=dict(color=DEAD_ROW_COLOR, width=2), fillcolor="rgba(214, 39, 40, 0.10)",
+                      row=row, col=col)
+
+
+def _size_panels(fig: go.Figure, n_panels: int, cols: int, cells: int, cell_px: int = 18) -> None:
+    side = min(max(cells * cell_px, 260), 540)
+    rows = math.ceil(n_panels / cols)
+    fig.update_layout(width=int(cols * (side + 50) + 170), height=int(rows * (side + 80) + 90))
+
+
+def mask_figure(keep, mask_fn=None, *, panels: Sequence[tuple[int, int]] | None = None, max_cells: int = 256,
+                query_labels: Sequence[str] | None = None, key_labels: Sequence[str] | None = None) -> go.Figure:
+    """The keep-mask (b|1, h|1, t, s) per batch item / head: attendable cells blue, masked cells grey with the
+    component(s) that masked them on hover (``mask_fn``: the attnviz Mask that made it), fully-masked query
+    rows outlined in red and counted in the panel title.
+
+    Masks larger than ``max_cells`` per side are pooled for display: each drawn cell covers a block, its
+    colour is the share of the block that may attend, it is grey only when nothing in it may attend, and the
+    hover names the block's range and what masked it.
+    """
+    import torch
+
+    from attnviz import masklab, pooling
+
+    keep = torch.as_tensor(keep).bool()
+    if keep.dim() != 4:
+        raise ValueError(f"keep must be (b, h, t, s), got shape {tuple(keep.shape)}")
+    b_, h_, t, s = keep.shape
+    panels = list(panels) if panels is not None else mask_panels(keep)
+    for b, h in panels:
+        if not (0 <= b < b_ and 0 <= h < h_):
+            raise ValueError(f"panel (batch {b}, head {h}) is outside the mask's (b, h) = ({b_}, {h_})")
+    budget = _panel_budget(max_cells, len(panels))
+    drawn, dead_rows, pooled_any = [], [], None
+    for b, h in panels:
+        k = keep[b, h]  # (t, s)
+        dead = ~k.any(-1)  # (t,)
+        pooled = pooling.pool_mask(k, budget, budget)
+        dead_count = pooling.pool_by(dead[:, None], pooled.factor_rows, 1, "sum").values[:, 0].numpy()  # (r,)
+        title = _mask_title(b, h, tuple(keep.shape), int(dead.sum()))
+        if not pooled.is_pooled:
+            keep_np = k.numpy()
+            reasons = None
+            if mask_fn is not None and not keep_np.all() and t * s <= EXPLAIN_MAX_CELLS:
+                reasons = mask_fn.explain_grid(b, h, t, s)
+                reasons = np.where(dead.numpy()[:, None], reasons + " · whole row masked", reasons)
+            panel = Panel(title=title, values=keep_np.astype(np.float32), keep=keep_np, reasons=reasons)
+        else:
+            # Whole percentages, not strings, per pooled cell: they travel as base64 uint8 (a 256×256 panel
+            # stays around 1 MB instead of several).
+            share = pooled.values.numpy()
+            hover = {}
+            if mask_fn is not None:
+                for name, frac in masklab.pooled_blame(mask_fn, b, h, t, s, pooled).items():
+                    hover[f"% of the block masked by {name}"] = np.rint(frac * 100).astype(np.uint8)
+            if dead_count.any():
+                hover["fully-masked queries in these rows"] = np.broadcast_to(
+                    np.minimum(dead_count, 255).astype(np.uint8)[:, None], share.shape)
+            panel = Panel(title=f"{title} (pooled {pooled.factor_rows}×{pooled.factor_cols})", values=share,
+                          keep=pooled.keep_any.numpy(), hover=hover or None,
+                          hover_formats={n: "d" for n in hover},
+                          reasons="the components below (no position of this block may attend)")
+            pooled_any = pooled
+        drawn.append(panel)
+        dead_rows.append(dead_count > 0)
+    cols = min(len(panels), 4)
+    if pooled_any is not None:
+        x_labels, y_labels = pooled_any.col_labels("k"), pooled_any.row_labels("q")
+    else:
+        x_labels, y_labels = position_labels(s, "k", key_labels), position_labels(t, "q", query_labels)
+    fig = heatmap_grid(drawn, cols=cols, x_labels=x_labels, y_labels=y_labels,
+                       value_name="share that may attend" if pooled_any is not None else "may attend",
+                       colorscale=MASK_SCALE, zmin=0.0, zmax=1.0)
+    for i, rows in enumerate(dead_rows):
+        _outline_rows(fig, rows, len(x_labels), row=i // cols + 1, col=i % cols + 1)
+    fig.update_traces(selector=dict(showscale=True),
+                      colorbar=dict(title=dict(text="share that<br>may attend"), tickformat=".0%"))
+    _size_panels(fig, len(panels), cols, max(len(x_labels), len(y_labels)))
+    return fig
+
+
+def block_sparsity_figure(sparsity, *, panels: Sequence[tuple[int, int]] | None = None) -> go.Figure:
+    """FlexAttention's view of a mask at one block size: each block empty (skipped), partial (mask_mod
+    evaluated) or full (computed without mask work); ``sparsity`` is an ``attnviz.masklab.BlockSparsity``."""
+    states = sparsity.states.numpy()  # (b|1, h|1, nq, nk)
+    kept = sparsity.kept.numpy()
+    br, bc, t, s = sparsity.block_rows, sparsity.block_cols, sparsity.t, sparsity.s
+    nq, nk = states.shape[-2:]
+    row_labels = [f"q{a}–{min(a + br, t) - 1}" if min(a + br, t) - 1 > a else f"q{a}" for a in range(0, t, br)]
+    col_labels = [f"k{a}–{min(a + bc, s) - 1}" if min(a + bc, s) - 1 > a else f"k{a}" for a in range(0, s, bc)]
+    panels = list(panels) if panels is not None else mask_panels(states)
+    drawn = []
+    for b, h in panels:
+        st = states[b, h]
+        counts = {k: int((st == k).sum()) for k in (2, 1, 0)}
+        title = _mask_title(b, h, states.shape, 0)
+        title += f": {counts[2]} full, {counts[1]} partial, {counts[0]} empty"
+        drawn.append(Panel(title=title, values=st.astype(np.float32),
+                           hover={f"cells that may attend (of {br * bc})": kept[b, h].astype(np.float32)}))
+    scale = []
+    for k in (0, 1, 2):  # a stepped colour scale: each state one flat colour
+        scale += [[k / 3, BLOCK_COLORS[k]], [(k + 1) / 3, BLOCK_COLORS[k]]]
+    cols = min(len(panels), 4)
+    fig = heatmap_grid(drawn, cols=cols, x_labels=col_labels, y_labels=row_labels,
+                       value_name="state (0 empty: skipped, 1 partial: mask_mod evaluated, 2 full: no mask work)",
+                       colorscale=scale, zmin=-0.5, zmax=2.5, x_title="key block", y_title="query block")
+    fig.update_traces(selector=dict(showscale=True),
+                      colorbar=dict(title=dict(text="block"), tickvals=[0, 1, 2],
+                                    ticktext=["empty", "partial", "full"]))
+    _size_panels(fig, len(panels), cols, max(nq, nk), cell_px=26)
+    return fig
+
+
+def mask_effect_figure(record: AttentionResult, batch_index: int = 0, head: int = 0, *,
+                       reasons: np.ndarray | None = None, max_cells: int = 128) -> go.Figure:
+    """The mask's effect on one head, side by side: logits → masked logits (masked cells are −∞, grey) →
+    probabilities. ``reasons`` ((t, s) str) names what masked each cell; long rows are pooled for display
+    (logits by mean, probabilities by max over the attendable cells of each block)."""
+    import torch
+
+    from attnviz import pooling
+
+    _check_batch(record, batch_index)
+    if not 0 <= head < record.num_heads:
+        raise ValueError(f"head ({head}) must be in [0, {record.num_heads})")
+    logits = record.logits_grid[batch_index, head].float()  # (t, s)
+    keep = record.mask_grid[batch_index, head]  # (t, s)
+    probs = record.scores_grid[batch_index, head].float()  # (t, s)
+    dead = record.fully_masked_rows[batch_index, head]  # (t,)
+    drawn_p = keep | dead[:, None] if record.masked_rows == "uniform" else keep  # uniform rows really attend
+    t, s = logits.shape
+    p_logits = pooling.pool_matrix(logits, max_cells, max_cells, "mean")
+    p_masked = pooling.pool_matrix(logits, max_cells, max_cells, "mean", keep=keep)
+    p_probs = pooling.pool_matrix(probs, max_cells, max_cells, "max", keep=drawn_p)
+    pooled = p_logits.is_pooled
+    x_labels, y_labels = p_logits.col_labels("k"), p_logits.row_labels("q")
+    dead_rows = pooling.pool_by(dead[:, None], p_logits.factor_rows, 1, "sum").values[:, 0].numpy() > 0
+    block = f" (mean per {p_logits.factor_rows}×{p_logits.factor_cols} block)" if pooled else ""
+    titles = [f"logits{block}", f"masked logits (−∞ where masked){block}",
+              "probabilities" + (" (max per block)" if pooled else "")]
+    fig = make_subplots(rows=1, cols=3, subplot_titles=titles, horizontal_spacing=0.1)
+    bound = float(torch.nan_to_num(logits, nan=0.0, posinf=0.0, neginf=0.0).abs().max()) or 1.0
+    why = None
+    if reasons is not None and not pooled:
+        why = np.where(dead.numpy()[:, None], reasons.astype(object) + " · whole row masked", reasons)
+    grey = [[0, MASKED_COLOR], [1, MASKED_COLOR]]
+    for col, pooled_m, scale, zmin, zmax, name in (
+        (1, p_logits, DIVERGING_SCALE, -bound, bound, "logit"),
+        (2, p_masked, DIVERGING_SCALE, -bound, bound, "masked logit"),
+        (3, p_probs, PROBABILITY_SCALE, 0.0, 1.0, "probability"),
+    ):
+        z = pooled_m.values.numpy().astype(np.float32)  # (r, c)
+        kept = pooled_m.keep_any.numpy() if col > 1 else np.ones(z.shape, dtype=bool)
+        domain_end = (col / 3) - 0.02 if col < 3 else 1.0
+        show_bar = col in (2, 3)
+        fig.add_trace(go.Heatmap(
+            z=np.where(kept, z, np.nan), x=x_labels, y=y_labels, colorscale=scale, zmin=zmin, zmax=zmax,
+            hoverongaps=False, showscale=show_bar, name=name,
+            colorbar=dict(title=dict(text="logit" if col == 2 else "probability"), thickness=12, len=0.9,
+                          x=domain_end if col == 2 else 1.0, xanchor="left"),
+            hovertemplate=f"query %{{y}} → key %{{x}}<br>{name}: %{{z:.4g}}<extra></extra>",
+        ), row=1, col=col)
+        if col > 1 and not kept.all():
+            label = "−∞ (masked)" if col == 2 else "0 (masked)"
+            # Per-cell reasons only at full resolution; a pooled grey cell is a block where nothing may attend.
+            text = None if why is None else np.where(kept, "", why).astype(str)
+            because = "masked by: %{text}" if why is not None else "nothing in this block may attend"
+            fig.add_trace(go.Heatmap(
+                z=np.where(kept, np.nan, 1.0).astype(np.float32), x=x_labels, y=y_labels, colorscale=grey,
+                showscale=False, hoverongaps=False, text=text, name=f"{name} (masked)",
+                hovertemplate=f"query %{{y}} → key %{{x}}<br>{name}: {label}<br>{because}<extra></extra>",
+            ), row=1, col=col)
+        _outline_rows(fig, dead_rows, len(x_labels), row=1, col=col)
+        fig.update_yaxes(autorange="reversed", row=1, col=col, showticklabels=col == 1,
+                         title_text="query" if col == 1 else None)
+        fig.update_xaxes(title_text="key", row=1, col=col)
+    side = min(max(max(len(x_labels), len(y_labels)) * 22, 240), 400)
+    fig.update_layout(width=int(3 * (side + 90) + 120), height=int(side + 150), template="plotly_white",
+                      plot_bgcolor="white", margin=dict(l=60, r=80, t=70, b=50))
+    return fig

@@ -820,3 +820,112 @@ def test_functional_core_record_has_no_output_figures():
     df = dict(zip(figures.shapes_frame(rec)["stage"], figures.shapes_frame(rec)["shape"]))
     assert df["probabilities (b, h, t, s)"] == "1 × 2 × 3 × 3"
     assert df["mask (b|1, h|1, t, s)"] == "—"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Mask Lab figures: mask grid (full resolution and pooled), block sparsity, logits -> probabilities
+# ------------------------------------------------------------------------------------------------------------
+
+from attnviz import masklab as ml  # noqa: E402
+from attnviz import pooling  # noqa: E402
+
+
+def _lab(name):
+    config = ml.PRESETS[name].config
+    built = ml.build(config)
+    return config, built, ml.materialize(config, built)
+
+
+def _dead_rects(fig, xaxis):
+    """(first, last) query rows outlined in red on the subplot drawn on ``xaxis``."""
+    return sorted((round(sh.y0 + 0.5), round(sh.y1 - 0.5)) for sh in fig.layout.shapes
+                  if sh.xref == xaxis and sh.line.color == figures.DEAD_ROW_COLOR)
+
+
+def test_mask_figure_draws_the_mask_with_reasons_and_dead_rows():
+    config, built, keep = _lab("Padded query row fully masked")  # (2, 1, 8, 8), batch 1 rows 5-7 dead
+    fig = figures.mask_figure(keep, built.mask)
+    mains, masked = main_traces(fig), masked_traces(fig)
+    assert [tr.name for tr in mains] == ["batch 0", "batch 1 — 3 fully-masked rows"]
+    for b, tr in enumerate(mains):
+        k = keep[b, 0].numpy()
+        np.testing.assert_array_equal(np.isnan(np.asarray(tr.z, float)), ~k)  # masked cells are not coloured
+        np.testing.assert_array_equal(np.asarray(masked[tr.name].z, float) == 1.0, ~k)
+        reasons = built.mask.explain_grid(b, 0, 8, 8)
+        text = np.asarray(masked[tr.name].text, dtype=object)
+        for i, j in zip(*np.nonzero(~k), strict=True):
+            assert text[i, j].startswith(reasons[i, j])
+    assert "whole row masked" in np.asarray(masked[mains[1].name].text)[6, 2]
+    assert _dead_rects(fig, "x") == [] and _dead_rects(fig, "x2") == [(5, 7)]
+
+
+def test_mask_figure_pools_long_masks_and_stays_light():
+    config, built, keep = _lab("Long context (pooled): 2048², window 256 + 4 documents")
+    fig = figures.mask_figure(keep, built.mask, max_cells=256)
+    (main,) = main_traces(fig)
+    z = np.asarray(main.z, float)
+    assert z.shape == (256, 256)
+    pooled = pooling.pool_mask(keep[0, 0], 256, 256)
+    np.testing.assert_allclose(np.nan_to_num(z, nan=0.0), pooled.values.numpy(), atol=1e-6)
+    assert main.y[0] == "q0–7" and main.x[-1] == "k2040–2047"
+    # Hover: per-component share of each block, as whole percentages (uint8 on the wire).
+    blame = ml.pooled_blame(built.mask, 0, 0, 2048, 2048, pooled)
+    custom = np.asarray(main.customdata)
+    assert custom.dtype == np.uint8 and custom.shape == (256, 256, len(blame))
+    np.testing.assert_array_equal(custom[..., 0], np.rint(blame["causal"] * 100))
+    assert len(fig.to_json()) < 2_000_000  # 4.2 million cells drawn from under 2 MB
+
+
+def test_mask_figure_panels_per_head_for_a_per_head_grid():
+    grid = np.zeros((1, 3, 4, 5), dtype=bool)
+    grid[0, 0] = True
+    grid[0, 1, :, :2] = True  # head 2 stays all False: 4 dead rows
+    config = ml.MaskLabConfig(batch=1, heads=3, t=4, s=5, causal=ml.Causal(), custom=ml.Custom.from_array(grid))
+    built = ml.build(config)
+    fig = figures.mask_figure(ml.materialize(config, built), built.mask)
+    assert [tr.name for tr in main_traces(fig)] == ["head 0", "head 1", "head 2 — 4 fully-masked rows"]
+    assert _dead_rects(fig, "x3") == [(0, 3)]
+    with pytest.raises(ValueError, match="outside"):
+        figures.mask_figure(ml.materialize(config, built), panels=[(1, 0)])
+
+
+def test_block_sparsity_figure_draws_the_states():
+    config, built, keep = _lab("Sliding window + documents")  # 16 x 16
+    bs = ml.block_sparsity(keep, 4)
+    fig = figures.block_sparsity_figure(bs)
+    (main,) = main_traces(fig)
+    np.testing.assert_array_equal(np.asarray(main.z, float), bs.states[0, 0].numpy())
+    np.testing.assert_array_equal(np.asarray(main.customdata)[..., 0], bs.kept[0, 0].numpy())
+    assert f"{bs.full} full, {bs.partial} partial, {bs.empty} empty" in main.name
+    assert list(main.y[:2]) == ["q0–3", "q4–7"]
+
+
+def test_mask_effect_figure_is_logits_masked_logits_probabilities():
+    config, built, keep = _lab("Padded query row fully masked")
+    rec = ml.effect_record(keep[1, 0], seed=1)
+    reasons = built.mask.explain_grid(1, 0, 8, 8)
+    fig = figures.mask_effect_figure(rec, reasons=reasons)
+    by_name = {tr.name: tr for tr in fig.data}
+    logits, probs, k = _np(rec.logits[0, 0]), _np(rec.scores[0, 0]), keep[1, 0].numpy()
+    np.testing.assert_allclose(np.asarray(by_name["logit"].z, float), logits, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(by_name["masked logit"].z, float), np.where(k, logits, np.nan), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(by_name["probability"].z, float), np.where(k, probs, np.nan), rtol=1e-6)
+    text = np.asarray(by_name["masked logit (masked)"].text, dtype=object)
+    assert text[0, 5] == "causal, padding(query, key)" and text[6, 0] == "padding(query, key) · whole row masked"
+    assert _dead_rects(fig, "x3") == [(5, 7)]
+    # uniform policy: the dead rows really attend 1/s, so they are drawn, not greyed
+    uniform = figures.mask_effect_figure(ml.effect_record(keep[1, 0], masked_rows="uniform"))
+    p = np.asarray({tr.name: tr for tr in uniform.data}["probability"].z, float)
+    np.testing.assert_allclose(p[5:], np.full((3, 8), 1 / 8), rtol=1e-6)
+
+
+def test_mask_effect_figure_pools_long_rows():
+    keep = torch.ones(600, 300, dtype=torch.bool).tril()
+    rec = ml.effect_record(keep, seed=0)
+    fig = figures.mask_effect_figure(rec, max_cells=100)
+    by_name = {tr.name: tr for tr in fig.data}
+    z = np.asarray(by_name["probability"].z, float)
+    assert z.shape == (100, 100)
+    ref = pooling.pool_matrix(rec.scores[0, 0], 100, 100, "max", keep=keep).values.numpy()
+    np.testing.assert_allclose(z, ref, rtol=1e-6, equal_nan=True)
+    assert "max per block" in fig.layout.annotations[2].text
