@@ -126,10 +126,11 @@ def thumbnail_grid(
         if keep_arr.shape != (t, s):
             raise ValueError(f"keep has shape {keep_arr.shape}, expected ({t}, {s})")
         values = np.where(keep_arr, a, np.nan)
-    if scale == "per_head":
-        peak = np.nanmax(np.where(np.isfinite(values), values, -np.inf), axis=(-2, -1), keepdims=True)
-        values = values / np.where(peak > 0, peak, 1.0)
     small = downsample(values, max_cells)  # (L, h, tt, ss)
+    if scale == "per_head":
+        # after block-averaging, so each thumbnail's brightest drawn cell is 1
+        peak = np.nanmax(np.where(np.isfinite(small), small, -np.inf), axis=(-2, -1), keepdims=True)
+        small = small / np.where(peak > 0, peak, 1.0)
     masked_small = None
     if keep is not None:
         masked_small = downsample(np.where(keep_arr, 0.0, 1.0)[None, None], max_cells)[0, 0] > 0.5  # (tt, ss)
@@ -237,7 +238,7 @@ def head_figure(
     t, s = p.shape
     keys = tokens if key_tokens is None else key_tokens
     k = None if keep is None else np.asarray(_np(keep), dtype=bool)
-    panel = Panel(title=title or "attention", values=p, keep=k, hover={"probability": p},
+    panel = Panel(title=title or "attention", values=p, keep=k,
                   reasons=_keep_reasons(k, mask_reason))
     fig = heatmap_grid(
         [panel], cols=1, x_labels=position_labels(s, "k", keys), y_labels=position_labels(t, "q", tokens),
@@ -273,7 +274,7 @@ def layer_figure(
             panels.append(None)
             continue
         kv = f" · kv {u // group}" if g < h else ""
-        panels.append(Panel(title=f"L{layer} head {u}{kv}", values=a[u], keep=k, hover={"probability": a[u]},
+        panels.append(Panel(title=f"L{layer} head {u}{kv}", values=a[u], keep=k,
                             reasons=_keep_reasons(k, mask_reason)))
     fig = heatmap_grid(
         panels, cols=cols, row_titles=row_titles, x_labels=position_labels(s, "k", tokens),

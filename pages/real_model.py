@@ -8,8 +8,9 @@ from attnviz.ui.widgets import CONFIG_ERRORS, show_config_error
 
 st.title("Real model")
 try:
-    path = rm.source_ui()
-    config = rm.text_ui()
+    source = rm.source_ui()
+    config = rm.text_ui()  # drawn before the source is checked, so a bad path never hides the text
+    path = rm.model_dir(source)
     loaded = rm.load_model_ui(path)
     run = rm.cached_run(loaded, path, config)
 except CONFIG_ERRORS as err:

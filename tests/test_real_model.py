@@ -421,3 +421,84 @@ def test_encoder_decoder_models_are_refused(tmp_path):
     save_tokenizer(d)
     with pytest.raises(ValueError, match="encoder-decoder model"):
         models.load_model(d)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# figures: the drawn data is the attention given
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _random_attention(shape, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.dirichlet(np.ones(shape[-1]), size=shape[:-1])
+
+
+def test_downsample_is_a_block_mean():
+    m = _random_attention((100, 100))
+    small = model_figures.downsample(m, 48)  # blocks of 3 x 3 (the last block holds 1 row / column)
+    assert small.shape == (34, 34)
+    assert small[5, 7] == pytest.approx(m[15:18, 21:24].mean())
+    assert small[33, 33] == pytest.approx(m[99, 99])
+    np.testing.assert_array_equal(model_figures.downsample(m[:40, :40], 48), m[:40, :40])  # small: untouched
+
+
+def test_thumbnail_grid_mosaic_overlay_and_selection():
+    attn = _random_attention((2, 3, 5, 5))
+    keep = np.tril(np.ones((5, 5), dtype=bool))
+    fig = model_figures.thumbnail_grid(attn, keep=keep, selected=(1, 2), head_summary=np.arange(6.0).reshape(2, 3))
+    mosaic = fig.data[0].z
+    gap = 1
+    for layer in range(2):
+        for u in range(3):
+            r0, c0 = layer * (5 + gap), u * (5 + gap)
+            block = mosaic[r0:r0 + 5, c0:c0 + 5]
+            np.testing.assert_allclose(block[keep], attn[layer, u][keep], atol=1e-7)
+            assert np.isnan(block[~keep]).all()  # masked cells are not coloured...
+    masked = fig.data[1]
+    assert masked.name == "masked" and np.nansum(masked.z) == 2 * 3 * 10  # ...they are grey, 10 per thumbnail
+    overlay = fig.data[2]
+    assert overlay.type == "scatter" and len(overlay.x) == 6
+    assert [c[:2] for c in overlay.customdata] == [[0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [1, 2]]
+    assert overlay.x[5] == 2 * 6 + 2 and overlay.y[5] == 6 + 2  # the centre of thumbnail (1, 2)
+    (rect,) = fig.layout.shapes
+    assert rect.x0 < 12 and rect.x1 > 16 and rect.y0 < 6 and rect.y1 > 10  # outlines thumbnail (1, 2)
+    per_head = model_figures.thumbnail_grid(attn, scale="per_head").data[0].z
+    assert np.nanmax(per_head[0:5, 0:5]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="num_heads \\(3\\) must be divisible by num_kv_heads \\(2\\)"):
+        model_figures.thumbnail_grid(attn, num_kv_heads=2)
+    with pytest.raises(ValueError, match="keep has shape"):
+        model_figures.thumbnail_grid(attn, keep=np.ones((4, 5), dtype=bool))
+
+
+def test_head_and_layer_figures_show_tokens_and_mask():
+    tokens = ["<s>", "a", "cat", "sat"]
+    attn = _random_attention((4, 4, 4)) * np.tril(np.ones((4, 4)))
+    keep = np.tril(np.ones((4, 4), dtype=bool))
+    fig = model_figures.head_figure(attn[1], tokens, keep=keep, title="layer 0, head 1")
+    z = fig.data[0].z
+    np.testing.assert_allclose(z[keep], attn[1][keep], atol=1e-7)
+    assert list(fig.data[0].x) == ["0:<s>", "1:a", "2:cat", "3:sat"]
+    assert fig.data[1].name.endswith("(masked)") and set(np.asarray(fig.data[1].text)[~keep]) == {"causal"}
+    layer = model_figures.layer_figure(attn, tokens, layer=3, num_kv_heads=2, keep=keep)
+    names = [tr.name for tr in layer.data if not tr.name.endswith("(masked)")]
+    assert names == ["L3 head 0 · kv 0", "L3 head 1 · kv 0", "L3 head 2 · kv 1", "L3 head 3 · kv 1"]
+    assert model_figures.gqa_slots(8, 2, max_cols=3) == (
+        [0, 1, 2, 3, None, None, 4, 5, 6, 7, None, None], 3, ["kv head 0", "", "kv head 1", ""])
+
+
+def test_effect_and_check_figures_carry_the_numbers():
+    df = head_metrics(_random_attention((2, 3, 4, 4)))
+    fig = model_figures.metric_heatmap(df, "self")
+    np.testing.assert_allclose(fig.data[0].z, df.pivot(index="layer", columns="head", values="self").to_numpy())
+    with pytest.raises(ValueError, match="metric must be one of"):
+        model_figures.metric_heatmap(df, "layer")
+    change = np.array([0.0, 0.0, 0.3, 0.4])
+    bars = model_figures.layer_change_figure(change, np.array([1, 1, 0.9, 0.8]), ablated_layers=[1])
+    np.testing.assert_array_equal(bars.data[0].y, change)
+    assert list(bars.data[0].marker.color) == [model_figures.CLEAN_COLOR] * 2 + [model_figures.ABLATED_COLOR,
+                                                                                  model_figures.CLEAN_COLOR]
+    tokens = model_figures.next_token_figure([("cat", 0.5, 0.1), ("dog", 0.2, 0.6)])
+    assert list(tokens.data[0].x) == [0.5, 0.2] and list(tokens.data[1].x) == [0.1, 0.6]
+    check = model_figures.cross_check_figure(np.array([0.0, 3e-7, 2e-5]), 1e-5)
+    assert list(check.data[0].customdata) == [0.0, 3e-7, 2e-5]
+    assert list(check.data[0].marker.color)[-1] == model_figures.ABLATED_COLOR  # over the tolerance

@@ -95,16 +95,20 @@ class TextConfig:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def source_ui() -> str:
-    """Sidebar: which model. Returns the resolved model directory; ValueError with the reason if unusable."""
+def source_ui() -> str | None:
+    """Sidebar: which model. Returns the typed directory, or None for the packaged MiniLM (see ``model_dir``)."""
     sb = st.sidebar
     sb.subheader("Model")
     choice = _kept(sb.radio, "source", "Model source", [PACKAGED, LOCAL], help=HELP["source"])
     if choice == PACKAGED:
-        return str(models.validate_model_dir(models.packaged_model_path()))
-    path = _kept(sb.text_input, "path", "Model directory", help=HELP["path"],
+        return None
+    return _kept(sb.text_input, "path", "Model directory", help=HELP["path"],
                  placeholder="/path/to/a/hugging-face/model")
-    return str(models.validate_model_dir(path))
+
+
+def model_dir(source: str | None) -> str:
+    """The resolved model directory for ``source_ui``'s answer; ValueError with the reason if it is unusable."""
+    return str(models.validate_model_dir(models.packaged_model_path() if source is None else source))
 
 
 def text_ui() -> TextConfig:
@@ -229,7 +233,7 @@ def describe(info: models.ModelInfo, run: models.ModelRun, tokenizer=None) -> st
     line = f"{info.describe()} · {run.num_tokens} tokens{pair}"
     if run.embedding is not None:
         norm = ", L2-normalised" if info.normalize else ""
-        line += f" · sentence embedding: {run.embedding.numel()}-d, {info.pooling} pooling{norm}"
+        line += f" · embedding: {run.embedding.numel()}-d, {info.pooling} pooling{norm}"
     if run.next_token_probs is not None:
         p, i = run.next_token_probs.max(0)
         token = tokenizer.convert_ids_to_tokens([int(i)])[0] if tokenizer is not None else str(int(i))
