@@ -1,0 +1,158 @@
+"""Tier 5: the Mask Lab in a real browser (Playwright driving Debian's Chromium against the running app).
+
+The page renders, a mask heatmap is drawn, switching a component on redraws it, an upload becomes panels,
+and bad input is a message, never an exception box. Helpers follow tests/test_browser.py.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+if not os.path.exists(CHROMIUM):
+    pytest.skip("Debian's chromium is not installed (scripts/test.sh installs it)", allow_module_level=True)
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the app did not become healthy within 60 s:\n" + proc.stdout.read().decode(errors="replace"))
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def wait_idle(page, timeout_ms: int = 90_000) -> None:
+    """As Streamlit's own e2e tests do: the app is idle once the 'running' status widget is gone."""
+    page.wait_for_selector("[data-testid='stApp']", timeout=timeout_ms)
+    page.wait_for_function("() => !document.querySelector(\"[data-testid='stStatusWidget']\")", timeout=timeout_ms)
+    page.wait_for_timeout(500)
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.goto(app_url)  # the app's entry point, then the Mask Lab from the navigation, as a user does
+        wait_idle(pg)
+        pg.get_by_test_id("stSidebarNav").get_by_text("Mask Lab").click()
+        pg.get_by_role("heading", name="Mask Lab").wait_for(timeout=90_000)
+        wait_idle(pg)
+        yield pg
+        browser.close()
+
+
+# Per panel of the first chart: [trace name, masked cells], counted in the decoded z plotly.js drew
+# (``_fullData``: the base64 arrays Streamlit sends are decoded into one Float32Array per row).
+MASK_PANELS = """() => {
+  const plot = document.querySelector('.js-plotly-plot');
+  if (!plot || !plot._fullData) return null;
+  return plot._fullData.filter(t => t.type === 'heatmap' && !t.name.endsWith('(masked)')).map(t => {
+    let masked = 0;
+    for (const row of t.z) for (const v of row) if (v === null || Number.isNaN(v)) masked += 1;
+    return [t.name, masked];
+  });
+}"""
+
+
+def panels(page):
+    page.wait_for_selector(".js-plotly-plot", timeout=90_000)
+    return page.evaluate(MASK_PANELS)
+
+
+def sidebar_expander(page, title: str):
+    exp = page.get_by_test_id("stSidebar").get_by_test_id("stExpander").filter(has_text=title)
+    if exp.locator("[data-testid='stExpanderDetails']").count() == 0 or \
+            not exp.locator("[data-testid='stExpanderDetails']").is_visible():
+        exp.locator("summary").click()
+    return exp
+
+
+def test_mask_lab_renders_a_mask_heatmap(page):
+    assert page.get_by_role("heading", name="Mask Lab").is_visible()
+    drawn = panels(page)
+    # Default preset: 2 batch items, causal & padding; batch 1 has 3 fully-masked rows.
+    assert [name for name, _ in drawn] == ["batch 0", "batch 1 — 3 fully-masked rows"]
+    assert [masked for _, masked in drawn] == [28, 49]  # 64 - 36 causal cells; 64 - 15 for 5 real tokens
+    assert page.locator(".js-plotly-plot .heatmaplayer image").count() >= 2  # drawn as images, not just data
+    assert page.get_by_text("3 fully-masked query row(s)").is_visible()
+    assert page.locator("[data-testid='stException']").count() == 0
+
+
+def test_switching_a_component_on_redraws_the_mask(page):
+    exp = sidebar_expander(page, "Sliding window")
+    exp.get_by_text("use", exact=True).click()
+    page.wait_for_function(f"() => {{ const p = ({MASK_PANELS})(); return p && p[0][1] !== 28; }}",
+                           timeout=90_000)
+    wait_idle(page)
+    # causal & window(4): query i sees keys i-3..i -> 8 * 8 - (1 + 2 + 3 + 4 * 5) = 38 masked cells in batch 0
+    assert panels(page)[0] == ["batch 0", 64 - 26]
+    assert page.get_by_text("causal & window & padding").first.is_visible()
+    assert page.locator("[data-testid='stException']").count() == 0
+
+
+def test_upload_becomes_panels(page, tmp_path):
+    grid = np.ones((1, 2, 4, 6), dtype=bool)
+    grid[0, 1, 2] = False  # head 1, query 2: fully masked
+    path = tmp_path / "mask.npy"
+    np.save(path, grid)
+    sidebar_expander(page, "Custom grid")
+    page.get_by_test_id("stSidebar").locator("input[type='file']").set_input_files(str(path))
+    page.wait_for_function(f"() => {{ const p = ({MASK_PANELS})(); return p && p.length === 2 && "
+                           "p[1][0].startsWith('head 1'); }", timeout=90_000)
+    wait_idle(page)
+    assert panels(page) == [["head 0", 0], ["head 1 — 1 fully-masked row", 6]]
+    assert page.locator("[data-testid='stException']").count() == 0
+
+
+def test_invalid_formula_shows_a_message_not_a_traceback(page):
+    formula = page.get_by_test_id("stSidebar").get_by_role("textbox", name="or a formula")
+    formula.fill("custom & (causal")
+    formula.press("Enter")
+    page.wait_for_selector("[data-testid='stAlertContentError']", timeout=90_000)
+    text = page.locator("[data-testid='stAlertContentError']").inner_text()
+    assert "expected ')'" in text
+    assert page.locator("[data-testid='stException']").count() == 0
+    formula.fill("")
+    formula.press("Enter")
+    page.wait_for_selector(".js-plotly-plot", timeout=90_000)
+    wait_idle(page)
+    assert page.locator("[data-testid='stAlertContentError']").count() == 0
