@@ -96,7 +96,7 @@ class LongResult:
 
     config: LongConfig
     pooled_max: Tensor  # (h, r, c) largest probability in each pooled cell (NaN where nothing may attend)
-    pooled_mean: Tensor  # (h, r, c) mean probability over the attendable positions of each cell
+    pooled_mean: Tensor  # (h, r, c) the cell's probability mass / its number of attendable positions
     keep_any: Tensor  # (h, r, c) bool: the pooled cell contains at least one attendable position
     row_edges: tuple[int, ...]  # first query row of each pooled row
     col_edges: tuple[int, ...]  # first key of each pooled column
@@ -108,7 +108,6 @@ class LongResult:
     sink_mass: Tensor  # (h, t) probability on key 0 (attention sinks put most of a row here)
     local_mass: Tensor  # (h, t) probability on keys within local_window of the query's aligned position
     fully_masked: Tensor  # (h, t) bool
-    output_norm: Tensor  # (h, t) |attention output| per head and query
     kv_head_of: tuple[int, ...]  # (h,) the kv head each query head reads
     seconds: float = 0.0  # engine time, for the page's caption
 
@@ -182,7 +181,7 @@ def _aligned_offset(config: LongConfig) -> int:
 def estimate_bytes(config: LongConfig) -> int:
     """Peak bytes of ``analyze``: the (t, s) keep-mask, one tile, and the per-head inputs and summaries."""
     t, s, h, g, d = config.t, config.keys, config.num_heads, config.kv_heads, config.head_dim
-    per_row = h * t * (4 * 6 + 8 * config.top_k)  # entropy, masses, norms, top-k values and int64 keys
+    per_row = h * t * (4 * 5 + 8 * config.top_k)  # entropy, masses, top-k values and int64 keys
     base = estimate_attention_bytes(1, h, g, t, s, d, d, need_weights=False)
     return base + per_row + 2 * h * config.pixels**2 * 4 + 4 * 2**19 * 8
 
@@ -207,43 +206,50 @@ def analyze(config: LongConfig, memory_budget: int | None = None) -> LongResult:
     r, c = math.ceil(t / fr), math.ceil(s / fc)
     kk = config.top_k
     pooled_max = torch.empty(h, r, c)
-    pooled_mean = torch.empty(h, r, c)
-    keep_any = torch.empty(h, r, c, dtype=torch.bool)
-    entropy, sink, local, norms = (torch.empty(h, t) for _ in range(4))
+    pooled_sum = torch.empty(h, r, c)
+    entropy, sink, local = (torch.empty(h, t) for _ in range(3))
     top_values, top_keys = torch.empty(h, t, kk), torch.empty(h, t, kk, dtype=torch.long)
     fully = torch.empty(h, t, dtype=torch.bool)
     offset = _aligned_offset(config)
     group = h // config.kv_heads
-    kv_pos = torch.arange(s, device=device)
+    w = config.local_window
 
     with torch.no_grad():
+        # The mask is the same for every head: count its attendable positions per pooled cell once.
+        keep = mask.materialize(1, 1, t, s, device=device)[0, 0] if mask is not None else None  # (t, s)
+        counts = (pool_by(keep, fr, fc, "sum").values if keep is not None
+                  else pool_by(torch.ones(()).expand(t, s), fr, fc, "sum").values).cpu()  # (r, c)
         tiles = probability_tiles(q, k, mask=mask, score_mod=_score_mod(config), masked_rows=config.masked_rows,
                                   row_multiple=fr, heads=range(h))  # per head, rows aligned to the pooling
         for tile in tiles:
             hi, rows = tile.h.start, tile.rows
-            p = tile.probs[0, 0]  # (tr, s)
-            keep = None if tile.keep is None else tile.keep[0, 0]  # (tr, s)
-            pooled = [pool_by(p, fr, fc, mode, keep) for mode in POOL_MODES]
-            pr = slice(rows.start // fr, rows.start // fr + pooled[0].values.shape[0])
-            pooled_max[hi, pr], pooled_mean[hi, pr] = pooled[0].values.cpu(), pooled[1].values.cpu()
-            keep_any[hi, pr] = pooled[0].keep_any.cpu()
-            # Row summaries: 0 * log 0 counts as 0.
-            entropy[hi, rows] = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).cpu()
+            p = tile.probs[0, 0]  # (tr, s); masked cells are exactly 0 (fully-masked rows follow the policy)
+            pr = slice(rows.start // fr, -(-rows.stop // fr))
+            pooled_max[hi, pr] = pool_by(p, fr, fc, "max").values.cpu()
+            pooled_sum[hi, pr] = pool_by(p, fr, fc, "sum").values.cpu()
+            entropy[hi, rows] = torch.special.entr(p).sum(-1).cpu()  # -Σ p log p, with 0 log 0 = 0
             values, keys = torch.topk(p, kk, dim=-1)  # (tr, k)
             top_values[hi, rows], top_keys[hi, rows] = values.cpu(), keys.cpu()
             sink[hi, rows] = p[:, 0].cpu()
-            q_pos = torch.arange(rows.start, rows.stop, device=device)[:, None] + offset  # (tr, 1)
-            band = (kv_pos[None, :] - q_pos).abs() < config.local_window  # (tr, s)
-            local[hi, rows] = (p * band).sum(-1).cpu()
+            # Local mass only needs the band of columns the tile's windows can reach, not all s keys.
+            lo = max(0, rows.start + offset - w + 1)
+            hi_col = min(s, rows.stop - 1 + offset + w)
+            if lo < hi_col:
+                q_pos = torch.arange(rows.start, rows.stop, device=device)[:, None] + offset  # (tr, 1)
+                kv_pos = torch.arange(lo, hi_col, device=device)[None, :]  # (1, band)
+                local[hi, rows] = (p[:, lo:hi_col] * ((kv_pos - q_pos).abs() < w)).sum(-1).cpu()
+            else:
+                local[hi, rows] = 0.0
             fully[hi, rows] = tile.fully_masked[0, 0].cpu()
-            out = p @ v[0, hi // group]  # (tr, d): this tile's share of the head output, score_mod included
-            norms[hi, rows] = out.norm(dim=-1).cpu()
 
+    keep_any = (counts > 0).expand(h, r, c)
+    pooled_max = torch.where(keep_any, pooled_max, float("nan"))
+    pooled_mean = torch.where(keep_any, pooled_sum / counts.clamp_min(1), float("nan"))
     return LongResult(
         config=config, pooled_max=pooled_max, pooled_mean=pooled_mean, keep_any=keep_any,
         row_edges=tuple(range(0, t, fr)), col_edges=tuple(range(0, s, fc)), factor_rows=fr, factor_cols=fc,
         entropy=entropy, top_values=top_values, top_keys=top_keys, sink_mass=sink, local_mass=local,
-        fully_masked=fully, output_norm=norms, kv_head_of=tuple(u // group for u in range(h)),
+        fully_masked=fully, kv_head_of=tuple(u // group for u in range(h)),
         seconds=time.perf_counter() - start,
     )
 
