@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from attnviz import masks as masks_lib
-from attnviz import score_mods
+from attnviz import score_mods, urlstate
 from attnviz.engine import AttentionResult
 from attnviz.layers import MultiHeadAttention
 
@@ -339,7 +339,46 @@ __all__ = [
     "config_from_values",
     "config_values",
     "describe",
+    "to_url",
+    "from_url",
+    "URL_PREFIX",
 ]
+
+
+def _url_rules() -> dict[str, urlstate.Rule]:
+    """What each field may hold when it comes from a URL (the widgets' ranges; the engine re-checks)."""
+    from attnviz.engine import DTYPES, MASKED_ROW_POLICIES, SCORE_MODES
+
+    R = urlstate.Rule
+    rules = {name: R(0 if name == "value_dim" else 1, hi) for name, hi in LIMITS.items()}
+    rules.update(
+        num_kv_heads=R(0, LIMITS["num_heads"]), output_dim=R(0, LIMITS["model_dim"]),
+        softcap=R(0.1, 1000.0), weight_scale=R(0.25, 10.0), dropout=R(0.0, 0.9), seed=R(0, 2**31 - 1),
+        sliding_window=R(0, 4096), key_padding=R(0, LIMITS["s"]), query_padding=R(0, LIMITS["t"]),
+        prefix_lm=R(0, LIMITS["s"]), valid_lens=R(0, 1_000_000), documents=R(0, 1_000_000),
+        score_mode=R(choices=SCORE_MODES), score_mod=R(choices=SCORE_MODS), source=R(choices=tuple(SOURCES)),
+        attention=R(choices=("self", "cross")), causal=R(choices=CAUSAL_CHOICES), combine=R(choices=("and", "or")),
+        masked_rows=R(choices=MASKED_ROW_POLICIES), device=R(choices=("cpu", "cuda")), dtype=R(choices=tuple(DTYPES)),
+    )
+    return rules
+
+
+URL_PREFIX = "pg_"
+
+
+def _self_attention_fix(config: PlaygroundConfig) -> PlaygroundConfig:
+    return replace(config, s=config.t) if config.attention == "self" else config
+
+
+def to_url(config: PlaygroundConfig) -> dict[str, str]:
+    """Query params for a shareable Playground link: the fields that differ from the default preset."""
+    return urlstate.encode(config, prefix=URL_PREFIX, defaults=PRESETS[DEFAULT_PRESET])
+
+
+def from_url(params) -> urlstate.Decoded:
+    """The Playground config a link describes (defaults, with notices, for anything invalid); never raises."""
+    return urlstate.decode(params, PRESETS[DEFAULT_PRESET], prefix=URL_PREFIX, rules=_url_rules(),
+                           fix=_self_attention_fix)
 
 
 def describe(config: PlaygroundConfig, record: AttentionResult) -> str:
