@@ -364,10 +364,12 @@ def _outline_rows(fig: go.Figure, rows: np.ndarray, n_cols: int, *, row: int, co
                       row=row, col=col)
 
 
-def _size_panels(fig: go.Figure, n_panels: int, cols: int, cells: int, cell_px: int = 18) -> None:
-    side = min(max(cells * cell_px, 260), 540)
+def _size_panels(fig: go.Figure, n_panels: int, cols: int, n_rows: int, n_cols: int, cell_px: int = 18) -> None:
+    """Panels 260-540 px wide; the height follows the rows (a 4 × 1000 mask is a short, wide strip)."""
+    width = min(max(n_cols * cell_px, 260), 540)
+    height = min(max(width * n_rows / n_cols, 120), 540)
     rows = math.ceil(n_panels / cols)
-    fig.update_layout(width=int(cols * (side + 50) + 170), height=int(rows * (side + 80) + 90))
+    fig.update_layout(width=int(cols * (width + 50) + 170), height=int(rows * (height + 80) + 110))
 
 
 def mask_figure(keep, mask_fn=None, *, panels: Sequence[tuple[int, int]] | None = None, max_cells: int = 256,
@@ -437,7 +439,7 @@ def mask_figure(keep, mask_fn=None, *, panels: Sequence[tuple[int, int]] | None 
         _outline_rows(fig, rows, len(x_labels), row=i // cols + 1, col=i % cols + 1)
     fig.update_traces(selector=dict(showscale=True),
                       colorbar=dict(title=dict(text="share that<br>may attend"), tickformat=".0%"))
-    _size_panels(fig, len(panels), cols, max(len(x_labels), len(y_labels)))
+    _size_panels(fig, len(panels), cols, len(y_labels), len(x_labels))
     return fig
 
 
@@ -469,7 +471,7 @@ def block_sparsity_figure(sparsity, *, panels: Sequence[tuple[int, int]] | None 
     fig.update_traces(selector=dict(showscale=True),
                       colorbar=dict(title=dict(text="block"), tickvals=[0, 1, 2],
                                     ticktext=["empty", "partial", "full"]))
-    _size_panels(fig, len(panels), cols, max(nq, nk), cell_px=26)
+    _size_panels(fig, len(panels), cols, nq, nk, cell_px=26)
     return fig
 
 

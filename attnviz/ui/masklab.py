@@ -447,7 +447,15 @@ def sense_ui(config: ml.MaskLabConfig, built: Built) -> None:
         with st.expander(title, expanded=title.startswith("Keep")):
             st.code(code, language="python")
     full = config.batch * config.heads * config.t * config.s
-    cols = st.columns(2)
+    cols = st.columns(3 if config.custom.on and config.custom.shape else 2)
+    if config.custom.on and config.custom.shape:
+        grid = config.custom.rank4()
+        cols[2].download_button(
+            f"Download the custom grid — {grid.shape}", data=lambda: ml.npy_bytes(torch.from_numpy(grid)),
+            file_name="custom_grid.npy", mime="application/octet-stream", key=_key("dl_custom"),
+            help="The custom component alone (before its NOT), as the snippets load it when it is too large to "
+            "write inline.",
+        )
     cols[0].download_button(
         f"Download .npy — broadcast shape {tuple(built.keep.shape)}", data=lambda: ml.npy_bytes(built.keep),
         file_name="mask_broadcast.npy", mime="application/octet-stream", key=_key("dl_broadcast"),
