@@ -6,6 +6,9 @@ st.set_page_config(page_title="attnviz — attention explorer", page_icon="🔍"
 
 pages = [
     st.Page("pages/playground.py", title="Playground", icon="🎛️", default=True),
+    st.Page("pages/mask_lab.py", title="Mask Lab", icon="🧩"),
+    st.Page("pages/real_model.py", title="Real model", icon="🧠"),
+    st.Page("pages/long_sequences.py", title="Long sequences", icon="📏"),
 ]
 navigation = st.navigation(pages)
 st.sidebar.caption(
