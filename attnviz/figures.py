@@ -37,6 +37,10 @@ __all__ = [
     "mask_panels",
     "block_sparsity_figure",
     "mask_effect_figure",
+    "image_grid",
+    "png_data_uri",
+    "palette",
+    "colour_indices",
 ]
 
 
@@ -165,6 +169,118 @@ def heatmap_grid(
     return fig
 
 
+# --- images: large grids go to the browser as palette PNGs, coloured here -------------------------------------
+
+COLOR_SCALINGS = ("linear", "sqrt", "log")
+LOG_FLOOR = 1e-6  # the log colour scale starts here: long rows spread probability as thinly as 1/8192
+MASKED_INDEX = 255  # palette entry of the masked grey
+# Above this many cells in one figure, heads are drawn as images: a hoverable heatmap costs ~16 bytes a cell.
+HOVER_CELL_BUDGET = 131_072
+
+
+def _unit(values: np.ndarray, scaling: str, vmin: float, vmax: float) -> tuple[np.ndarray, float, float]:
+    """Values mapped to [0, 1] along the colour scale, and the (low, high) ends the colour bar shows."""
+    if scaling == "log":
+        low, high = math.log10(LOG_FLOOR), math.log10(max(vmax, LOG_FLOOR * 10))
+        x = np.log10(np.clip(values, LOG_FLOOR, None))
+    elif scaling == "sqrt":
+        low, high = math.sqrt(max(vmin, 0.0)), math.sqrt(max(vmax, 1e-12))
+        x = np.sqrt(np.clip(values, 0.0, None))
+    else:
+        low, high = vmin, vmax if vmax > vmin else vmin + 1e-12
+        x = values
+    return np.clip((x - low) / (high - low), 0.0, 1.0), low, high
+
+
+def palette(colorscale: str) -> np.ndarray:
+    """(256, 3) uint8: 255 colours sampled evenly from a Plotly colour scale, then the masked grey."""
+    from plotly.colors import get_colorscale, sample_colorscale
+
+    colours = np.asarray(sample_colorscale(get_colorscale(colorscale), np.linspace(0.0, 1.0, MASKED_INDEX),
+                                           colortype="tuple"))
+    colours = np.round(colours * 255.0 if colours.max() <= 1.0 else colours)
+    grey = [int(MASKED_COLOR[i : i + 2], 16) for i in (1, 3, 5)]
+    return np.concatenate([colours, [grey]]).astype(np.uint8)
+
+
+def colour_indices(values: np.ndarray, keep: np.ndarray | None, scaling: str, vmin: float, vmax: float) -> np.ndarray:
+    """(r, c) uint8 palette indices: 0..254 along the colour scale, MASKED_INDEX where nothing may attend."""
+    unit, _, _ = _unit(np.nan_to_num(values, nan=vmin), scaling, vmin, vmax)
+    index = np.round(unit * (MASKED_INDEX - 1)).astype(np.uint8)
+    if keep is not None:
+        index[~keep] = MASKED_INDEX
+    return index
+
+
+def png_data_uri(index: np.ndarray, colours: np.ndarray) -> str:
+    """A base64 data URI of a palette PNG: one byte a pixel before compression (Pillow ships with Streamlit)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    image = Image.fromarray(index, mode="P")
+    image.putpalette(colours.reshape(-1).tolist())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def image_grid(
+    panels: Sequence[Panel | None],
+    *,
+    cols: int,
+    value_name: str,
+    colorscale: str = PROBABILITY_SCALE,
+    scaling: str = "linear",
+    zmin: float | None = None,
+    zmax: float | None = None,
+    title: str | None = None,
+    row_titles: Sequence[str] | None = None,
+    panel_px: int = 220,
+) -> go.Figure:
+    """The same grid as ``heatmap_grid`` drawn as PNG images (no hover), for grids too large to send cell by cell.
+
+    Each panel's values go through the colour scale on the server; masked cells (keep False) are grey. The payload
+    is about one byte a cell before PNG compression, whatever the values.
+    """
+    if scaling not in COLOR_SCALINGS:
+        raise ValueError(f"scaling must be one of {list(COLOR_SCALINGS)}, got {scaling!r}")
+    real = [p for p in panels if p is not None]
+    kept = [p.values[(p.keep if p.keep is not None else True) & np.isfinite(p.values)] for p in real]
+    kept = np.concatenate([k.ravel() for k in kept]) if kept else np.array([])
+    zmin = (float(kept.min()) if kept.size else 0.0) if zmin is None else zmin
+    zmax = (float(kept.max()) if kept.size else 1.0) if zmax is None else zmax
+    rows = math.ceil(len(panels) / cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[p.title if p is not None else "" for p in panels],
+                        horizontal_spacing=0.02, vertical_spacing=min(0.08, 0.3 / max(rows, 1)),
+                        row_titles=list(row_titles) if row_titles else None)
+    colours = palette(colorscale)
+    for i, panel in enumerate(panels):
+        r, c = i // cols + 1, i % cols + 1
+        if panel is None:
+            fig.update_xaxes(visible=False, row=r, col=c)
+            fig.update_yaxes(visible=False, row=r, col=c)
+            continue
+        index = colour_indices(panel.values, panel.keep, scaling, zmin, zmax)
+        fig.add_trace(go.Image(source=png_data_uri(index, colours), hoverinfo="skip", name=panel.title),
+                      row=r, col=c)
+        fig.update_xaxes(showticklabels=False, row=r, col=c)
+        fig.update_yaxes(showticklabels=False, autorange="reversed", row=r, col=c)
+    # go.Image has no colour bar: an invisible marker carries the shared scale's.
+    _, low, high = _unit(np.zeros(1), scaling, zmin, zmax)
+    bar = {"log": f"log10 {value_name}", "sqrt": f"√{value_name}", "linear": value_name}[scaling]
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", showlegend=False, hoverinfo="skip",
+                             marker=dict(coloraxis="coloraxis", color=[low])), row=1, col=1)
+    fig.update_layout(
+        coloraxis=dict(colorscale=colorscale, cmin=low, cmax=high, colorbar=dict(title=bar, thickness=12)),
+        height=rows * panel_px + 90, width=cols * panel_px + 140, margin=dict(l=10, r=10, t=60, b=10),
+        template="plotly_white", title=dict(text=title, font=dict(size=13)) if title else None,
+    )
+    fig.update_annotations(font_size=11)
+    return fig
+
+
 MAX_COLUMNS = 8
 
 
@@ -219,7 +335,7 @@ def attention_heads_figure(
             panels.append(None)
             continue
         reasons = None
-        if record.mask_fn is not None and not keep[u].all():
+        if record.mask_fn is not None and not keep[u].all() and h * t * s <= HOVER_CELL_BUDGET:
             reasons = record.mask_fn.explain_grid(batch_index, u, t, s)
         kv = f" · kv {record.kv_head_of(u)}" if record.num_kv_heads != record.num_heads else ""
         panels.append(Panel(
@@ -230,12 +346,21 @@ def attention_heads_figure(
             reasons=reasons,
         ))
     is_prob = values == "probabilities"
+    scale = colorscale or (PROBABILITY_SCALE if is_prob else DIVERGING_SCALE)
+    if h * t * s > HOVER_CELL_BUDGET:
+        # Too many cells to send one by one (32 heads x 128 x 128 would be ~23 MB): PNG images, no hover.
+        bound = float(np.abs(logits[np.isfinite(logits)]).max(initial=1.0))
+        return image_grid(
+            panels, cols=cols, row_titles=row_titles, value_name="probability" if is_prob else "logit",
+            colorscale=scale, zmin=0.0 if is_prob else -bound, zmax=1.0 if is_prob else bound,
+            title=f"{h} heads × {t} × {s} = {h * t * s:,} cells, drawn as images (hover needs at most "
+                  f"{HOVER_CELL_BUDGET:,} cells: fewer heads or shorter sequences); grey = masked",
+        )
     return heatmap_grid(
         panels, cols=cols, row_titles=row_titles,
         x_labels=position_labels(s, "k", key_labels), y_labels=position_labels(t, "q", query_labels),
         value_name="probability" if is_prob else "logit",
-        colorscale=colorscale or (PROBABILITY_SCALE if is_prob else DIVERGING_SCALE),
-        zmin=0.0 if is_prob else None, zmax=1.0 if is_prob else None,
+        colorscale=scale, zmin=0.0 if is_prob else None, zmax=1.0 if is_prob else None,
     )
 
 

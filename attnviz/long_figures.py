@@ -7,71 +7,20 @@ builders send what a screen can show. Large pooled maps are coloured on the serv
 
 from __future__ import annotations
 
-import base64
-import io
 import math
 
 import numpy as np
 import plotly.graph_objects as go
-from plotly.colors import get_colorscale, sample_colorscale
 from plotly.subplots import make_subplots
 
 from attnviz.engine import check_choice
+from attnviz.figures import MASKED_COLOR, Panel, _unit, image_grid
 from attnviz.longseq import LongResult, ZoomResult
 
-COLOR_SCALINGS = ("log", "sqrt", "linear")
+COLOR_SCALINGS = ("log", "sqrt", "linear")  # log first: long rows spread probability thinly
 # Pooled maps with at most this many cells per head are sent as hoverable heatmaps instead of images.
 HOVER_CELLS = 96 * 96
-MASKED_RGB = (215, 215, 215)  # light grey: no attendable position in the cell (as the Playground draws masks)
-MASKED_INDEX = 255  # the palette entry of MASKED_RGB
-LOG_FLOOR = 1e-6
 MAX_COLUMNS = 8
-
-
-def _transform(values: np.ndarray, scaling: str, vmax: float) -> tuple[np.ndarray, float, float]:
-    """Values mapped to [0, 1] for the colour scale, plus the (low, high) the colour bar shows."""
-    if scaling == "log":
-        low = math.log10(LOG_FLOOR)
-        high = math.log10(max(vmax, LOG_FLOOR * 10))
-        x = np.log10(np.clip(values, LOG_FLOOR, None))
-    elif scaling == "sqrt":
-        low, high = 0.0, math.sqrt(max(vmax, 1e-12))
-        x = np.sqrt(np.clip(values, 0.0, None))
-    else:
-        low, high = 0.0, max(vmax, 1e-12)
-        x = values
-    return np.clip((x - low) / (high - low), 0.0, 1.0), low, high
-
-
-def _lut(colorscale: str, n: int = 255) -> np.ndarray:
-    """(n, 3) uint8 colours sampled evenly from a Plotly colour scale."""
-    colours = np.asarray(sample_colorscale(get_colorscale(colorscale), np.linspace(0.0, 1.0, n), colortype="tuple"))
-    return np.round(colours * 255.0 if colours.max() <= 1.0 else colours).astype(np.uint8)
-
-
-def colour_indices(values: np.ndarray, keep_any: np.ndarray, scaling: str, vmax: float) -> np.ndarray:
-    """(r, c) uint8 palette indices: 0..254 along the colour scale, MASKED_INDEX where nothing may attend."""
-    unit, _, _ = _transform(np.nan_to_num(values, nan=0.0), scaling, vmax)
-    index = np.round(unit * (MASKED_INDEX - 1)).astype(np.uint8)
-    index[~keep_any] = MASKED_INDEX
-    return index
-
-
-def palette(colorscale: str) -> np.ndarray:
-    """(256, 3) uint8: the colour scale's 255 colours, then the masked grey."""
-    return np.concatenate([_lut(colorscale, MASKED_INDEX), np.asarray([MASKED_RGB], dtype=np.uint8)])
-
-
-def png_data_uri(index: np.ndarray, colours: np.ndarray) -> str:
-    """A base64 data URI of a palette PNG (one byte per pixel before compression, so even a noisy 256 x 256 map
-    stays under 90 KB). Pillow ships with Streamlit."""
-    from PIL import Image
-
-    image = Image.fromarray(index, mode="P")
-    image.putpalette(colours.reshape(-1).tolist())
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _head_order(result: LongResult) -> tuple[list[int | None], int]:
@@ -103,41 +52,37 @@ def pooled_heads_figure(
     keep = result.keep_any.numpy()
     vmax = float(np.nanmax(values)) if np.isfinite(values).any() else 1.0
     order, columns = _head_order(result)
+    r, c = values.shape[1:]
+    title = (f"{mode} pooling, {result.factor_rows}×{result.factor_cols} positions per pixel "
+             f"(grey: nothing may attend)")
+    if r * c > HOVER_CELLS:
+        panels = [None if u is None else Panel(title=f"head {u} · kv {result.kv_head_of[u]}", values=values[u],
+                                                keep=keep[u]) for u in order]
+        return image_grid(panels, cols=columns, value_name="p", colorscale=colorscale, scaling=scaling, zmin=0.0,
+                          zmax=vmax, title=title, panel_px=panel_px)
     n_rows = math.ceil(len(order) / columns)
     titles = ["" if u is None else f"head {u} · kv {result.kv_head_of[u]}" for u in order]
     fig = make_subplots(rows=n_rows, cols=columns, subplot_titles=titles, horizontal_spacing=0.02,
                         vertical_spacing=min(0.08, 0.3 / max(n_rows, 1)))
-    r, c = values.shape[1:]
-    as_image = r * c > HOVER_CELLS
-    colours = palette(colorscale)
-    _, low, high = _transform(np.zeros(1), scaling, vmax)
+    _, low, high = _unit(np.zeros(1), scaling, 0.0, vmax)
     for idx, head in enumerate(order):
         if head is None:
             continue
         row, col = idx // columns + 1, idx % columns + 1
-        if as_image:
-            index = colour_indices(values[head], keep[head], scaling, vmax)
-            fig.add_trace(go.Image(source=png_data_uri(index, colours), hoverinfo="skip", name=f"head {head}"),
-                          row=row, col=col)
-        else:
-            z, _, _ = _transform(np.nan_to_num(values[head], nan=0.0), scaling, vmax)
-            z = np.where(keep[head], z * (high - low) + low, np.nan)
-            text = [[f"{result.row_label(i)} × {result.col_label(j)}<br>{mode} p = {values[head, i, j]:.4g}"
-                     if keep[head, i, j] else f"{result.row_label(i)} × {result.col_label(j)}<br>masked"
-                     for j in range(c)] for i in range(r)]
-            fig.add_trace(go.Heatmap(z=z.astype(np.float32), text=text, hoverinfo="text", coloraxis="coloraxis",
-                                     name=f"head {head}"), row=row, col=col)
+        z, _, _ = _unit(np.nan_to_num(values[head], nan=0.0), scaling, 0.0, vmax)
+        z = np.where(keep[head], z * (high - low) + low, np.nan)
+        text = [[f"{result.row_label(i)} × {result.col_label(j)}<br>{mode} p = {values[head, i, j]:.4g}"
+                 if keep[head, i, j] else f"{result.row_label(i)} × {result.col_label(j)}<br>masked"
+                 for j in range(c)] for i in range(r)]
+        fig.add_trace(go.Heatmap(z=z.astype(np.float32), text=text, hoverinfo="text", coloraxis="coloraxis",
+                                 name=f"head {head}"), row=row, col=col)
         fig.update_xaxes(showticklabels=False, row=row, col=col)
         fig.update_yaxes(showticklabels=False, autorange="reversed", row=row, col=col)
-    # go.Image has no colour bar: an invisible marker carries one for the shared scale.
-    tick_text = {"log": "log10 p", "sqrt": "√p", "linear": "p"}[scaling]
-    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", showlegend=False, hoverinfo="skip",
-                             marker=dict(coloraxis="coloraxis", color=[low])), row=1, col=1)
+    bar = {"log": "log10 p", "sqrt": "√p", "linear": "p"}[scaling]
     fig.update_layout(
-        coloraxis=dict(colorscale=colorscale, cmin=low, cmax=high, colorbar=dict(title=tick_text, thickness=12)),
+        coloraxis=dict(colorscale=colorscale, cmin=low, cmax=high, colorbar=dict(title=bar, thickness=12)),
         height=n_rows * panel_px + 80, width=columns * panel_px + 120, margin=dict(l=10, r=10, t=50, b=10),
-        title=dict(text=f"{mode} pooling, {result.factor_rows}×{result.factor_cols} positions per pixel "
-                        f"(grey: nothing may attend)", font=dict(size=13)),
+        title=dict(text=title, font=dict(size=13)), plot_bgcolor=MASKED_COLOR,
     )
     fig.update_annotations(font_size=11)
     return fig
@@ -158,7 +103,7 @@ def zoom_figure(region: ZoomResult, colorscale: str = "Viridis") -> go.Figure:
     masked = np.argwhere(~keep)
     if len(masked):
         # Masked cells: a grey layer underneath would need a second heatmap; NaN cells show the plot background.
-        fig.update_layout(plot_bgcolor="rgb(215,215,215)")
+        fig.update_layout(plot_bgcolor=MASKED_COLOR)
     fig.update_yaxes(autorange="reversed", title="query")
     fig.update_xaxes(title="key")
     side = 560

@@ -929,3 +929,48 @@ def test_mask_effect_figure_pools_long_rows():
     ref = pooling.pool_matrix(rec.scores[0, 0], 100, 100, "max", keep=keep).values.numpy()
     np.testing.assert_allclose(z, ref, rtol=1e-6, equal_nan=True)
     assert "max per block" in fig.layout.annotations[2].text
+
+
+# --- large grids go as images -------------------------------------------------------------------------------------
+
+def _big_record(heads: int, t: int):
+    from dataclasses import replace as _replace
+
+    from attnviz.playground import DEFAULT_PRESET, PRESETS, run
+
+    return run(_replace(PRESETS[DEFAULT_PRESET], batch=1, t=t, s=t, num_heads=heads, num_kv_heads=heads // 4,
+                        model_dim=64))
+
+
+def test_heads_over_the_hover_budget_are_palette_pngs_equal_to_the_record():
+    from base64 import b64decode
+    from io import BytesIO
+
+    from PIL import Image
+
+    rec = _big_record(32, 128)  # 524,288 cells: ~23 MB as heatmaps
+    fig = figures.attention_heads_figure(rec, 0)
+    images = [tr for tr in fig.data if tr.type == "image"]
+    assert len(images) == 32 and not [tr for tr in fig.data if tr.type == "heatmap"]
+    assert len(fig.to_json()) < 2 * 2**20
+    order, _, _ = figures.head_layout(rec)
+    head = [u for u in order if u is not None][5]
+    index = np.asarray(Image.open(BytesIO(b64decode(images[5].source.split(",", 1)[1]))))
+    probs, keep = rec.scores_grid[0, head].numpy(), rec.mask_grid[0, head].numpy()
+    assert (index[~keep] == figures.MASKED_INDEX).all()
+    np.testing.assert_array_equal(index[keep], np.round(probs[keep] * (figures.MASKED_INDEX - 1)).astype(np.uint8))
+    logits = figures.attention_heads_figure(rec, 0, values="logits")
+    assert "drawn as images" in logits.layout.title.text and logits.layout.coloraxis.cmin == -logits.layout.coloraxis.cmax
+
+
+def test_heads_within_the_hover_budget_stay_hoverable_heatmaps():
+    rec = _big_record(8, 128)  # exactly the budget
+    fig = figures.attention_heads_figure(rec, 0)
+    assert not [tr for tr in fig.data if tr.type == "image"]
+    assert len([tr for tr in fig.data if tr.type == "heatmap" and "masked" not in tr.name]) == 8
+
+
+def test_image_grid_rejects_an_unknown_scaling():
+    with pytest.raises(ValueError, match="scaling must be one of"):
+        figures.image_grid([figures.Panel(title="x", values=np.zeros((2, 2)))], cols=1, value_name="p",
+                           scaling="cubic")

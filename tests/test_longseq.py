@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import attnviz
+from attnviz import figures
 from attnviz import long_figures as lf
 from attnviz import longseq as ls
 from attnviz.pooling import pool_by
@@ -175,9 +176,9 @@ def test_png_pixels_decode_to_the_pooled_values():
     index = np.asarray(image)
     values, keep = result.pooled_max[1].numpy(), result.keep_any[1].numpy()
     assert index.shape == values.shape
-    assert (index[~keep] == lf.MASKED_INDEX).all() and (index[keep] < lf.MASKED_INDEX).all()
+    assert (index[~keep] == figures.MASKED_INDEX).all() and (index[keep] < figures.MASKED_INDEX).all()
     vmax = float(np.nanmax(result.pooled_max.numpy()))
-    expected = np.round(np.clip(values / vmax, 0, 1) * (lf.MASKED_INDEX - 1))
+    expected = np.round(np.clip(values / vmax, 0, 1) * (figures.MASKED_INDEX - 1))
     np.testing.assert_array_equal(index[keep], expected[keep].astype(np.uint8))
 
 
