@@ -27,8 +27,8 @@ import torch
 from attnviz import playground as pg
 from attnviz.engine import AttentionResult
 
-__all__ = ["figure_html", "probabilities_csv", "record_npz", "record_arrays", "pytorch_snippet", "keras_snippet",
-           "MAX_SNIPPET_BYTES"]
+__all__ = ["snippet_refusal", "figure_html", "probabilities_csv", "record_npz", "record_arrays", "pytorch_snippet",
+           "keras_snippet", "MAX_SNIPPET_BYTES"]
 
 MAX_SNIPPET_BYTES = 4 * 2**20  # a snippet bigger than this is not a snippet any more
 
@@ -121,19 +121,45 @@ def _tensor_line(name: str, array: np.ndarray, comment: str, dtype: str = "float
     return f'{name} = _tensor("{_blob(arr)}", {tuple(arr.shape)}, torch.{dtype})  # {comment}'
 
 
-def _parts(config: pg.PlaygroundConfig):
-    """Layer, inputs and record of the config (the same run the Playground draws)."""
+def snippet_refusal(config: pg.PlaygroundConfig, language: str = "pytorch") -> str | None:
+    """Why no snippet can be made for this config (cheap: nothing is run), or None."""
     if config.dtype != "float32":
-        raise ValueError(f"code snippets reproduce float32 runs; this configuration uses {config.dtype}")
-    config.validate()
-    # Weights and inputs are embedded: check their size before building anything (float32, ~4/3 for base64).
+        return f"code snippets reproduce float32 runs; this configuration uses {config.dtype}"
+    try:
+        config.validate()
+    except ValueError as err:
+        return str(err)
     m, h, g = config.model_dim, config.num_heads, config.num_kv_heads or config.num_heads
     d, v = config.key_dim, config.value_dim or config.key_dim
+    # Weights and inputs are embedded: float32, about 4/3 more for base64.
     numbers = (m * h * d + m * g * (d + v) + h * v * (config.output_dim or m)
                + config.batch * (config.t + config.s) * m)
     if numbers * 4 * 4 // 3 > MAX_SNIPPET_BYTES:
-        raise ValueError(f"the snippet would embed {numbers:,} numbers (about {numbers * 16 // 3:,} bytes, over "
-                         f"{MAX_SNIPPET_BYTES:,}): the weights are too large; shrink model_dim, heads or key_dim")
+        return (f"the snippet would embed {numbers:,} numbers (about {numbers * 16 // 3:,} bytes, over "
+                f"{MAX_SNIPPET_BYTES:,}): the weights are too large; shrink model_dim, heads or key_dim")
+    if language == "keras":
+        reasons = []
+        if config.score_mode != "scaled_dot":
+            reasons.append(f"score_mode {config.score_mode!r} (Keras MultiHeadAttention scores scaled_dot only)")
+        if config.score_mod != "none":
+            reasons.append(f"score_mod {config.score_mod!r}")
+        if config.training and config.dropout > 0:
+            reasons.append("training-mode dropout (Keras draws its own random mask)")
+        if config.masked_rows != "zeros":
+            reasons.append(f"masked_rows {config.masked_rows!r} (Keras gives fully-masked rows zeros)")
+        gqa = g != h
+        if gqa and (config.value_dim not in (0, config.key_dim) or config.output_dim not in (0, config.model_dim)):
+            reasons.append("value_dim / output_shape with grouped-query heads (Keras GroupQueryAttention has neither)")
+        if reasons:
+            return "no Keras snippet for this configuration: " + "; ".join(reasons)
+    return None
+
+
+def _parts(config: pg.PlaygroundConfig, language: str = "pytorch"):
+    """Layer, inputs and record of the config (the same run the Playground draws)."""
+    problem = snippet_refusal(config, language)
+    if problem:
+        raise ValueError(problem)
     layer = pg.build_layer(config)
     query, value = pg.make_inputs(config)
     record = pg.run(config)
@@ -289,21 +315,8 @@ def keras_snippet(config: pg.PlaygroundConfig) -> str:
     Keras has no ALiBi/soft-cap, concat/additive MHA scores or seeded dropout that matches torch's, so those
     configurations are refused with a message; Keras returns all-zero probabilities for fully-masked rows.
     """
-    reasons = []
-    if config.score_mode != "scaled_dot":
-        reasons.append(f"score_mode {config.score_mode!r} (Keras MultiHeadAttention scores scaled_dot only)")
-    if config.score_mod != "none":
-        reasons.append(f"score_mod {config.score_mod!r}")
-    if config.training and config.dropout > 0:
-        reasons.append("training-mode dropout (Keras draws its own random mask)")
-    if config.masked_rows != "zeros":
-        reasons.append(f"masked_rows {config.masked_rows!r} (Keras gives fully-masked rows zeros)")
     gqa = (config.num_kv_heads or config.num_heads) != config.num_heads
-    if gqa and (config.value_dim not in (0, config.key_dim) or config.output_dim not in (0, config.model_dim)):
-        reasons.append("value_dim / output_shape with grouped-query heads (Keras GroupQueryAttention has neither)")
-    if reasons:
-        raise ValueError("no Keras snippet for this configuration: " + "; ".join(reasons))
-    layer, query, value, record = _parts(config)
+    layer, query, value, record = _parts(config, "keras")
     keep = _keep_array(record)
     if keep is not None and keep.shape[1] != 1:
         raise ValueError("no Keras snippet: the mask differs per head, and Keras' attention_mask has no head axis")

@@ -3,7 +3,8 @@
 import streamlit as st
 
 from attnviz import figures
-from attnviz.playground import describe, mask_summary
+from attnviz.playground import URL_PREFIX, describe, mask_summary, to_url
+from attnviz.ui import sharing
 from attnviz.ui.playground import cached_run, config_ui, view_ui
 from attnviz.ui.widgets import CONFIG_ERRORS, fully_masked_warning, show_config_error
 
@@ -12,8 +13,12 @@ try:
     config = config_ui()
     record = cached_run(config)
 except CONFIG_ERRORS as err:
+    sharing.show_notices(URL_PREFIX)
     show_config_error(err)
     st.stop()
+
+sharing.show_notices(URL_PREFIX)
+sharing.write_url(URL_PREFIX, to_url(config))
 
 st.caption(describe(config, record))
 fully_masked_warning(record)
@@ -23,7 +28,8 @@ view = view_ui(config)
 heads_tab, output_tab, shapes_tab = st.tabs(["Heads", "Output projection", "Shapes"], key="pg_tab", on_change="rerun")
 if heads_tab.open:
     with heads_tab:
-        st.plotly_chart(figures.attention_heads_figure(record, view.batch_index, values=view.values), width="content")
+        sharing.chart(figures.attention_heads_figure(record, view.batch_index, values=view.values), key="pg_heads",
+                      file_name=f"attention_heads_b{view.batch_index}_{view.values}")
         counts = mask_summary(record, view.batch_index)
         uniform_note = (" Under the 'uniform' policy, fully-masked rows are drawn with their 1/s probabilities."
                         if record.masked_rows == "uniform" and counts["fully_masked_rows"] else "")
@@ -32,7 +38,8 @@ if heads_tab.open:
 if output_tab.open:
     with output_tab:
         st.markdown("**Output** = Σ over heads of (head output · W_o[head]) + output bias")
-        st.plotly_chart(figures.output_figure(record, view.batch_index))
+        sharing.chart(figures.output_figure(record, view.batch_index), key="pg_output", file_name="output",
+                      width="stretch")
         st.markdown("**Each head's contribution** (head output · W_o[head]) and its size per query")
         st.plotly_chart(figures.contribution_norms_figure(record, view.batch_index))
         st.plotly_chart(figures.head_contributions_figure(record, view.batch_index))
@@ -42,3 +49,9 @@ if shapes_tab.open:
     with shapes_tab:
         shapes = figures.shapes_frame(record)
         st.dataframe(shapes, hide_index=True, height=36 * (len(shapes) + 1) + 4)
+with st.expander("Export & share: CSV, .npz, PyTorch / Keras code, link"):
+        st.markdown("**Numbers and code** for exactly this configuration (same seed, same numbers). Each figure "
+                    "has its own offline-HTML download; its toolbar's camera button saves SVG.")
+        sharing.data_downloads(record, key="pg_export", batch_index=view.batch_index, head=0,
+                               num_heads=record.num_heads, snippet_config=config)
+        sharing.share_link(to_url(config), what="the Playground with this configuration")

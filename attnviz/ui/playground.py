@@ -13,6 +13,7 @@ import torch
 
 from attnviz import playground as pg
 from attnviz.engine import DTYPES, MASKED_ROW_POLICIES, SCORE_MODES, AttentionResult
+from attnviz.ui import sharing
 
 PREFIX = "pg_"
 
@@ -88,6 +89,15 @@ def _ensure_defaults() -> None:
     if _key("preset") not in st.session_state:
         st.session_state[_key("preset")] = pg.DEFAULT_PRESET
         _load_values(pg.config_values(pg.with_preset(pg.DEFAULT_PRESET)))
+    # A shared link (pg_* query params) sets the widgets on the page's first run in this session.
+    decoded = sharing.read_url(PREFIX, pg.from_url)
+    if decoded is not None and decoded.read:
+        sharing.remember_notices(PREFIX, decoded)
+        preset = next((name for name, c in pg.PRESETS.items() if c == decoded.config), None)
+        st.session_state[_key("preset")] = preset or pg.DEFAULT_PRESET
+        _load_values(pg.config_values(decoded.config))
+    elif decoded is not None:
+        sharing.remember_notices(PREFIX, decoded)
 
 
 def _number(label: str, name: str, lo: int, hi: int) -> int:

@@ -105,12 +105,13 @@ def data_downloads(record, *, key: str, batch_index: int, head: int, num_heads: 
         return
     for col, label, fn, name in ((cols[2], "PyTorch", exports.pytorch_snippet, "attention_torch.py"),
                                  (cols[3], "Keras", exports.keras_snippet, "attention_keras.py")):
-        try:
-            code = fn(snippet_config)
-        except ValueError as err:
-            col.caption(f"No {label} snippet: {err}")
+        problem = exports.snippet_refusal(snippet_config, label.lower())
+        if problem:
+            col.caption(f"No {label} snippet: {problem}")
             continue
-        col.download_button(f"⬇ {label} code (same numbers)", data=code, file_name=name, mime="text/x-python",
+        # Built only when clicked: a snippet embeds the weights and reruns the configuration.
+        col.download_button(f"⬇ {label} code (same numbers)", data=lambda fn=fn: fn(snippet_config), file_name=name,
+                            mime="text/x-python",
                             key=f"{key}_{label.lower()}", on_click="ignore",
                             help=f"Self-contained {label} script with this configuration's inputs and weights "
                                  "embedded; it prints the same output and probabilities as the app.")
