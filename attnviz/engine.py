@@ -56,7 +56,7 @@ class AttentionResult:
 
     output: Tensor  # final output, Keras layout: (b, t, o) for MHA; (b, h, t, v) for the functional core
     scores: Tensor  # softmax probabilities before dropout, Keras return_attention_scores shape
-    logits: Tensor  # scaled scores before masking, same shape as scores
+    logits: Tensor | None  # scaled scores before masking, same shape as scores (None: need_logits=False)
     mask: Tensor | None  # bool, True = may attend, rank 4, broadcastable to scores_grid (b, h, t, s)
     head_outputs: Tensor  # (b, h, t, v) per-head context before the output projection
     head_contributions: Tensor | None  # (b, h, t, o) each head's share: sum over h + output bias == output
@@ -98,6 +98,8 @@ class AttentionResult:
     @property
     def logits_grid(self) -> Tensor:
         """(b, h, t, s) logits."""
+        if self.logits is None:
+            raise ValueError("this record was computed with need_logits=False, so it has no logits")
         return self.logits.reshape(self.grid_shape)
 
     @property
@@ -231,7 +233,7 @@ class Tile:
     b: slice  # batch items in this tile
     h: slice  # query heads in this tile
     rows: slice  # query rows in this tile
-    logits: Tensor  # (tb, th, tr, s) after score_mod, before masking
+    logits: Tensor | None  # (tb, th, tr, s) after score_mod, before masking (None: normalised in place)
     probs: Tensor  # (tb, th, tr, s) after masking, softmax and the masked-row policy
     fully_masked: Tensor  # (tb, th, tr) bool
     keep: Tensor | None = None  # bool mask of this tile, broadcastable to probs (None: no mask)
@@ -282,33 +284,43 @@ def _score_block(
     may_be_infinite: bool,
     logits_out: Tensor | None = None,
     probs_out: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Logits, probabilities and fully-masked rows of one block; writes into the *_out views when given."""
-    in_place = logits_out is not None and score_mod is None and score_mode in ("scaled_dot", "dot")
-    if in_place:
+) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Logits, probabilities and fully-masked rows of one block; writes into the *_out views when given.
+
+    With ``probs_out`` but no ``logits_out`` the logits are scored into ``probs_out`` and normalised there in place
+    (no second buffer), and the returned logits are None: they no longer exist.
+    """
+    scratch = logits_out is None and probs_out is not None  # score, mask and normalise inside probs_out
+    target = probs_out if scratch else logits_out
+    if target is not None and score_mod is None and score_mode in ("scaled_dot", "dot"):
         # Scaling q before the product costs tr*d multiplies instead of tr*s (torch MHA and Keras do the same).
         default = 1.0 / math.sqrt(q.shape[-1]) if score_mode == "scaled_dot" else 1.0
         factor = default if scale is None else scale
         q_scaled = q if isinstance(factor, float) and factor == 1.0 else q * factor
-        logits = torch.matmul(q_scaled, k.transpose(-1, -2), out=logits_out)  # (tb, th, tr, s)
+        logits = torch.matmul(q_scaled, k.transpose(-1, -2), out=target)  # (tb, th, tr, s)
     else:
         logits = compute_logits(q, k, score_mode=score_mode, scale=scale, concat_weight=concat_weight)
         if score_mod is not None:
             logits = score_mod(logits, *index)  # (tb, th, tr, s)
-        if logits_out is not None:
-            logits = logits_out.copy_(logits)
-    masked = logits if mask is None else logits.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(masked, dim=-1) if probs_out is None else torch.softmax(masked, dim=-1, out=probs_out)
+        if target is not None:
+            logits = target.copy_(logits)
     tb, th, tr, s = logits.shape
+    if mask is None:
+        masked = logits
+    elif scratch:
+        masked = logits.masked_fill_(~mask, float("-inf"))  # the buffer is ours to overwrite
+    else:
+        masked = logits.masked_fill(~mask, float("-inf"))
     if mask is not None or score_mod is not None or may_be_infinite:
         # A row is fully masked when no key is left: by the mask, or by a score_mod that sent every logit to -inf.
-        fully_masked = torch.isneginf(masked).all(dim=-1)  # (tb, th, tr)
+        fully_masked = torch.isneginf(masked).all(dim=-1)  # (tb, th, tr), before softmax may overwrite masked
     else:
         fully_masked = torch.zeros((tb, th, tr), dtype=torch.bool, device=logits.device)
+    probs = torch.softmax(masked, dim=-1) if probs_out is None else torch.softmax(masked, dim=-1, out=probs_out)
     if masked_rows != "nan" and bool(fully_masked.any()):
         fill = 0.0 if masked_rows == "zeros" else 1.0 / s
         probs.masked_fill_(fully_masked.unsqueeze(-1), fill)
-    return logits, probs, fully_masked
+    return (None if scratch else logits), probs, fully_masked
 
 
 def _validated_score_mod(score_mod, b: int, h: int, t: int, s: int, device) -> None:
@@ -443,6 +455,7 @@ def attention(
     seed: int | None = None,
     masked_rows: str = "zeros",
     memory_budget: int | None = None,
+    need_logits: bool = True,
 ) -> AttentionResult:
     """Attention on per-head tensors in SDPA's layout, returning the full record.
 
@@ -459,6 +472,8 @@ def attention(
         masked_rows: "zeros" | "uniform" | "nan" for query rows where every key is masked.
         memory_budget: bytes this call may use (default: ``memory_budget()``); a bigger problem is refused
             with a ValueError that says what would fit.
+        need_logits: keep the pre-mask logits in the record (default). False halves the memory: the scores are
+            normalised in place and ``logits`` is None (the figures that show logits then cannot be drawn).
 
     The probabilities are computed tile by tile into their final buffers (see ``probability_tiles``), so the
     peak is about the record itself: logits + probabilities, not several t*s temporaries.
@@ -473,7 +488,7 @@ def attention(
     def estimate(b_: int, h_: int, t_: int, s_: int) -> int:
         return estimate_attention_bytes(
             b_, h_, max(1, h_ * g // h), t_, s_, d, value.shape[-1], dtype=query.dtype, score_mode=score_mode,
-            training_dropout=bool(training and dropout > 0), masked=mask is not None)
+            training_dropout=bool(training and dropout > 0), masked=mask is not None, need_logits=need_logits)
 
     check_memory(estimate(b, h, t, s), memory_budget, what=f"attention with b={b}, h={h}, t={t}, s={s}",
                  device=query.device, shape=(b, h, t, s), estimator=estimate)
@@ -493,10 +508,10 @@ def attention(
     if wants_grad:
         # Autograd cannot track writes into preallocated buffers: one differentiable block over everything.
         (tile,) = probability_tiles(q, k, **tiles, tile_elements=b * h * t * s)
-        logits, probs, fully_masked = tile.logits, tile.probs, tile.fully_masked
+        logits, probs, fully_masked = (tile.logits if need_logits else None), tile.probs, tile.fully_masked
     else:
-        logits = torch.empty((b, h, t, s), dtype=work, device=q.device)
-        probs = torch.empty_like(logits)
+        probs = torch.empty((b, h, t, s), dtype=work, device=q.device)
+        logits = torch.empty_like(probs) if need_logits else None
         fully_masked = torch.empty((b, h, t), dtype=torch.bool, device=q.device)
         dropping = training and dropout > 0
         head_outputs = None if dropping else torch.empty((b, h, t, v.shape[-1]), dtype=work, device=q.device)
@@ -520,7 +535,7 @@ def attention(
     return AttentionResult(
         output=head_out,
         scores=cast(probs),
-        logits=cast(logits),
+        logits=None if logits is None else cast(logits),
         mask=mask_t,
         head_outputs=head_out,
         head_contributions=None,
@@ -536,7 +551,7 @@ def attention(
             ("query (b, h, t, d)", tuple(query.shape)),
             ("key (b, g, s, d)", tuple(key.shape)),
             ("value (b, g, s, v)", tuple(value.shape)),
-            ("logits (b, h, t, s)", tuple(logits.shape)),
+            ("logits (b, h, t, s)", tuple(probs.shape) if logits is not None else ()),
             ("mask (b|1, h|1, t, s)", () if mask_t is None else tuple(mask_t.shape)),
             ("probabilities (b, h, t, s)", tuple(probs.shape)),
             ("head outputs (b, h, t, v)", tuple(head_outputs.shape)),

@@ -387,7 +387,14 @@ class MultiHeadAttention(_SeededModule):
         key_mask=None,
         use_causal_mask: bool = False,
         training: bool = False,
+        need_logits: bool = True,
+        need_contributions: bool = True,
     ) -> AttentionResult:
+        """Attention of ``query`` over ``value`` (and ``key``, default ``value``), Keras' call signature.
+
+        ``need_logits`` / ``need_contributions`` False leave ``logits`` / ``head_contributions`` out of the record
+        (None): the scores and the output alone, with half the memory and without a (b, h, t, o) tensor.
+        """
         query, value, key = self._inputs(query, value, key)
         q_shape, v_shape, k_shape = tuple(query.shape), tuple(value.shape), tuple(key.shape)
         if v_shape[:-1] != k_shape[:-1]:
@@ -433,10 +440,16 @@ class MultiHeadAttention(_SeededModule):
             training=training,
             seed=self._dropout_seed(training),
             masked_rows=self.masked_rows,
+            need_logits=need_logits,
         )
         out_kernel = self.output_kernel.reshape(self.num_heads, self.value_dim, -1)  # (h, v, o)
-        contributions = torch.matmul(core.head_outputs, out_kernel.unsqueeze(0))  # (b', h, t, o)
-        out_grid = contributions.sum(dim=1)  # (b', t, o): the output is the sum of the heads' contributions
+        if need_contributions:
+            contributions = torch.matmul(core.head_outputs, out_kernel.unsqueeze(0))  # (b', h, t, o)
+            out_grid = contributions.sum(dim=1)  # (b', t, o): the output is the sum of the heads' contributions
+        else:
+            contributions = None
+            concat = core.head_outputs.transpose(1, 2).flatten(2)  # (b', t, h*v): the heads side by side
+            out_grid = torch.matmul(concat, out_kernel.flatten(0, 1))  # (b', t, o)
         if self.use_bias:
             out_grid = out_grid + self.output_bias.reshape(-1)
         output = self._from_grid(out_grid, q_shape)  # (b, *t_pos, o)
@@ -453,14 +466,14 @@ class MultiHeadAttention(_SeededModule):
             ("K = key · W_k (b, s, g, d)", tuple(k.shape)),
             ("V = value · W_v (b, s, g, v)", tuple(v.shape)),
             *core.shapes,
-            ("head contributions (b, h, t, o)", tuple(contributions.shape)),
+            ("head contributions (b, h, t, o)", () if contributions is None else tuple(contributions.shape)),
             ("output = Σ_h contributions + b_o", tuple(output.shape)),
         )
         return replace(
             core,
             output=output,
             scores=core.scores.reshape(keras_scores),
-            logits=core.logits.reshape(keras_scores),
+            logits=None if core.logits is None else core.logits.reshape(keras_scores),
             head_contributions=contributions,
             output_grid=out_grid,
             query_positions=t_pos,

@@ -32,6 +32,7 @@ def estimate_attention_bytes(
     need_weights: bool = True,
     training_dropout: bool = False,
     masked: bool = True,
+    need_logits: bool = True,
 ) -> int:
     """Peak bytes of one ``attention`` call (need_weights) or ``attention_output`` call (not need_weights).
 
@@ -47,9 +48,10 @@ def estimate_attention_bytes(
     mask = b * t * s if masked else 0
     if not need_weights:
         return per_head + 5 * mask  # the bool mask and SDPA's float copy of it
-    total = 2 * cells * work + mask + per_head + 3 * min(cells, 2**19) * work
+    kept = 2 if need_logits else 1  # logits and probabilities, or probabilities only
+    total = kept * cells * work + mask + per_head + 3 * min(cells, 2**19) * work
     if half:
-        total += 2 * cells * 2  # scores and logits cast back to half precision
+        total += kept * cells * 2  # cast back to half precision
     if training_dropout:
         total += 2 * cells * work
     if score_mode in ("concat", "additive"):

@@ -17,6 +17,7 @@ def test_benchmark_quick_run_writes_every_section(tmp_path, capsys):
     results = json.loads(out.read_text())
     assert [len(results[k]) for k in ("scores", "output", "views", "memory")] == [2, 4, 2, 1]
     assert all(r["ratio"] > 0 for r in results["scores"] + results["output"])
+    assert all(r["lean_ratio"] > 0 for r in results["scores"])
     assert all(r["payload_bytes"] < 2 * 2**20 for r in results["views"])
     printed = capsys.readouterr().out
-    assert "| t | heads | kv heads | reference | torch (s) | attnviz (s) | ratio |" in printed
+    assert "| t | heads | kv heads | reference | torch (s) | attnviz full record (s) | ratio |" in printed

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+import attnviz
 from attnviz import engine, memory, score_mods
 from attnviz import masks as M
 from attnviz.engine import attention, attention_output, probability_tiles
@@ -221,3 +222,41 @@ def test_tiled_and_fast_paths_on_cuda():
         assert half.dtype == dtype
         torch.testing.assert_close(half.float().cpu(), attention(q.cpu(), k.cpu(), v.cpu(), mask=M.causal()).output,
                                    rtol=3e-2, atol=3e-2)
+
+
+# --- lean records: scores and output only -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mask", ["none", "causal", "valid_lens_with_empty_rows", "per_head"])
+@pytest.mark.parametrize("policy", ["zeros", "uniform", "nan"])
+@pytest.mark.parametrize("tile", [None, 50], ids=["one_block", "tiled"])
+def test_need_logits_false_gives_the_same_scores_and_output(monkeypatch, mask, policy, tile):
+    q, k, v = _qkv()
+    full = attention(q, k, v, mask=MASKS[mask], masked_rows=policy)
+    if tile:
+        monkeypatch.setattr(engine, "TILE_ELEMENTS", tile)
+    lean = attention(q, k, v, mask=MASKS[mask], masked_rows=policy, need_logits=False)
+    assert lean.logits is None
+    assert torch.equal(lean.fully_masked_rows, full.fully_masked_rows)
+    for name in ("scores", "output"):
+        x, y = getattr(lean, name), getattr(full, name)
+        assert torch.equal(x.isnan(), y.isnan())
+        torch.testing.assert_close(x.nan_to_num(0.0), y.nan_to_num(0.0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="need_logits=False"):
+        _ = lean.logits_grid
+
+
+def test_layer_without_logits_and_contributions_gives_the_same_output():
+    layer = attnviz.MultiHeadAttention(num_heads=6, key_dim=8, num_kv_heads=2, seed=3, output_shape=10)
+    x = torch.randn(2, 40, 12, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = layer(x, x, use_causal_mask=True)
+        lean = layer(x, x, use_causal_mask=True, need_logits=False, need_contributions=False)
+    assert lean.logits is None and lean.head_contributions is None
+    torch.testing.assert_close(lean.output, full.output, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lean.scores, full.scores)
+
+
+def test_need_logits_false_halves_the_estimate():
+    full = memory.estimate_attention_bytes(1, 16, 16, 4096, 4096, 64, 64)
+    lean = memory.estimate_attention_bytes(1, 16, 16, 4096, 4096, 64, 64, need_logits=False)
+    assert 0.45 < lean / full < 0.55
