@@ -120,7 +120,7 @@ def test_playground_shows_figures_or_a_message(playground, values):
 
 @pytest.fixture(scope="module")
 def mask_lab():
-    return _app("pages/mask_lab.py")
+    return _app("app_pages/mask_lab.py")
 
 
 @st.composite
@@ -167,7 +167,7 @@ def test_mask_lab_shows_figures_or_a_message(mask_lab, values):
 @pytest.fixture(scope="module")
 def long_page():
     # A small first run (the page's default is t = 4096 with 16 heads).
-    return _app("pages/long_sequences.py", ls_t=64, ls_num_heads=2, ls_num_kv_heads=1, ls_head_dim=8)
+    return _app("app_pages/long_sequences.py", ls_t=64, ls_num_heads=2, ls_num_kv_heads=1, ls_head_dim=8)
 
 
 @st.composite
@@ -216,7 +216,7 @@ def test_long_sequences_shows_figures_or_a_message(long_page, values):
                    "min_value=8 but value=min(128, t, s), so t or s below 8 raises StreamlitAPIException "
                    "('The `value` 4 is less than the `min_value` 8') and the page shows an exception box")
 def test_long_sequences_zoom_tab_with_a_short_sequence():
-    at = _app("pages/long_sequences.py", ls_t=4, ls_num_heads=1, ls_num_kv_heads=0, ls_head_dim=8, ls_top_k=1)
+    at = _app("app_pages/long_sequences.py", ls_t=4, ls_num_heads=1, ls_num_kv_heads=0, ls_head_dim=8, ls_top_k=1)
     assert not at.exception and not at.error
     at.session_state["ls_tab"] = "Zoom"
     at.run()

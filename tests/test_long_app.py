@@ -14,7 +14,7 @@ st_testing = pytest.importorskip("streamlit.testing.v1")
 AppTest = st_testing.AppTest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGE = "pages/long_sequences.py"
+PAGE = "app_pages/long_sequences.py"
 
 
 @pytest.fixture

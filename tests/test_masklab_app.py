@@ -28,7 +28,7 @@ TABS = ["Mask", "Block sparsity", "Logits → probabilities", "Framework compari
 def lab(monkeypatch):
     monkeypatch.chdir(ROOT)
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    at.switch_page("pages/mask_lab.py")  # straight to the lab: the Playground never runs
+    at.switch_page("app_pages/mask_lab.py")  # straight to the lab: the Playground never runs
     at.run()
     assert_clean(at)
     return at

@@ -24,7 +24,7 @@ from attnviz.ui.real_model import DEFAULT_TEXT, TABS, apply_thumbnail_click  # n
 from test_real_model import build_tiny_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGE = "pages/real_model.py"
+PAGE = "app_pages/real_model.py"
 
 
 @pytest.fixture(scope="module")
