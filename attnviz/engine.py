@@ -325,7 +325,11 @@ def _score_block(
 
 def _validated_score_mod(score_mod, b: int, h: int, t: int, s: int, device) -> None:
     """Call a score_mod once on a (1, h, 1, 1) probe so a head-count mismatch is reported before any tile runs
-    (tiles pass one head at a time, as FlexAttention passes scalar indices)."""
+    (tiles pass one head at a time, as FlexAttention passes scalar indices). A ScoreMod that knows the head count
+    it was built for (ALiBi's slopes) checks it first."""
+    check = getattr(score_mod, "check", None)
+    if callable(check):
+        check(h)
     probe = torch.zeros(1, h, 1, 1, device=device)
     idx = (torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device), torch.arange(h, device=device).view(1, h, 1, 1),
            torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device),
@@ -336,13 +340,9 @@ def _validated_score_mod(score_mod, b: int, h: int, t: int, s: int, device) -> N
 def _materialized(mask, b: int, h: int, t: int, s: int, device) -> Tensor | None:
     """The mask as a bool tensor broadcastable to (b, h, t, s); a rank-4 bool tensor that already broadcasts is
     used as it is (no gather copy of a long mask)."""
-    if isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.dim() == 4:
-        try:
-            torch.broadcast_shapes(tuple(mask.shape), (b, h, t, s))
-        except RuntimeError:
-            pass  # from_tensor below raises the usual message
-        else:
-            return torch.broadcast_to(mask.to(device), torch.broadcast_shapes(mask.shape, (1, 1, t, s)))
+    if isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.dim() == 4 and masks_lib.broadcasts_to(
+            tuple(mask.shape), (b, h, t, s)):
+        return torch.broadcast_to(mask.to(device), torch.broadcast_shapes(mask.shape, (1, 1, t, s)))
     mask_fn = as_mask(mask)
     return None if mask_fn is None else mask_fn.materialize(b, h, t, s, device=device)
 

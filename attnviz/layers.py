@@ -267,7 +267,7 @@ class MultiHeadAttention(_SeededModule):
         if self.attention_axes is None:
             axes = tuple(range(1, rank - 1))
         else:
-            axes = tuple(a if a >= 0 else rank - 1 + a for a in self.attention_axes)
+            axes = tuple(a if a >= 0 else rank + a for a in self.attention_axes)  # as Keras: input rank + a
             bad = [a for a in axes if not 1 <= a <= rank - 2]
             if bad or len(set(axes)) != len(axes):
                 raise ValueError(

@@ -162,6 +162,10 @@ def _inputs(config: LongConfig) -> tuple[Tensor, Tensor, Tensor]:
     q = torch.einsum("tc,chd->htd", x_q, w_q)[None]  # (1, h, t, d)
     k = torch.einsum("sc,cgd->gsd", x_kv, w_k)[None]  # (1, g, s, d)
     v = torch.einsum("sc,cgd->gsd", x_kv, w_v)[None]  # (1, g, s, d)
+    work = DTYPES[config.dtype]
+    if work != torch.float32:
+        # Half-precision inputs (as a model would have them); the scores are computed in float32 as everywhere.
+        q, k, v = (x.to(work).float() for x in (q, k, v))
     return q.to(device), k.to(device), v.to(device)
 
 
@@ -197,10 +201,6 @@ def analyze(config: LongConfig, memory_budget: int | None = None) -> LongResult:
     start = time.perf_counter()
     t, s, h = config.t, config.keys, config.num_heads
     q, k, v = _inputs(config)
-    work = DTYPES[config.dtype]
-    if work != torch.float32:
-        # Half-precision inputs (as a model would have them); the scores are computed in float32 as everywhere.
-        q, k, v = (x.to(work).float() for x in (q, k, v))
     mask = config.mask_spec().build(1, t, s)
     fr, fc = math.ceil(t / config.pixels), math.ceil(s / config.pixels)
     r, c = math.ceil(t / fr), math.ceil(s / fc)

@@ -38,6 +38,7 @@ __all__ = [
     "full",
     "all_of",
     "index_grids",
+    "broadcasts_to",
 ]
 
 
@@ -450,12 +451,10 @@ def from_tensor(mask, name: str | None = None) -> Mask:
     m4 = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape)) if m.dim() == 2 else (m[:, None] if m.dim() == 3 else m)
 
     def validate(b, h, t, s):
-        try:
-            torch.broadcast_shapes(tuple(m4.shape), (b, h, t, s))
-        except RuntimeError:
+        if not broadcasts_to(tuple(m4.shape), (b, h, t, s)):
             raise ValueError(
                 f"mask of shape {tuple(m.shape)} does not broadcast to (b, h, t, s) = ({b}, {h}, {t}, {s})"
-            ) from None
+            )
 
     def fn(b, h, q, kv, t, s):
         mm = m4.to(kv.device)
@@ -464,6 +463,17 @@ def from_tensor(mask, name: str | None = None) -> Mask:
         return mm[tuple(idx if mm.shape[i] > 1 else zero for i, idx in enumerate((b, h, q, kv)))]
 
     return MaskFn(name or f"mask{list(m.shape)}", fn, validate)
+
+
+def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether a tensor of ``shape`` broadcasts TO ``target`` (each dim equal or 1), as Keras requires of a mask.
+
+    ``torch.broadcast_shapes`` is not enough: it also accepts a mask WIDER than a size-1 axis of the attention.
+    """
+    if len(shape) > len(target):
+        return False
+    padded = (1,) * (len(target) - len(shape)) + tuple(shape)
+    return all(m in (1, n) for m, n in zip(padded, target, strict=True))
 
 
 def full() -> Mask:

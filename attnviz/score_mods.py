@@ -15,9 +15,16 @@ __all__ = ["alibi", "softcap", "alibi_slopes"]
 
 
 class ScoreMod:
-    def __init__(self, name: str, fn):
+    """A named score modifier; ``check(num_heads)``, when given, refuses an attention it was not built for."""
+
+    def __init__(self, name: str, fn, check=None):
         self.name = name
         self._fn = fn
+        self._check = check
+
+    def check(self, num_heads: int) -> None:
+        if self._check is not None:
+            self._check(num_heads)
 
     def __call__(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return self._fn(score, b, h, q_idx, kv_idx)
@@ -37,14 +44,18 @@ def alibi(num_heads: int) -> ScoreMod:
     """ALiBi: score + slope[h] * (kv_idx - q_idx), a linear penalty on distance (FlexAttention's example)."""
     slopes = alibi_slopes(num_heads)
 
+    def check(heads: int) -> None:
+        if heads != num_heads:
+            raise ValueError(f"alibi was built for {num_heads} heads but the attention has {heads}")
+
     def fn(score, b, h, q, kv):
-        # h is (1, H, 1, 1) over all heads, or (1, 1, 1, 1) when the engine scores one head per tile; the engine
-        # first probes every score_mod with all heads, so a head-count mismatch is still caught by the shape.
+        # h is (1, H, 1, 1) over all heads, or (1, 1, 1, 1) when the engine scores one head per tile (the engine
+        # calls check() with the real head count first); a head index past the schedule is still refused here.
         if h.shape[1] not in (1, num_heads) or int(h.max()) >= num_heads:
-            raise ValueError(f"alibi was built for {num_heads} heads but the attention has {h.shape[1]}")
+            check(h.shape[1] if h.shape[1] != 1 else int(h.max()) + 1)
         return score + slopes.to(score.device, score.dtype)[h] * (kv - q).to(score.dtype)
 
-    return ScoreMod(f"alibi({num_heads})", fn)
+    return ScoreMod(f"alibi({num_heads})", fn, check)
 
 
 def softcap(cap: float) -> ScoreMod:

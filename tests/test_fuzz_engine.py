@@ -12,7 +12,7 @@ only, so other test files keep hypothesis' defaults):
     ci        the default: a few hundred examples over the whole file, about a minute on 2 cores
     thorough  1,000+ examples per property:  HYPOTHESIS_PROFILE=thorough python -m pytest tests/test_fuzz_engine.py
 
-A real bug found by fuzzing is pinned at the end of this file as a minimal example marked xfail(strict=True).
+Real bugs found by fuzzing are pinned at the end of this file as minimal regression tests (all fixed).
 """
 
 from __future__ import annotations
@@ -1129,69 +1129,50 @@ def test_half_precision_matches_float32_within_the_cast(p):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# findings: minimal failing cases for the lead (engine files are not edited here)
+# findings: the minimal cases fuzzing found, kept as regression tests now that they are fixed
 # ------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="score_mods.alibi(n) checks the head count only when the attention has "
-                   "more than one head: the engine's probe passes h as (1, h, 1, 1) and alibi accepts a size-1 "
-                   "head axis (tiles score one head at a time), so alibi(2) on 1 head silently uses slope 2^-4 "
-                   "of a 2-head schedule instead of refusing")
 def test_alibi_built_for_more_heads_is_refused_on_one_head():
     q, k, v = torch.randn(1, 1, 3, 2), torch.randn(1, 1, 3, 2), torch.randn(1, 1, 3, 2)
     with pytest.raises(ValueError, match="alibi"):
         attention(q, k, v, score_mod=score_mods.alibi(2))
 
 
-_WIDE_MASK = ("a bool mask tensor must broadcast TO (b, h, t, s) (Keras); masks.from_tensor checks "
-              "torch.broadcast_shapes(mask, (b, h, t, s)) instead, which also accepts a mask that is WIDER where the "
-              "attention has size 1, so a (1, 2) mask on s = 1 is silently cropped to its first column")
+# A bool mask tensor must broadcast TO (b, h, t, s), as Keras requires; torch.broadcast_shapes alone also accepted a
+# mask WIDER than a size-1 axis of the attention and silently cropped it (masks.broadcasts_to now checks).
 
 
-@pytest.mark.xfail(strict=True, reason=_WIDE_MASK)
 def test_mask_wider_than_a_length_one_key_axis_is_refused():
     q, k, v = torch.randn(1, 1, 1, 2), torch.randn(1, 1, 1, 2), torch.randn(1, 1, 1, 2)
     with pytest.raises(ValueError, match="mask"):
         attention(q, k, v, mask=torch.tensor([[True, False]]))  # (t, s) = (1, 2) but s = 1
 
 
-@pytest.mark.xfail(strict=True, reason=_WIDE_MASK + "; attention_output even returns an output of the wrong "
-                   "shape (1, 1, 1, 2) for a (1, 1, 1, 2) value")
 def test_output_only_path_refuses_a_mask_wider_than_the_keys():
     q, k, v = torch.randn(1, 1, 1, 2), torch.randn(1, 1, 1, 2), torch.randn(1, 1, 1, 2)
     with pytest.raises(ValueError, match="mask"):
         attention_output(q, k, v, mask=torch.tensor([[True, False]]))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=_WIDE_MASK + "; with a mask taller than t = 1 the "
-                   "output-only path raises torch's RuntimeError instead of a ValueError")
 def test_output_only_path_refuses_a_mask_taller_than_the_queries():
     q, k, v = torch.randn(1, 1, 1, 2), torch.randn(1, 1, 1, 2), torch.randn(1, 1, 1, 2)
     with pytest.raises(ValueError, match="mask"):
         attention_output(q, k, v, mask=torch.ones(1, 1, 3, 1, dtype=torch.bool))
 
 
-@pytest.mark.xfail(strict=True, reason=_WIDE_MASK + "; a (2, t, s) mask on a batch of 1 silently uses batch "
-                   "item 0's mask")
 def test_mask_with_more_batch_items_than_the_batch_is_refused():
     q, k, v = torch.randn(1, 1, 2, 2), torch.randn(1, 1, 2, 2), torch.randn(1, 1, 2, 2)
     with pytest.raises(ValueError, match="mask"):
         attention(q, k, v, mask=torch.ones(2, 2, 2, dtype=torch.bool))
 
 
-@pytest.mark.xfail(strict=True, reason="negative attention_axes do not follow Keras: Keras 3.15 maps axis a < 0 to "
-                   "input_rank + a (on a (b, 5, 3, f) input (-2,) attends over axis 2, scores (2, 5, 2, 3, 3); on a "
-                   "(b, t, f) input over axis 1), attnviz maps it to input_rank - 1 + a (axis 1 on rank 4, scores "
-                   "(2, 3, 2, 5, 5); refused on rank 3)")
 def test_negative_attention_axes_follow_keras():
     layer = MultiHeadAttention(num_heads=2, key_dim=2, attention_axes=(-2,), device="cpu", seed=0)
     x = torch.randn(2, 5, 3, 4)
     assert tuple(layer(x, x).scores.shape) == (2, 5, 2, 3, 3)  # Keras' shape: attention over axis 2
 
 
-@pytest.mark.xfail(strict=True, reason="longseq.zoom ignores LongConfig.dtype: analyze rounds the per-head inputs to "
-                   "float16/bfloat16 before scoring, zoom scores the float32 inputs, so a zoomed region's "
-                   "probabilities differ from the overview's (here by ~1e-3 in bfloat16)")
 def test_longseq_zoom_uses_the_same_inputs_as_analyze():
     config = longseq.LongConfig(t=16, num_heads=1, num_kv_heads=1, head_dim=8, model_dim=8, source="random",
                                 causal="off", pixels=16, top_k=1, device="cpu", dtype="bfloat16")

@@ -212,9 +212,6 @@ def test_long_sequences_shows_figures_or_a_message(long_page, values):
         assert_figures_or_message(long_page)
 
 
-@pytest.mark.xfail(strict=True, reason="Long sequences, Zoom tab: zoom_ui's 'Region size' number_input has "
-                   "min_value=8 but value=min(128, t, s), so t or s below 8 raises StreamlitAPIException "
-                   "('The `value` 4 is less than the `min_value` 8') and the page shows an exception box")
 def test_long_sequences_zoom_tab_with_a_short_sequence():
     at = _app("app_pages/long_sequences.py", ls_t=4, ls_num_heads=1, ls_num_kv_heads=0, ls_head_dim=8, ls_top_k=1)
     assert not at.exception and not at.error

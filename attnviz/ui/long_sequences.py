@@ -121,8 +121,9 @@ def zoom_ui(result: ls.LongResult) -> tuple[int, tuple[int, int], tuple[int, int
     cols = st.columns(4)
     head = int(cols[0].number_input("Head", min_value=0, max_value=config.num_heads - 1, value=0,
                                     key=_key("zoom_head")))
-    size = int(cols[1].number_input("Region size", min_value=8, max_value=256, value=min(128, config.t, config.keys),
-                                    step=8, key=_key("zoom_size"),
+    shortest = min(config.t, config.keys)
+    size = int(cols[1].number_input("Region size", min_value=min(8, shortest), max_value=min(256, max(shortest, 8)),
+                                    value=min(128, shortest), step=8, key=_key("zoom_size"),
                                     help="Queries and keys shown at full resolution (at most 256 x 256)."))
     default_q = max(0, config.t - size)
     q0 = int(cols[2].number_input("First query", min_value=0, max_value=max(0, config.t - 1), value=default_q,
