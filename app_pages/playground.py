@@ -5,13 +5,23 @@ import streamlit as st
 from attnviz import figures
 from attnviz.playground import URL_PREFIX, describe, mask_summary, to_url
 from attnviz.ui import sharing
-from attnviz.ui.playground import cached_run, config_ui, view_ui
+from attnviz.ui.playground import (
+    config_ui,
+    input_notices,
+    inputs_editor_ui,
+    run_ui,
+    snippet_config_for,
+    uploaded_in_use,
+    view_ui,
+)
 from attnviz.ui.widgets import CONFIG_ERRORS, fully_masked_warning, show_config_error
 
 st.title("Playground")
 try:
     config = config_ui()
-    record = cached_run(config)
+    input_notices()
+    inputs_editor_ui()
+    record = run_ui(config)
 except CONFIG_ERRORS as err:
     sharing.show_notices(URL_PREFIX)
     show_config_error(err)
@@ -53,5 +63,9 @@ with st.expander("Export & share: CSV, .npz, PyTorch / Keras code, link"):
         st.markdown("**Numbers and code** for exactly this configuration (same seed, same numbers). Each figure "
                     "has its own offline-HTML download; its toolbar's camera button saves SVG.")
         sharing.data_downloads(record, key="pg_export", batch_index=view.batch_index, head=0,
-                               num_heads=record.num_heads, snippet_config=config)
+                               num_heads=record.num_heads, snippet_config=snippet_config_for(config))
+        if uploaded_in_use():
+            st.info("Uploaded tensors do not travel in links or code snippets: the link below opens this "
+                    "configuration with the generated inputs. Share the file itself (and the CSV / .npz above) "
+                    "for these numbers.", icon="📎")
         sharing.share_link(to_url(config), what="the Playground with this configuration")

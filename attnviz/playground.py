@@ -6,14 +6,17 @@ record the app draws.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from attnviz import masks as masks_lib
-from attnviz import score_mods, urlstate
+from attnviz import score_mods, uploads, urlstate
 from attnviz.engine import AttentionResult
 from attnviz.layers import MultiHeadAttention
 
@@ -253,10 +256,135 @@ def build_layer(config: PlaygroundConfig) -> MultiHeadAttention:
 def run(config: PlaygroundConfig) -> AttentionResult:
     """Build the layer and inputs the config describes and run them. Raises ValueError for a bad config."""
     config.validate()
+    query, value = make_inputs(config)
+    return run_with_inputs(config, query, value)
+
+
+@torch.no_grad()
+def run_with_inputs(config: PlaygroundConfig, query_input, value_input, key_input=None) -> AttentionResult:
+    """Run the config's layer (weights still seeded by the config) on given inputs instead of generated ones.
+
+    ``query_input`` is (b, t, model_dim), ``value_input`` and ``key_input`` (default: the value, as Keras) are
+    (b, s, model_dim); numpy arrays or tensors. For self-attention pass the same X as query and value.
+    Raises ValueError, with the shapes, when they do not match the config.
+    """
+    config.validate()
+    need = uploads.expected_shapes(config.batch, config.t, config.s, config.model_dim)
+    tensors = {}
+    for name, given in (("query", query_input), ("value", value_input), ("key", key_input)):
+        if given is None:
+            continue
+        tensor = given if isinstance(given, Tensor) else torch.from_numpy(np.ascontiguousarray(given))
+        if tuple(tensor.shape) != need[name]:
+            raise ValueError(f"{name} input has shape {tuple(tensor.shape)} but the configuration needs {need[name]} "
+                             f"(batch={config.batch}, {'t' if name == 'query' else 's'}="
+                             f"{config.t if name == 'query' else config.s}, model_dim={config.model_dim})")
+        tensors[name] = tensor.to(torch.float32)
     mask = config.masks.build(config.batch, config.t, config.s)
     layer = build_layer(config)
-    query, value = make_inputs(config)
-    return layer(query, value, mask=mask, training=config.training)
+    return layer(tensors["query"], tensors["value"], tensors.get("key"), mask=mask, training=config.training)
+
+
+# Names an uploaded tensor may have -> the input it is ("x" = self-attention: query = key = value).
+INPUT_ALIASES = {"x": "x", "array": "x", "tensor": "x", "input": "x", "inputs": "x",
+                 "q": "query", "query": "query", "k": "key", "key": "key", "v": "value", "value": "value"}
+
+
+def _as_sequence_batch(label: str, arr: np.ndarray) -> np.ndarray:
+    """(n, dim) -> (1, n, dim); (b, n, dim) as is; extra leading 1s dropped. ValueError for other ranks."""
+    while arr.ndim > 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim == 2:
+        return arr[None]
+    if arr.ndim != 3:
+        raise ValueError(f"{label}: shape {arr.shape} has {arr.ndim} axes; inputs are (positions, features) or "
+                         "(batch, positions, features)")
+    return arr
+
+
+def inputs_from_upload(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict]:
+    """The layer inputs in an upload and the Playground sizes they imply.
+
+    Returns ``(tensors, sizes)``: tensors named ``x`` (self-attention) or ``query``/``value`` (+ optional ``key``),
+    each (b, n, model_dim) float32; sizes are the config fields batch, t, s, model_dim and attention. Raises
+    ValueError, with the numbers, for missing names, inconsistent shapes or sizes over the Playground's LIMITS.
+    """
+    named: dict[str, np.ndarray] = {}
+    for raw_name, arr in arrays.items():
+        name = INPUT_ALIASES.get(raw_name.lower())
+        if name is None and len(arrays) == 1:
+            name = "x"  # one tensor under any name is X
+        if name is None:
+            raise ValueError(f"tensor {raw_name!r} is not one of x, query, key, value (or q, k, v); "
+                             f"the file holds {sorted(arrays)}")
+        if name in named:
+            raise ValueError(f"the file holds two tensors for {name!r}; keep one")
+        named[name] = _as_sequence_batch(raw_name, np.asarray(arr, dtype=np.float32))
+    if "x" in named and len(named) > 1:
+        raise ValueError(f"give either x (self-attention) or query/key/value, not both (got {sorted(arrays)})")
+    if "x" in named:
+        b, t, m = named["x"].shape
+        sizes = {"batch": b, "t": t, "s": t, "model_dim": m, "attention": "self"}
+    else:
+        if "query" not in named or "value" not in named:
+            raise ValueError(f"expected x, or query and value (and optionally key); the file holds {sorted(arrays)}")
+        b, t, m = named["query"].shape
+        _, s, _ = named["value"].shape
+        sizes = {"batch": b, "t": t, "s": s, "model_dim": m, "attention": "cross"}
+        for name, arr in named.items():
+            need = (b, t, m) if name == "query" else (b, s, m)
+            if arr.shape != need:
+                raise ValueError(f"{name} has shape {arr.shape}; with query {named['query'].shape} and value "
+                                 f"{named['value'].shape} it must be {need} (same batch and features)")
+    for name in ("batch", "t", "s", "model_dim"):
+        if sizes[name] > LIMITS[name]:
+            raise ValueError(f"the upload's {name} is {sizes[name]}, over the Playground's limit of {LIMITS[name]} "
+                             f"(limits: batch ≤ {LIMITS['batch']}, t and s ≤ {LIMITS['t']}, "
+                             f"features ≤ {LIMITS['model_dim']})")
+    return named, sizes
+
+
+def inputs_digest(tensors: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over every input's name, shape and float32 bytes: a full-content cache key (never a sample)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name], dtype=np.float32)
+        digest.update(f"{name}{arr.shape};".encode())
+        digest.update(arr.tobytes())
+    return digest.hexdigest()
+
+
+def layer_inputs(tensors: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(query input, value input, key input or None) from upload tensors named x or query/value/key."""
+    if "x" in tensors:
+        return tensors["x"], tensors["x"], None
+    return tensors["query"], tensors["value"], tensors.get("key")
+
+
+def edited_slice(tensor: np.ndarray, batch_index: int, table) -> np.ndarray:
+    """``tensor`` (b, n, dim) with batch item ``batch_index`` replaced by an edited table of shape (n, dim).
+
+    The table comes from a spreadsheet editor: every cell must be a finite number (|x| ≤ 1e6); an empty cell or
+    text is refused with its position. Returns a new array; ``tensor`` is not modified.
+    """
+    values = np.asarray(table, dtype=object)
+    if values.shape != tensor.shape[1:]:
+        raise ValueError(f"the edited table is {values.shape}, expected {tensor.shape[1:]}")
+    out = np.empty(values.shape, dtype=np.float32)
+    for (row, col), cell in np.ndenumerate(values):
+        try:
+            number = float(cell)
+        except (TypeError, ValueError):
+            raise ValueError(f"row {row}, column {col}: {cell!r} is not a number") from None
+        if not math.isfinite(number):
+            what = "empty" if cell is None or (isinstance(cell, float) and math.isnan(cell)) else f"{number}"
+            raise ValueError(f"row {row}, column {col} is {what}; every cell must be a finite number")
+        if abs(number) > 1e6:
+            raise ValueError(f"row {row}, column {col}: {number:.3g} is larger than 1e6 in size")
+        out[row, col] = number
+    result = np.array(tensor, dtype=np.float32, copy=True)
+    result[batch_index] = out
+    return result
 
 
 def with_preset(name: str) -> PlaygroundConfig:
@@ -330,6 +458,11 @@ __all__ = [
     "SCORE_MODS",
     "build_score_mod",
     "run",
+    "run_with_inputs",
+    "inputs_from_upload",
+    "inputs_digest",
+    "layer_inputs",
+    "edited_slice",
     "make_inputs",
     "make_source",
     "build_layer",
