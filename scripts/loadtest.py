@@ -1,0 +1,428 @@
+"""Classroom load test: N students in real browsers working the app at the same time.
+
+    python scripts/loadtest.py --sessions 30 --duration 300 --json /tmp/load30.json
+
+Starts the app as a user does (``python -m streamlit run app.py --server.headless true`` on a free port), opens one
+Debian Chromium (/usr/bin/chromium, driven by Playwright; nothing is downloaded) with N browser contexts, and runs
+the classroom scenario in every context until the time is up:
+
+    open       load the root URL: the Playground's default preset, its heatmaps drawn
+    heads      type a new number of heads (Enter): the figure has that many head panels
+    mask       toggle the sliding window (0 <-> 3): the figure's data changes
+    mask_lab   click "Mask Lab" in the sidebar: its mask figure is drawn
+    back       click "Playground": the heatmaps are drawn again
+
+Each action is timed from the input to "the Plotly figure has the new data and Streamlit is idle" (no
+[data-testid='stStatusWidget'], as Streamlit's own e2e tests wait). Errors are counted per kind: a timeout, an
+exception box ([data-testid='stException']), or an st.error where none is expected; after an error the session
+reloads the root URL and carries on. The server's RSS is read from /proc/<pid>/status every second.
+
+Printed at the end (and written with --json): p50 / p95 / max per action, errors, RSS at start, after the warm-up
+and at the end. The server and the browser are stopped on exit, on an error and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+ACTIONS = ("open", "heads", "mask", "mask_lab", "back")
+
+# In the page: a fingerprint of the first Plotly figure's data (trace names, sizes and a weighted sum of every z
+# value), so "the figure has the new data" does not depend on which trace type or encoding the figure uses.
+FIGURE_STATE = """() => {
+  const plot = document.querySelector('.js-plotly-plot');
+  if (!plot || !plot.data) return null;
+  let heads = 0, hash = 0;
+  const mix = (str) => { for (let i = 0; i < str.length; i++) hash = (hash * 31 + str.charCodeAt(i)) | 0; };
+  const walk = (z) => {
+    if (z === null || z === undefined) { mix('~'); return; }
+    if (typeof z === 'number' || typeof z === 'string') { mix(String(z)); return; }
+    if (z.bdata !== undefined) { mix(String(z.dtype) + String(z.shape) + z.bdata); return; }  // plotly typed array
+    for (let i = 0; i < z.length; i++) walk(z[i]);
+  };
+  const parts = [];
+  for (const t of plot.data) {
+    if ((t.type === 'heatmap' || t.type === 'image') && !String(t.name || '').includes('masked')) heads++;
+    walk(t.z);
+    if (t.source) mix(t.source);  // heads drawn as PNG images
+    parts.push(String(t.name));
+  }
+  const busy = !!document.querySelector("[data-testid='stStatusWidget']");
+  const title = (document.querySelector('h1') || {}).innerText || '';
+  return {heads, busy, title, key: parts.length + '#' + hash};
+}"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float | None:
+    """Resident set size of a process in MiB (VmRSS in /proc/<pid>/status), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+class Server:
+    """The app started as a user starts it, in its own process group so every child goes with it."""
+
+    def __init__(self, port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="attnviz-loadtest-", suffix=".log", delete=False)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90.0) -> None:
+        cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
+               "--server.port", str(self.port), "--server.address", "127.0.0.1",
+               "--browser.gatherUsageStats", "false"]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}; log: {self.log.name}")
+            try:
+                if urllib.request.urlopen(self.url + "/_stcore/health", timeout=2).read() == b"ok":
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"the server was not healthy within {timeout:.0f} s; log: {self.log.name}")
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+
+
+@dataclass
+class Results:
+    timings: dict[str, list[float]] = field(default_factory=lambda: {a: [] for a in ACTIONS})
+    steady: dict[str, list[float]] = field(default_factory=lambda: {a: [] for a in ACTIONS})  # after the warm-up
+    errors: dict[str, int] = field(default_factory=dict)
+    error_samples: list[str] = field(default_factory=list)
+    rss: list[tuple[float, float]] = field(default_factory=list)  # (seconds since start, MiB)
+    scenarios: int = 0
+    cold: dict[str, float] = field(default_factory=dict)  # the untimed pre-warm pass, per action
+    prewarm_errors: dict[str, int] = field(default_factory=dict)
+    run_start: float = 0.0  # seconds after the sampler started when the students joined
+
+    def error(self, kind: str, detail: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+        if len(self.error_samples) < 20:
+            self.error_samples.append(f"{kind}: {detail[:300]}")
+
+
+class ActionError(Exception):
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind}: {detail}")
+        self.kind, self.detail = kind, detail
+
+
+async def wait_for(page, predicate, timeout: float, what: str):
+    """Poll the page's figure state until ``predicate(state)`` holds (and Streamlit is idle); returns the state.
+    An exception box or an unexpected st.error ends the wait as an error."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = await page.evaluate(FIGURE_STATE)
+        if await page.locator("[data-testid='stException']").count():
+            text = await page.locator("[data-testid='stException']").first.inner_text()
+            raise ActionError("exception", f"{what}: {text}")
+        if state is not None and not state["busy"] and predicate(state):
+            if await page.locator("[data-testid='stAlertContentError']").count():
+                text = await page.locator("[data-testid='stAlertContentError']").first.inner_text()
+                raise ActionError("st.error", f"{what}: {text}")
+            return state
+        if time.monotonic() > deadline:
+            raise ActionError("timeout", f"{what}: no updated figure within {timeout:.0f} s (last state {state})")
+        await asyncio.sleep(0.05)
+
+
+async def set_number(page, label: str, value: int) -> None:
+    box = page.get_by_role("spinbutton", name=label, exact=True)
+    await box.fill(str(value))
+    await box.press("Enter")
+
+
+async def student(index: int, browser, url: str, results: Results, stop_at: float, args,
+                  steady_from: float = 0.0, max_scenarios: int | None = None) -> None:
+    """One browser context running the classroom scenario until stop_at (or max_scenarios full passes)."""
+    rng = random.Random(index)
+    context = await browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = await context.new_page()
+    page.set_default_timeout(args.action_timeout * 1000)
+    window_on = False
+
+    async def timed(action: str, start_action, predicate, what: str):
+        started = time.monotonic()
+        await start_action()
+        state = await wait_for(page, predicate, args.action_timeout, what)
+        elapsed = time.monotonic() - started
+        results.timings[action].append(elapsed)
+        if started >= steady_from:
+            results.steady[action].append(elapsed)
+        return state
+
+    async def think():
+        await asyncio.sleep(args.think * rng.uniform(0.5, 1.5))
+
+    async def open_root():
+        await page.goto(url, wait_until="domcontentloaded")
+
+    try:
+        need_open = True
+        while time.monotonic() < stop_at:
+            try:
+                if need_open:
+                    state = await timed("open", open_root, lambda s: s["heads"] > 0 and "Playground" in s["title"],
+                                        "open the Playground")
+                    window_on = False
+                    need_open = False
+                    await think()
+                if time.monotonic() >= stop_at:
+                    break
+                # heads: any even count (the default preset has 2 kv heads) other than the one on screen
+                state = await page.evaluate(FIGURE_STATE)
+                current = state["heads"] if state else 0
+                heads = rng.choice([h for h in (2, 4, 6, 8) if h != current])
+                await timed("heads", lambda h=heads: set_number(page, "Heads h", h),
+                            lambda s, h=heads: s["heads"] == h, f"set heads to {heads}")
+                await think()
+                if time.monotonic() >= stop_at:
+                    break
+                before = (await page.evaluate(FIGURE_STATE))["key"]
+                window_on = not window_on
+                await timed("mask", lambda w=3 if window_on else 0: set_number(page, "Sliding window w (0 = off)", w),
+                            lambda s, b=before: s["key"] != b and s["heads"] > 0,
+                            f"sliding window {'on' if window_on else 'off'}")
+                await think()
+                if time.monotonic() >= stop_at:
+                    break
+                await timed("mask_lab", lambda: page.locator("[data-testid='stSidebarNavLink']",
+                                                             has_text="Mask Lab").click(),
+                            lambda s: "Mask Lab" in s["title"] and s["heads"] > 0, "switch to the Mask Lab")
+                await think()
+                if time.monotonic() >= stop_at:
+                    break
+                await timed("back", lambda: page.locator("[data-testid='stSidebarNavLink']",
+                                                         has_text="Playground").click(),
+                            lambda s: "Playground" in s["title"] and s["heads"] > 0, "back to the Playground")
+                window_on = False  # a page switch drops the Playground's widget state: the window is 0 again
+                results.scenarios += 1
+                if max_scenarios is not None and results.scenarios >= max_scenarios:
+                    break
+                await think()
+            except ActionError as err:
+                results.error(err.kind, f"session {index}: {err.detail}")
+                need_open = True
+            except Exception as err:  # a Playwright timeout or a closed page is an error of this run, not a crash
+                if time.monotonic() >= stop_at:
+                    break
+                results.error(type(err).__name__, f"session {index}: {err}")
+                need_open = True
+    finally:
+        await context.close()
+
+
+async def sample_rss(pid: int | None, results: Results, t0: float, stop: asyncio.Event) -> None:
+    while not stop.is_set() and pid is not None:
+        value = rss_mb(pid)
+        if value is not None:
+            results.rss.append((time.monotonic() - t0, value))
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def drive(url: str, pid: int | None, args) -> Results:
+    from playwright.async_api import async_playwright
+
+    results = Results()
+    t0 = time.monotonic()
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(sample_rss(pid, results, t0, stop))
+    try:
+        async with async_playwright() as p:
+            browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            try:
+                if args.prewarm:
+                    # The teacher opens the app first: one untimed pass loads the imports and fills the caches,
+                    # so the students' numbers are the warm server's (cold-start costs are printed separately).
+                    warm = Results()
+                    once = argparse.Namespace(**{**vars(args), "think": 0.0})
+                    await student(-1, browser, url, warm, time.monotonic() + 4 * args.action_timeout, once,
+                                  max_scenarios=1)
+                    results.cold = {a: round(v[0], 3) for a, v in warm.timings.items() if v}
+                    results.prewarm_errors = dict(warm.errors)
+                stop_at = time.monotonic() + args.duration
+                steady_from = time.monotonic() + args.warmup
+                results.run_start = time.monotonic() - t0
+                tasks = []
+                for i in range(args.sessions):
+                    tasks.append(asyncio.create_task(student(i, browser, url, results, stop_at, args, steady_from)))
+                    await asyncio.sleep(args.ramp / max(1, args.sessions))  # students arrive over `ramp` seconds
+                await asyncio.gather(*tasks)
+            finally:
+                await browser.close()
+    finally:
+        stop.set()
+        await sampler
+    return results
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def _row(v: list[float]) -> dict:
+    return {"count": len(v), "p50_s": round(percentile(v, 0.5), 3), "p95_s": round(percentile(v, 0.95), 3),
+            "max_s": round(max(v), 3) if v else float("nan"),
+            "mean_s": round(statistics.fmean(v), 3) if v else float("nan")}
+
+
+def _table(timings: dict[str, list[float]]) -> dict:
+    return {a: _row(v) for a, v in timings.items()}
+
+
+def summarize(results: Results, args, wall: float) -> dict:
+    rss = results.rss
+    warm = [v for t, v in rss if t >= results.run_start + args.warmup]
+    at_start = [v for t, v in rss if t >= results.run_start]
+    summary = {
+        "sessions": args.sessions, "duration_s": args.duration, "wall_s": round(wall, 1),
+        "think_s": args.think, "warmup_s": args.warmup, "scenarios_completed": results.scenarios,
+        "cold_start_s": results.cold, "prewarm_errors": results.prewarm_errors,
+        "actions": _table(results.timings),
+        "all_actions": _row(sum(results.timings.values(), [])),
+        "steady_actions": _table(results.steady),
+        "steady_all": _row(sum(results.steady.values(), [])),
+        "errors": dict(results.errors), "error_count": sum(results.errors.values()),
+        "error_samples": results.error_samples,
+        "rss_mb": {
+            "server_idle": round(rss[0][1], 1) if rss else None,
+            "start": round(at_start[0], 1) if at_start else None,
+            "after_warmup": round(warm[0], 1) if warm else None,
+            "end": round(rss[-1][1], 1) if rss else None,
+            "peak": round(max(v for _, v in rss), 1) if rss else None,
+            "growth_after_warmup": round(rss[-1][1] - warm[0], 1) if warm else None,
+        },
+        "rss_samples": [(round(t, 1), round(v, 1)) for t, v in rss],
+    }
+    return summary
+
+
+def report(summary: dict) -> str:
+    lines = [f"attnviz load test: {summary['sessions']} sessions for {summary['duration_s']} s "
+             f"(think time {summary['think_s']} s, {summary['scenarios_completed']} full scenarios)",
+             f"cold start (untimed pre-warm pass): {summary['cold_start_s'] or 'skipped'}",
+             f"{'action':<10} {'count':>6} {'p50 s':>8} {'p95 s':>8} {'max s':>8}   after warm-up: "
+             f"{'count':>6} {'p50 s':>8} {'p95 s':>8}"]
+    rows = list(summary["actions"].items()) + [("all", summary["all_actions"])]
+    steady = list(summary["steady_actions"].values()) + [summary["steady_all"]]
+    for (action, row), st in zip(rows, steady, strict=True):
+        lines.append(f"{action:<10} {row['count']:>6} {row['p50_s']:>8.3f} {row['p95_s']:>8.3f} {row['max_s']:>8.3f}"
+                     f"   {'':>14}{st['count']:>6} {st['p50_s']:>8.3f} {st['p95_s']:>8.3f}")
+    lines.append(f"errors: {summary['error_count']} {summary['errors'] or ''}")
+    for sample in summary["error_samples"][:5]:
+        lines.append(f"  {sample}")
+    r = summary["rss_mb"]
+    lines.append(f"server RSS MiB: idle {r['server_idle']}, start {r['start']}, "
+                 f"after warm-up ({summary['warmup_s']} s) {r['after_warmup']}, "
+                 f"end {r['end']}, peak {r['peak']}, growth after warm-up {r['growth_after_warmup']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", type=int, default=10, help="concurrent browser sessions (students)")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds the scenario runs")
+    parser.add_argument("--warmup", type=float, default=None,
+                        help="seconds counted as warm-up for the RSS figure (default: a fifth of the duration)")
+    parser.add_argument("--think", type=float, default=1.0,
+                        help="mean pause between a student's actions, in seconds (0.5x to 1.5x, seeded)")
+    parser.add_argument("--ramp", type=float, default=5.0, help="seconds over which the sessions join")
+    parser.add_argument("--action-timeout", type=float, default=60.0, help="seconds before an action is an error")
+    parser.add_argument("--no-prewarm", dest="prewarm", action="store_false",
+                        help="skip the untimed pass that loads imports and caches before the students join")
+    parser.add_argument("--url", default=None, help="drive an already running app instead of starting one")
+    parser.add_argument("--server-pid", type=int, default=None, help="with --url: the server's pid, for RSS")
+    parser.add_argument("--json", default=None, help="write the summary (and RSS samples) to this file")
+    args = parser.parse_args(argv)
+    if args.sessions < 1 or args.duration <= 0:
+        parser.error("--sessions must be >= 1 and --duration > 0")
+    if args.warmup is None:
+        args.warmup = args.duration / 5
+    if not os.path.exists(CHROMIUM):
+        parser.error(f"{CHROMIUM} not found (Debian's chromium package)")
+
+    server = None
+    # SIGTERM ends the run as Ctrl-C does, so the finally below still stops the server and the browser.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        if args.url:
+            url, pid = args.url.rstrip("/"), args.server_pid
+        else:
+            server = Server()
+            server.start()
+            url, pid = server.url, server.pid
+        started = time.monotonic()
+        results = asyncio.run(drive(url, pid, args))
+        summary = summarize(results, args, time.monotonic() - started)
+        print(report(summary), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=2))
+        return 0 if summary["error_count"] == 0 else 1
+    except KeyboardInterrupt:
+        print("interrupted: stopping the browser and the server", file=sys.stderr)
+        return 130
+    finally:
+        if server is not None:
+            server.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
