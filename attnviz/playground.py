@@ -372,13 +372,14 @@ def edited_slice(tensor: np.ndarray, batch_index: int, table) -> np.ndarray:
         raise ValueError(f"the edited table is {values.shape}, expected {tensor.shape[1:]}")
     out = np.empty(values.shape, dtype=np.float32)
     for (row, col), cell in np.ndenumerate(values):
+        if cell is None or (isinstance(cell, float) and math.isnan(cell)):  # a cleared cell comes back as None/NaN
+            raise ValueError(f"row {row}, column {col} is empty; every cell must be a finite number")
         try:
             number = float(cell)
         except (TypeError, ValueError):
             raise ValueError(f"row {row}, column {col}: {cell!r} is not a number") from None
         if not math.isfinite(number):
-            what = "empty" if cell is None or (isinstance(cell, float) and math.isnan(cell)) else f"{number}"
-            raise ValueError(f"row {row}, column {col} is {what}; every cell must be a finite number")
+            raise ValueError(f"row {row}, column {col} is {number}; every cell must be a finite number")
         if abs(number) > 1e6:
             raise ValueError(f"row {row}, column {col}: {number:.3g} is larger than 1e6 in size")
         out[row, col] = number
