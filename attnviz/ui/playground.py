@@ -307,9 +307,9 @@ def _process_pending_upload() -> None:
 
 def _on_file_change() -> None:
     file = st.session_state.get(_key("upload_file"))
-    if file is None:  # the file was removed from the uploader: back to the generated source
-        st.session_state[USE_UPLOAD] = False
-        st.session_state.pop(UPLOAD_ERROR, None)
+    if file is None:
+        # Removing the file (which the uploader also reports while one file replaces another) keeps the accepted
+        # tensors; "Back to generated inputs" is the way back.
         return
     accept_upload(file.name, file.getvalue())
 

@@ -1,0 +1,75 @@
+"""Uploads through the real uploader: Playwright sets a file on st.file_uploader in Debian's Chromium."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import numpy as np
+import pytest
+
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, app_url, playwright_api, wait_idle  # noqa: F401
+
+pytestmark = pytest.mark.browser
+
+# Rows (queries) and columns (keys) of the first head's heatmap, as the browser holds it.
+FIRST_HEAD_SHAPE = """() => {
+  const plot = document.querySelector('.js-plotly-plot');
+  if (!plot || !plot.data) return null;
+  const tr = plot.data.find(t => t.type === 'heatmap' && !t.name.includes('masked'));
+  if (!tr) return null;
+  const z = tr.z;
+  if (z && z.shape) return z.shape.split(',').map(Number);  // a typed-array payload {dtype, bdata, shape}
+  return [z.length, z[0].length];
+}"""
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_upload_updates_the_heads_and_a_hostile_file_is_refused(app_url, tmp_path):  # noqa: F811
+    x = np.random.default_rng(0).standard_normal((1, 5, 16)).astype(np.float32)
+    good = tmp_path / "x5.npy"
+    np.save(good, x)
+    hostile = tmp_path / "evil.pt"
+    hostile.write_bytes(pickle.dumps({"x": Evil()}))
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(app_url)
+        wait_idle(page)
+        page.wait_for_function(f"() => ({FIRST_HEAD_SHAPE})() !== null", timeout=60_000)
+        assert page.evaluate(FIRST_HEAD_SHAPE) == [8, 8]  # the default preset: t = s = 8
+        page.get_by_text("Upload inputs", exact=True).click()
+        uploader = page.locator("[data-testid='stFileUploader'] input[type='file']")
+        uploader.set_input_files(str(good))
+        page.wait_for_function(f"() => {{ const s = ({FIRST_HEAD_SHAPE})(); return s && s[0] === 5; }}",
+                               timeout=60_000)
+        wait_idle(page)
+        assert page.evaluate(FIRST_HEAD_SHAPE) == [5, 5]
+        assert page.get_by_text("Using uploaded inputs").count() == 1
+        assert page.locator("[data-testid='stException']").count() == 0
+
+        uploader.set_input_files(str(hostile))
+        page.wait_for_selector("[data-testid='stAlertContentError']", timeout=60_000)
+        wait_idle(page)
+        errors = page.locator("[data-testid='stAlertContentError']").all_inner_texts()
+        assert errors and all("evil.pt" in e and "refused" in e for e in errors), errors
+        assert page.locator("[data-testid='stException']").count() == 0
+        assert page.evaluate(FIRST_HEAD_SHAPE) == [5, 5]  # the previous figure stays...
+        assert any("still showing the previous uploaded inputs" in e for e in errors), errors
+        assert page.get_by_text("Using uploaded inputs").count() == 1  # ...on the previous uploaded inputs
+        page.screenshot(path=str(tmp_path / "uploads.png"), full_page=True)
+        browser.close()
+
+
+def test_hostile_bytes_are_not_a_pickle_we_could_load():
+    """The fixture really is hostile: a plain pickle.loads would run its payload."""
+    payload = pickle.dumps({"x": Evil()})
+    with pytest.raises(ValueError, match="refused by torch.load"):
+        from attnviz import uploads
+
+        uploads.load_arrays("evil.pt", payload)
+    assert b"print" in payload and io.BytesIO(payload).read(1) == b"\x80"
