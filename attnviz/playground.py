@@ -146,7 +146,8 @@ class PlaygroundConfig:
         if not 0.0 < self.weight_scale <= 100.0:
             raise ValueError(f"weight_scale ({self.weight_scale}) must be in (0, 100]")
         if self.masks.causal not in CAUSAL_CHOICES or self.masks.combine not in ("and", "or"):
-            raise ValueError(f"mask settings not understood: causal={self.masks.causal!r}, combine={self.masks.combine!r}")
+            raise ValueError(f"mask settings not understood: causal={self.masks.causal!r}, "
+                             f"combine={self.masks.combine!r}")
 
 
 PRESETS: dict[str, PlaygroundConfig] = {

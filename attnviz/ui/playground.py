@@ -26,7 +26,8 @@ HELP = {
     "attention": "Self-attention: queries, keys and values come from the same sequence (s = t). "
     "Cross-attention: keys and values come from a second sequence of length s (Keras: `value` differs from `query`).",
     "t": "Target length t: number of query positions (Keras: the query's sequence axis).",
-    "s": "Source length s: number of key/value positions (Keras: the value's sequence axis). Equals t for self-attention.",
+    "s": "Source length s: number of key/value positions (Keras: the value's sequence axis). "
+    "Equals t for self-attention.",
     "model_dim": "Feature size of the inputs (Keras: `query.shape[-1]`; d2l: num_hiddens).",
     "num_heads": "Number of attention heads h (Keras `num_heads`). Each head has its own query projection.",
     "num_kv_heads": "Number of key/value heads g (Keras GroupedQueryAttention `num_key_value_heads`). "
@@ -36,7 +37,8 @@ HELP = {
     "value_dim": "Size of each attention head for value (Keras `value_dim`); 0 = same as key_dim.",
     "output_dim": "Output features (Keras `output_shape`): the size the concatenated heads are projected to. "
     "0 = the query's last dimension.",
-    "use_bias": "Whether the dense layers (Q, K, V projections and the output projection) use bias vectors (Keras `use_bias`).",
+    "use_bias": "Whether the dense layers (Q, K, V projections and the output projection) use bias vectors "
+    "(Keras `use_bias`).",
     "weight_scale": "Multiplies the randomly initialised query and key projection weights. 1 = Keras' "
     "glorot_uniform as drawn: an untrained layer attends almost uniformly. Larger values sharpen the logits and make "
     "heads differ, as trained heads do.",
@@ -49,14 +51,17 @@ HELP = {
     "softcap": "The cap for the softcap modifier: logits are squashed into (−cap, cap).",
     "source": "How the input vectors are made (all reproducible from the seed).",
     "causal": "Causal mask: query i sees keys up to its position. top_left: key j ≤ i (Keras use_causal_mask, SDPA "
-    "is_causal). bottom_right: the last query lines up with the last key, j ≤ i + (s − t) (flash-attn, KV-cache decoding).",
-    "sliding_window": "Keep keys within w − 1 positions of the query on either side, |i − j| < w (Keras sliding_window). 0 = off.",
+    "is_causal). bottom_right: the last query lines up with the last key, j ≤ i + (s − t) "
+    "(flash-attn, KV-cache decoding).",
+    "sliding_window": "Keep keys within w − 1 positions of the query on either side, |i − j| < w "
+    "(Keras sliding_window). 0 = off.",
     "valid_lens": "d2l's valid_lens: one number per batch item, e.g. '3, 2'. Keys at positions ≥ that length are "
     "padding and get probability 0. Empty = off.",
     "key_padding": "Keras value_mask: the last n keys of every batch item are padding (masked for every query).",
     "query_padding": "Keras query_mask: the last n queries of every batch item are padding; their whole row is "
     "masked, so the masked-row policy decides what they become.",
-    "prefix_lm": "Prefix-LM: every query sees the first n keys (a bidirectional prefix); after it, attention is causal. 0 = off.",
+    "prefix_lm": "Prefix-LM: every query sees the first n keys (a bidirectional prefix); after it, attention is "
+    "causal. 0 = off.",
     "documents": "Packed sequences: lengths of consecutive documents, e.g. '4, 6' (must sum to t; self-attention). "
     "A query only sees keys of its own document.",
     "combine": "and: a cell is kept only if every chosen mask keeps it (how Keras merges masks). "
@@ -68,7 +73,8 @@ HELP = {
     "training": "Training mode: apply dropout to the probabilities (so the output changes, reproducibly per seed).",
     "seed": "Seeds the inputs, the initial weights and the dropout masks: the same seed gives the same numbers.",
     "masked_rows": "What a query row with every key masked becomes. zeros: all-zero probabilities and head "
-    "outputs, so the output is just the output bias (SDPA on CPU, FlexAttention, Keras ≥ 3.10 with scores). uniform: 1/s everywhere (Keras Attention layer, d2l). "
+    "outputs, so the output is just the output bias (SDPA on CPU, FlexAttention, Keras ≥ 3.10 with scores). "
+    "uniform: 1/s everywhere (Keras Attention layer, d2l). "
     "nan: NaN (torch.nn.MultiheadAttention).",
     "device": "Where the engine runs. cuda appears when a GPU is present.",
     "dtype": "Numeric precision. float16/bfloat16 are scored and normalised in float32, then cast back.",
