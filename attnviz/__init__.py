@@ -1,9 +1,9 @@
 """attnviz: an attention engine with Keras semantics, composable masks, and Plotly figures of every head.
 
-    import attnviz
-    layer = attnviz.MultiHeadAttention(num_heads=8, key_dim=4, num_kv_heads=2)
-    rec = layer(x, x, use_causal_mask=True)      # an AttentionResult
-    attnviz.figures.attention_heads_figure(rec)  # a plotly Figure, no Streamlit needed
+import attnviz
+layer = attnviz.MultiHeadAttention(num_heads=8, key_dim=4, num_kv_heads=2)
+rec = layer(x, x, use_causal_mask=True)      # an AttentionResult
+attnviz.figures.attention_heads_figure(rec)  # a plotly Figure, no Streamlit needed
 """
 
 from attnviz import masks, score_mods

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -250,9 +250,7 @@ def _validate_qkv(query: Tensor, key: Tensor, value: Tensor | None, score_mode: 
     b, h, t, d = query.shape
     bk, g, s, dk = key.shape
     if value is not None and key.shape[:3] != value.shape[:3]:
-        raise ValueError(
-            f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree in batch, heads and length"
-        )
+        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree in batch, heads and length")
     if bk != b:
         raise ValueError(f"query batch ({b}) and key batch ({bk}) differ")
     if g < 1 or h % g != 0:
@@ -331,17 +329,24 @@ def _validated_score_mod(score_mod, b: int, h: int, t: int, s: int, device) -> N
     if callable(check):
         check(h)
     probe = torch.zeros(1, h, 1, 1, device=device)
-    idx = (torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device), torch.arange(h, device=device).view(1, h, 1, 1),
-           torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device),
-           torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device))
+    idx = (
+        torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device),
+        torch.arange(h, device=device).view(1, h, 1, 1),
+        torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device),
+        torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device),
+    )
     score_mod(probe, *idx)
 
 
 def _materialized(mask, b: int, h: int, t: int, s: int, device) -> Tensor | None:
     """The mask as a bool tensor broadcastable to (b, h, t, s); a rank-4 bool tensor that already broadcasts is
     used as it is (no gather copy of a long mask)."""
-    if isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.dim() == 4 and masks_lib.broadcasts_to(
-            tuple(mask.shape), (b, h, t, s)):
+    if (
+        isinstance(mask, Tensor)
+        and mask.dtype == torch.bool
+        and mask.dim() == 4
+        and masks_lib.broadcasts_to(tuple(mask.shape), (b, h, t, s))
+    ):
         return torch.broadcast_to(mask.to(device), torch.broadcast_shapes(mask.shape, (1, 1, t, s)))
     mask_fn = as_mask(mask)
     return None if mask_fn is None else mask_fn.materialize(b, h, t, s, device=device)
@@ -387,15 +392,27 @@ def probability_tiles(
         _validated_score_mod(score_mod, b, h, t, s, device)
     # Finite q and k give finite logits, so without a mask or score_mod no row can be fully masked.
     may_be_infinite = not (bool(torch.isfinite(query).all()) and bool(torch.isfinite(key).all()))
-    common = dict(score_mode=score_mode, concat_weight=concat_weight, score_mod=score_mod,
-                  masked_rows=masked_rows, may_be_infinite=may_be_infinite)
+    common: dict[str, Any] = dict(
+        score_mode=score_mode,
+        concat_weight=concat_weight,
+        score_mod=score_mod,
+        masked_rows=masked_rows,
+        may_be_infinite=may_be_infinite,
+    )
 
     restricted = heads is not None or rows is not None
     if b * h * t * s <= tile_elements and not restricted:
         k_rep = key.repeat_interleave(group, dim=1) if group > 1 else key  # (b, h, s, d)
         logits, probs, fully = _score_block(
-            query, k_rep, mask_t, masks_lib.index_grids(b, h, t, s, device=device), scale=scale,
-            logits_out=logits_out, probs_out=probs_out, **common)
+            query,
+            k_rep,
+            mask_t,
+            masks_lib.index_grids(b, h, t, s, device=device),
+            scale=scale,
+            logits_out=logits_out,
+            probs_out=probs_out,
+            **common,
+        )
         yield Tile(slice(0, b), slice(0, h), slice(0, t), logits, probs, fully, mask_t)
         return
 
@@ -424,9 +441,15 @@ def probability_tiles(
                 q_idx = torch.arange(r.start, r.stop, device=device).view(1, 1, -1, 1)
                 here = (slice(bi, bi + 1), slice(hi, hi + 1), r)
                 logits, probs, fully = _score_block(
-                    query[here], k_head, m, (b_idx, h_idx, q_idx, kv_idx), scale=head_scale,
+                    query[here],
+                    k_head,
+                    m,
+                    (b_idx, h_idx, q_idx, kv_idx),
+                    scale=head_scale,
                     logits_out=None if logits_out is None else logits_out[here],
-                    probs_out=None if probs_out is None else probs_out[here], **common)
+                    probs_out=None if probs_out is None else probs_out[here],
+                    **common,
+                )
                 yield Tile(*here, logits, probs, fully, m)
 
 
@@ -485,13 +508,31 @@ def attention(
         raise ValueError(f"dropout ({dropout}) must be in [0, 1)")
     b, h, t, d = query.shape
     g, s = key.shape[1], key.shape[2]
+
     def estimate(b_: int, h_: int, t_: int, s_: int) -> int:
         return estimate_attention_bytes(
-            b_, h_, max(1, h_ * g // h), t_, s_, d, value.shape[-1], dtype=query.dtype, score_mode=score_mode,
-            training_dropout=bool(training and dropout > 0), masked=mask is not None, need_logits=need_logits)
+            b_,
+            h_,
+            max(1, h_ * g // h),
+            t_,
+            s_,
+            d,
+            value.shape[-1],
+            dtype=query.dtype,
+            score_mode=score_mode,
+            training_dropout=bool(training and dropout > 0),
+            masked=mask is not None,
+            need_logits=need_logits,
+        )
 
-    check_memory(estimate(b, h, t, s), memory_budget, what=f"attention with b={b}, h={h}, t={t}, s={s}",
-                 device=query.device, shape=(b, h, t, s), estimator=estimate)
+    check_memory(
+        estimate(b, h, t, s),
+        memory_budget,
+        what=f"attention with b={b}, h={h}, t={t}, s={s}",
+        device=query.device,
+        shape=(b, h, t, s),
+        estimator=estimate,
+    )
 
     out_dtype = query.dtype
     work = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
@@ -500,11 +541,18 @@ def attention(
     scale_w = scale.to(work) if isinstance(scale, Tensor) else scale
     mask_fn = as_mask(mask)
     mask_t = None if mask_fn is None else mask_fn.materialize(b, h, t, s, device=q.device)  # (b|1, h|1, t, s)
-    tiles = dict(mask=mask_t, scale=scale_w, score_mode=score_mode, score_mod=score_mod,
-                 concat_weight=concat_weight, masked_rows=masked_rows)
+    tiles: dict[str, Any] = dict(
+        mask=mask_t,
+        scale=scale_w,
+        score_mode=score_mode,
+        score_mod=score_mod,
+        concat_weight=concat_weight,
+        masked_rows=masked_rows,
+    )
 
     wants_grad = torch.is_grad_enabled() and any(
-        x.requires_grad for x in (q, k, v, scale_w, concat_weight) if isinstance(x, Tensor))
+        x.requires_grad for x in (q, k, v, scale_w, concat_weight) if isinstance(x, Tensor)
+    )
     if wants_grad:
         # Autograd cannot track writes into preallocated buffers: one differentiable block over everything.
         (tile,) = probability_tiles(q, k, **tiles, tile_elements=b * h * t * s)
@@ -530,6 +578,8 @@ def attention(
         grouped = probs.view(b, g, group, t, s)
         head_outputs = torch.matmul(grouped, v.unsqueeze(2)).view(b, h, t, v.shape[-1])  # (b, h, t, v)
 
+    # Every branch above has filled head_outputs: the tiled loop unless dropping, else the dropout product.
+    assert head_outputs is not None
     cast = (lambda x: x.to(out_dtype)) if work != out_dtype else (lambda x: x)
     head_out = cast(head_outputs)
     return AttentionResult(
@@ -581,27 +631,31 @@ def attention_output(
     _validate_qkv(query, key, value, score_mode)
     check_choice("masked_rows", masked_rows, MASKED_ROW_POLICIES)
     if score_mode not in ("scaled_dot", "dot"):
-        raise ValueError(f"the output-only path supports scaled_dot and dot scores, not {score_mode!r}; "
-                         "use attnviz.attention")
+        raise ValueError(
+            f"the output-only path supports scaled_dot and dot scores, not {score_mode!r}; use attnviz.attention"
+        )
     if isinstance(scale, Tensor):
         scale = float(scale)
     b, h, t, d = query.shape
     g, s, v_dim = key.shape[1], key.shape[2], value.shape[-1]
     check_memory(
-        estimate_attention_bytes(b, h, g, t, s, d, v_dim, dtype=query.dtype, need_weights=False,
-                                 masked=mask is not None),
-        memory_budget, what=f"output-only attention with b={b}, h={h}, t={t}, s={s}", device=query.device,
+        estimate_attention_bytes(
+            b, h, g, t, s, d, v_dim, dtype=query.dtype, need_weights=False, masked=mask is not None
+        ),
+        memory_budget,
+        what=f"output-only attention with b={b}, h={h}, t={t}, s={s}",
+        device=query.device,
     )
     mask_t = _materialized(mask, b, h, t, s, query.device)  # (b|1, h|1, t, s) or None
     out_dtype = query.dtype
     # CPU kernels score half precision in float32 anyway; upcasting keeps the numbers equal to the explicit path.
-    work = torch.float32 if (out_dtype in (torch.float16, torch.bfloat16) and query.device.type == "cpu") \
-        else out_dtype
+    work = torch.float32 if (out_dtype in (torch.float16, torch.bfloat16) and query.device.type == "cpu") else out_dtype
     q, k, v = query.to(work), key.to(work), value.to(work)
     if scale is None:
         scale = 1.0 / math.sqrt(d) if score_mode == "scaled_dot" else 1.0
     out = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask_t, scale=scale, enable_gqa=g != h)  # (b, h, t, v)
+        q, k, v, attn_mask=mask_t, scale=scale, enable_gqa=g != h
+    )  # (b, h, t, v)
     if mask_t is not None:
         fully_masked = ~mask_t.any(dim=-1)  # (b|1, h|1, t)
         if bool(fully_masked.any()):

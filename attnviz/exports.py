@@ -19,6 +19,7 @@ import io
 import json
 import zlib
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -27,16 +28,23 @@ import torch
 from attnviz import playground as pg
 from attnviz.engine import AttentionResult
 
-__all__ = ["snippet_refusal", "figure_html", "probabilities_csv", "record_npz", "record_arrays", "pytorch_snippet",
-           "keras_snippet", "MAX_SNIPPET_BYTES"]
+__all__ = [
+    "snippet_refusal",
+    "figure_html",
+    "probabilities_csv",
+    "record_npz",
+    "record_arrays",
+    "pytorch_snippet",
+    "keras_snippet",
+    "MAX_SNIPPET_BYTES",
+]
 
 MAX_SNIPPET_BYTES = 4 * 2**20  # a snippet bigger than this is not a snippet any more
 
 
 def figure_html(fig: go.Figure, title: str = "attnviz figure") -> bytes:
     """A standalone HTML file of ``fig``: plotly.js is inlined, so it opens offline, zoom and hover included."""
-    html = fig.to_html(include_plotlyjs=True, full_html=True, config={"displaylogo": False},
-                       default_width="100%")
+    html = fig.to_html(include_plotlyjs=True, full_html=True, config={"displaylogo": False}, default_width="100%")
     return html.replace("<head>", f"<head><title>{_escape(title)}</title>", 1).encode()
 
 
@@ -44,9 +52,15 @@ def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def probabilities_csv(record: AttentionResult, batch_index: int, head: int, *,
-                      query_labels: Sequence[str] | None = None, key_labels: Sequence[str] | None = None,
-                      values: str = "probabilities") -> bytes:
+def probabilities_csv(
+    record: AttentionResult,
+    batch_index: int,
+    head: int,
+    *,
+    query_labels: Sequence[str] | None = None,
+    key_labels: Sequence[str] | None = None,
+    values: str = "probabilities",
+) -> bytes:
     """One head's matrix as CSV: a header row of key labels, then one row per query (its label first).
 
     Labels are positions ('q0', 'k3') or 'position:token' when tokens are given. Masked cells are written as
@@ -80,8 +94,19 @@ def _labels(n: int, prefix: str, tokens: Sequence[str] | None) -> list[str]:
 def record_arrays(record: AttentionResult) -> dict[str, np.ndarray]:
     """Every tensor of the record as a numpy array (bf16/f16 as float32), plus its policy and shapes as text."""
     arrays: dict[str, np.ndarray] = {}
-    for name in ("output", "scores", "logits", "mask", "head_outputs", "head_contributions", "fully_masked_rows",
-                 "query", "key", "value", "output_grid"):
+    for name in (
+        "output",
+        "scores",
+        "logits",
+        "mask",
+        "head_outputs",
+        "head_contributions",
+        "fully_masked_rows",
+        "query",
+        "key",
+        "value",
+        "output_grid",
+    ):
         value = getattr(record, name)
         if value is None:
             continue
@@ -101,7 +126,9 @@ def record_arrays(record: AttentionResult) -> dict[str, np.ndarray]:
 def record_npz(record: AttentionResult) -> bytes:
     """The whole record as a compressed .npz; ``np.load(f, allow_pickle=False)`` reads every entry."""
     buf = io.BytesIO()
-    np.savez_compressed(buf, **record_arrays(record))
+    # Typed as Any: numpy's stub types **kwds alongside allow_pickle: bool, so a dict of arrays would not match.
+    arrays: dict[str, Any] = record_arrays(record)
+    np.savez_compressed(buf, **arrays)
     return buf.getvalue()
 
 
@@ -132,11 +159,12 @@ def snippet_refusal(config: pg.PlaygroundConfig, language: str = "pytorch") -> s
     m, h, g = config.model_dim, config.num_heads, config.num_kv_heads or config.num_heads
     d, v = config.key_dim, config.value_dim or config.key_dim
     # Weights and inputs are embedded: float32, about 4/3 more for base64.
-    numbers = (m * h * d + m * g * (d + v) + h * v * (config.output_dim or m)
-               + config.batch * (config.t + config.s) * m)
+    numbers = m * h * d + m * g * (d + v) + h * v * (config.output_dim or m) + config.batch * (config.t + config.s) * m
     if numbers * 4 * 4 // 3 > MAX_SNIPPET_BYTES:
-        return (f"the snippet would embed {numbers:,} numbers (about {numbers * 16 // 3:,} bytes, over "
-                f"{MAX_SNIPPET_BYTES:,}): the weights are too large; shrink model_dim, heads or key_dim")
+        return (
+            f"the snippet would embed {numbers:,} numbers (about {numbers * 16 // 3:,} bytes, over "
+            f"{MAX_SNIPPET_BYTES:,}): the weights are too large; shrink model_dim, heads or key_dim"
+        )
     if language == "keras":
         reasons = []
         if config.score_mode != "scaled_dot":
@@ -186,8 +214,10 @@ def pytorch_snippet(config: pg.PlaygroundConfig) -> str:
     layer, query, value, record = _parts(config)
     h, g = layer.num_heads, layer.num_kv_heads
     d, v = layer.key_dim, layer.value_dim
-    w = {name: getattr(layer, name).detach().cpu().numpy() for name in
-         ("query_kernel", "key_kernel", "value_kernel", "output_kernel")}
+    w = {
+        name: getattr(layer, name).detach().cpu().numpy()
+        for name in ("query_kernel", "key_kernel", "value_kernel", "output_kernel")
+    }
     lines = [
         '"""attnviz Playground configuration reproduced in plain PyTorch (attnviz not needed).',
         "",
@@ -211,8 +241,12 @@ def pytorch_snippet(config: pg.PlaygroundConfig) -> str:
         _tensor_line("W_o", w["output_kernel"], "(h, v, o)"),
     ]
     if layer.use_bias:
-        for name, label, shape in (("query_bias", "b_q", "(h, d)"), ("key_bias", "b_k", "(g, d)"),
-                                   ("value_bias", "b_v", "(g, v)"), ("output_bias", "b_o", "(o,)")):
+        for name, label, shape in (
+            ("query_bias", "b_q", "(h, d)"),
+            ("key_bias", "b_k", "(g, d)"),
+            ("value_bias", "b_v", "(g, v)"),
+            ("output_bias", "b_o", "(o,)"),
+        ):
             lines.append(_tensor_line(label, getattr(layer, name).detach().cpu().numpy(), shape))
     lines += [
         "",
@@ -235,9 +269,11 @@ def pytorch_snippet(config: pg.PlaygroundConfig) -> str:
     elif mode == "concat":
         lines.append("logits = torch.tanh(Q[:, :, :, None, :] + K_h[:, :, None, :, :]).sum(-1)  # (b, h, t, s)")
     else:
-        lines += [_tensor_line("w_add", layer.score_scale.detach().cpu().numpy(), "(h, 1, 1, d) learned weights"),
-                  "pairs = torch.tanh(Q[:, :, :, None, :] + K_h[:, :, None, :, :])  # (b, h, t, s, d)",
-                  "logits = (w_add[None, :, :, :, :] * pairs).sum(-1)  # (b, h, t, s): Bahdanau"]
+        lines += [
+            _tensor_line("w_add", layer.score_scale.detach().cpu().numpy(), "(h, 1, 1, d) learned weights"),
+            "pairs = torch.tanh(Q[:, :, :, None, :] + K_h[:, :, None, :, :])  # (b, h, t, s, d)",
+            "logits = (w_add[None, :, :, :, :] * pairs).sum(-1)  # (b, h, t, s): Bahdanau",
+        ]
     if config.score_mod == "alibi":
         lines += [
             "slopes = torch.tensor([2.0 ** (-8.0 * (u + 1) / h) for u in range(h)])  # ALiBi slopes",
@@ -303,8 +339,10 @@ def _describe(config: pg.PlaygroundConfig) -> list[str]:
 
 def _checked(code: str) -> str:
     if len(code.encode()) > MAX_SNIPPET_BYTES:
-        raise ValueError(f"the snippet would be {len(code.encode()):,} bytes (over {MAX_SNIPPET_BYTES:,}): the "
-                         "embedded weights are too large; shrink model_dim, heads or lengths")
+        raise ValueError(
+            f"the snippet would be {len(code.encode()):,} bytes (over {MAX_SNIPPET_BYTES:,}): the "
+            "embedded weights are too large; shrink model_dim, heads or lengths"
+        )
     return code
 
 
@@ -353,12 +391,14 @@ def keras_snippet(config: pg.PlaygroundConfig) -> str:
     if gqa:
         lines.append(
             f"layer = keras.layers.GroupQueryAttention(head_dim={layer.key_dim}, num_query_heads={layer.num_heads}, "
-            f"num_key_value_heads={layer.num_kv_heads}, use_bias={layer.use_bias}, dropout={float(config.dropout)!r})")
+            f"num_key_value_heads={layer.num_kv_heads}, use_bias={layer.use_bias}, dropout={float(config.dropout)!r})"
+        )
     else:
         out = f", output_shape={config.output_dim}" if config.output_dim else ""
         lines.append(
             f"layer = keras.layers.MultiHeadAttention(num_heads={layer.num_heads}, key_dim={layer.key_dim}, "
-            f"value_dim={layer.value_dim}, use_bias={layer.use_bias}, dropout={float(config.dropout)!r}{out})")
+            f"value_dim={layer.value_dim}, use_bias={layer.use_bias}, dropout={float(config.dropout)!r}{out})"
+        )
     mask_arg = ""
     if keep is not None:
         lines.append(arr("keep", keep[:, 0], f"(b|1, t, s) True = may attend: {record.mask_fn.name}", "uint8"))

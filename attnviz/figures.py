@@ -21,6 +21,8 @@ from attnviz.engine import AttentionResult
 MASKED_COLOR = "#c8c8c8"
 PROBABILITY_SCALE = "Viridis"
 DIVERGING_SCALE = "RdBu"
+# A Plotly colour scale: a named one ("Viridis") or [[position, colour], ...] stops.
+ColorScale = str | Sequence[Sequence[float | str]]
 
 __all__ = [
     "Panel",
@@ -77,7 +79,7 @@ def heatmap_grid(
     x_labels: Sequence[str],
     y_labels: Sequence[str],
     value_name: str,
-    colorscale: str = PROBABILITY_SCALE,
+    colorscale: ColorScale = PROBABILITY_SCALE,
     zmin: float | None = None,
     zmax: float | None = None,
     row_titles: Sequence[str] | None = None,
@@ -88,12 +90,15 @@ def heatmap_grid(
     """A grid of heatmaps sharing one colour scale (and a grey layer for masked cells); None leaves a slot empty."""
     rows = math.ceil(len(panels) / cols)
     fig = make_subplots(
-        rows=rows, cols=cols, subplot_titles=[p.title if p is not None else "" for p in panels],
-        horizontal_spacing=min(0.06, 0.3 / max(cols, 1)), vertical_spacing=min(0.16, 0.6 / max(rows, 1)),
+        rows=rows,
+        cols=cols,
+        subplot_titles=[p.title if p is not None else "" for p in panels],
+        horizontal_spacing=min(0.06, 0.3 / max(cols, 1)),
+        vertical_spacing=min(0.16, 0.6 / max(rows, 1)),
         row_titles=list(row_titles) if row_titles else None,
     )
-    finite = [p.values[np.isfinite(p.values) & (p.keep if p.keep is not None else True)] for p in panels if p]
-    finite = np.concatenate([f.ravel() for f in finite]) if finite else np.array([])
+    per_panel = [p.values[np.isfinite(p.values) & (p.keep if p.keep is not None else True)] for p in panels if p]
+    finite = np.concatenate([f.ravel() for f in per_panel]) if per_panel else np.array([])
     if zmin is None or zmax is None:
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         if colorscale == DIVERGING_SCALE:  # symmetric around 0 so white means zero
@@ -125,14 +130,22 @@ def heatmap_grid(
         base = f"{panel.title}<br>{y_title} %{{y}} → {x_title} %{{x}}<br>{value_name}: %{{z:.4g}}"
         fig.add_trace(
             go.Heatmap(
-                z=np.where(keep, z, np.nan), x=list(x_labels), y=list(y_labels), customdata=custom,
+                z=np.where(keep, z, np.nan),
+                x=list(x_labels),
+                y=list(y_labels),
+                customdata=custom,
                 text=None if panel.text is None else np.where(keep, panel.text, "").astype(str),
-                colorscale=colorscale, zmin=zmin, zmax=zmax, hoverongaps=False, showscale=(i == first),
+                colorscale=colorscale,
+                zmin=zmin,
+                zmax=zmax,
+                hoverongaps=False,
+                showscale=(i == first),
                 colorbar=dict(title=dict(text=value_name), thickness=12, len=min(1.0, 320 / max(rows * 220, 1))),
                 hovertemplate="<br>".join([base, *lines]) + "<extra></extra>",
                 name=panel.title,
             ),
-            row=r, col=c,
+            row=r,
+            col=c,
         )
         if not keep.all():
             # Reasons go in `text` (strings, sent once); numbers stay in a numeric customdata array (sent as base64).
@@ -142,17 +155,25 @@ def heatmap_grid(
             masked_lines = [f"{n}: %{{customdata[{k}]:{fmt[n]}}}" for k, n in enumerate(names)]
             fig.add_trace(
                 go.Heatmap(
-                    z=np.where(keep, np.nan, 1.0).astype(np.float32), x=list(x_labels), y=list(y_labels),
+                    z=np.where(keep, np.nan, 1.0).astype(np.float32),
+                    x=list(x_labels),
+                    y=list(y_labels),
                     customdata=custom,
                     text=None if isinstance(reasons, str) else np.where(keep, "", reasons).astype(str),
-                    colorscale=[[0, MASKED_COLOR], [1, MASKED_COLOR]], showscale=False, hoverongaps=False,
+                    colorscale=[[0, MASKED_COLOR], [1, MASKED_COLOR]],
+                    showscale=False,
+                    hoverongaps=False,
                     hovertemplate="<br>".join(
-                        [f"{panel.title}<br>{y_title} %{{y}} → {x_title} %{{x}}<br><b>masked</b> by: {by}",
-                         *masked_lines]
-                    ) + "<extra></extra>",
+                        [
+                            f"{panel.title}<br>{y_title} %{{y}} → {x_title} %{{x}}<br><b>masked</b> by: {by}",
+                            *masked_lines,
+                        ]
+                    )
+                    + "<extra></extra>",
                     name=f"{panel.title} (masked)",
                 ),
-                row=r, col=c,
+                row=r,
+                col=c,
             )
         fig.update_yaxes(autorange="reversed", row=r, col=c, title_text=y_title if c == 1 else None)
         fig.update_xaxes(row=r, col=c, title_text=x_title if r == rows else None)
@@ -163,8 +184,11 @@ def heatmap_grid(
     fig.update_yaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=True, col=1)
     fig.update_layout(
-        width=int(cols * (panel_w + 30) + 200), height=int(rows * (panel_h + 60) + 90),
-        margin=dict(l=60, r=30, t=60, b=50), template="plotly_white", plot_bgcolor="white",
+        width=int(cols * (panel_w + 30) + 200),
+        height=int(rows * (panel_h + 60) + 90),
+        margin=dict(l=60, r=30, t=60, b=50),
+        template="plotly_white",
+        plot_bgcolor="white",
     )
     return fig
 
@@ -196,8 +220,9 @@ def palette(colorscale: str) -> np.ndarray:
     """(256, 3) uint8: 255 colours sampled evenly from a Plotly colour scale, then the masked grey."""
     from plotly.colors import get_colorscale, sample_colorscale
 
-    colours = np.asarray(sample_colorscale(get_colorscale(colorscale), np.linspace(0.0, 1.0, MASKED_INDEX),
-                                           colortype="tuple"))
+    colours = np.asarray(
+        sample_colorscale(get_colorscale(colorscale), np.linspace(0.0, 1.0, MASKED_INDEX), colortype="tuple")
+    )
     colours = np.round(colours * 255.0 if colours.max() <= 1.0 else colours)
     grey = [int(MASKED_COLOR[i : i + 2], 16) for i in (1, 3, 5)]
     return np.concatenate([colours, [grey]]).astype(np.uint8)
@@ -247,14 +272,19 @@ def image_grid(
     if scaling not in COLOR_SCALINGS:
         raise ValueError(f"scaling must be one of {list(COLOR_SCALINGS)}, got {scaling!r}")
     real = [p for p in panels if p is not None]
-    kept = [p.values[(p.keep if p.keep is not None else True) & np.isfinite(p.values)] for p in real]
-    kept = np.concatenate([k.ravel() for k in kept]) if kept else np.array([])
+    per_panel = [p.values[(p.keep if p.keep is not None else True) & np.isfinite(p.values)] for p in real]
+    kept = np.concatenate([k.ravel() for k in per_panel]) if per_panel else np.array([])
     zmin = (float(kept.min()) if kept.size else 0.0) if zmin is None else zmin
     zmax = (float(kept.max()) if kept.size else 1.0) if zmax is None else zmax
     rows = math.ceil(len(panels) / cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[p.title if p is not None else "" for p in panels],
-                        horizontal_spacing=0.02, vertical_spacing=min(0.08, 0.3 / max(rows, 1)),
-                        row_titles=list(row_titles) if row_titles else None)
+    fig = make_subplots(
+        rows=rows,
+        cols=cols,
+        subplot_titles=[p.title if p is not None else "" for p in panels],
+        horizontal_spacing=0.02,
+        vertical_spacing=min(0.08, 0.3 / max(rows, 1)),
+        row_titles=list(row_titles) if row_titles else None,
+    )
     colours = palette(colorscale)
     for i, panel in enumerate(panels):
         r, c = i // cols + 1, i % cols + 1
@@ -263,19 +293,31 @@ def image_grid(
             fig.update_yaxes(visible=False, row=r, col=c)
             continue
         index = colour_indices(panel.values, panel.keep, scaling, zmin, zmax)
-        fig.add_trace(go.Image(source=png_data_uri(index, colours), hoverinfo="skip", name=panel.title),
-                      row=r, col=c)
+        fig.add_trace(go.Image(source=png_data_uri(index, colours), hoverinfo="skip", name=panel.title), row=r, col=c)
         fig.update_xaxes(showticklabels=False, row=r, col=c)
         fig.update_yaxes(showticklabels=False, autorange="reversed", row=r, col=c)
     # go.Image has no colour bar: an invisible marker carries the shared scale's.
     _, low, high = _unit(np.zeros(1), scaling, zmin, zmax)
     bar = {"log": f"log10 {value_name}", "sqrt": f"√{value_name}", "linear": value_name}[scaling]
-    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", showlegend=False, hoverinfo="skip",
-                             marker=dict(coloraxis="coloraxis", color=[low])), row=1, col=1)
+    fig.add_trace(
+        go.Scatter(
+            x=[None],
+            y=[None],
+            mode="markers",
+            showlegend=False,
+            hoverinfo="skip",
+            marker=dict(coloraxis="coloraxis", color=[low]),
+        ),
+        row=1,
+        col=1,
+    )
     fig.update_layout(
         coloraxis=dict(colorscale=colorscale, cmin=low, cmax=high, colorbar=dict(title=bar, thickness=12)),
-        height=rows * panel_px + 90, width=cols * panel_px + 140, margin=dict(l=10, r=10, t=60, b=10),
-        template="plotly_white", title=dict(text=title, font=dict(size=13)) if title else None,
+        height=rows * panel_px + 90,
+        width=cols * panel_px + 140,
+        margin=dict(l=10, r=10, t=60, b=10),
+        template="plotly_white",
+        title=dict(text=title, font=dict(size=13)) if title else None,
     )
     fig.update_annotations(font_size=11)
     return fig
@@ -338,29 +380,41 @@ def attention_heads_figure(
         if record.mask_fn is not None and not keep[u].all() and h * t * s <= HOVER_CELL_BUDGET:
             reasons = record.mask_fn.explain_grid(batch_index, u, t, s)
         kv = f" · kv {record.kv_head_of(u)}" if record.num_kv_heads != record.num_heads else ""
-        panels.append(Panel(
-            title=f"head {u}{kv}",
-            values=probs[u] if values == "probabilities" else logits[u],
-            keep=keep[u],
-            hover={"probability": probs[u], "logit": logits[u]},
-            reasons=reasons,
-        ))
+        panels.append(
+            Panel(
+                title=f"head {u}{kv}",
+                values=probs[u] if values == "probabilities" else logits[u],
+                keep=keep[u],
+                hover={"probability": probs[u], "logit": logits[u]},
+                reasons=reasons,
+            )
+        )
     is_prob = values == "probabilities"
     scale = colorscale or (PROBABILITY_SCALE if is_prob else DIVERGING_SCALE)
     if h * t * s > HOVER_CELL_BUDGET:
         # Too many cells to send one by one (32 heads x 128 x 128 would be ~23 MB): PNG images, no hover.
         bound = float(np.abs(logits[np.isfinite(logits)]).max(initial=1.0))
         return image_grid(
-            panels, cols=cols, row_titles=row_titles, value_name="probability" if is_prob else "logit",
-            colorscale=scale, zmin=0.0 if is_prob else -bound, zmax=1.0 if is_prob else bound,
+            panels,
+            cols=cols,
+            row_titles=row_titles,
+            value_name="probability" if is_prob else "logit",
+            colorscale=scale,
+            zmin=0.0 if is_prob else -bound,
+            zmax=1.0 if is_prob else bound,
             title=f"{h} heads × {t} × {s} = {h * t * s:,} cells, drawn as images (hover needs at most "
-                  f"{HOVER_CELL_BUDGET:,} cells: fewer heads or shorter sequences); grey = masked",
+            f"{HOVER_CELL_BUDGET:,} cells: fewer heads or shorter sequences); grey = masked",
         )
     return heatmap_grid(
-        panels, cols=cols, row_titles=row_titles,
-        x_labels=position_labels(s, "k", key_labels), y_labels=position_labels(t, "q", query_labels),
+        panels,
+        cols=cols,
+        row_titles=row_titles,
+        x_labels=position_labels(s, "k", key_labels),
+        y_labels=position_labels(t, "q", query_labels),
         value_name="probability" if is_prob else "logit",
-        colorscale=scale, zmin=0.0 if is_prob else None, zmax=1.0 if is_prob else None,
+        colorscale=scale,
+        zmin=0.0 if is_prob else None,
+        zmax=1.0 if is_prob else None,
     )
 
 
@@ -382,23 +436,35 @@ def output_figure(record: AttentionResult, batch_index: int = 0, query_labels=No
     out = _np(_output_grid(record)[batch_index])  # (t, o)
     t, o = out.shape
     return heatmap_grid(
-        [Panel(title=f"output (t={t} × o={o})", values=out)], cols=1,
-        x_labels=[f"o{j}" for j in range(o)], y_labels=position_labels(t, "q", query_labels),
-        value_name="value", colorscale=DIVERGING_SCALE, x_title="output feature", cell_px=14,
+        [Panel(title=f"output (t={t} × o={o})", values=out)],
+        cols=1,
+        x_labels=[f"o{j}" for j in range(o)],
+        y_labels=position_labels(t, "q", query_labels),
+        value_name="value",
+        colorscale=DIVERGING_SCALE,
+        x_title="output feature",
+        cell_px=14,
     )
 
 
-def _per_head_figure(tensor, record: AttentionResult, batch_index: int, prefix: str, feature: str,
-                     query_labels=None) -> go.Figure:
+def _per_head_figure(
+    tensor, record: AttentionResult, batch_index: int, prefix: str, feature: str, query_labels=None
+) -> go.Figure:
     _check_batch(record, batch_index)
     per_head = _np(tensor[batch_index])  # (h, t, ·)
     h, t, n = per_head.shape
     order, cols, row_titles = head_layout(record)
     panels = [None if u is None else Panel(title=f"head {u}", values=per_head[u]) for u in order]
     return heatmap_grid(
-        panels, cols=cols, row_titles=row_titles,
-        x_labels=[f"{prefix}{j}" for j in range(n)], y_labels=position_labels(t, "q", query_labels),
-        value_name="value", colorscale=DIVERGING_SCALE, x_title=feature, cell_px=12,
+        panels,
+        cols=cols,
+        row_titles=row_titles,
+        x_labels=[f"{prefix}{j}" for j in range(n)],
+        y_labels=position_labels(t, "q", query_labels),
+        value_name="value",
+        colorscale=DIVERGING_SCALE,
+        x_title=feature,
+        cell_px=12,
     )
 
 
@@ -421,13 +487,25 @@ def contribution_norms_figure(record: AttentionResult, batch_index: int = 0, que
     _check_batch(record, batch_index)
     norms = np.linalg.norm(_np(record.head_contributions[batch_index]), axis=-1)  # (h, t)
     labels = position_labels(norms.shape[1], "q", query_labels)
-    fig = go.Figure([
-        go.Bar(name=f"head {u}", x=labels, y=norms[u],
-               hovertemplate=f"head {u}<br>query %{{x}}<br>‖contribution‖ = %{{y:.4g}}<extra></extra>")
-        for u in range(norms.shape[0])
-    ])
-    fig.update_layout(barmode="stack", template="plotly_white", height=320, xaxis_title="query",
-                      yaxis_title="‖head contribution‖₂", margin=dict(l=60, r=30, t=30, b=50))
+    fig = go.Figure(
+        [
+            go.Bar(
+                name=f"head {u}",
+                x=labels,
+                y=norms[u],
+                hovertemplate=f"head {u}<br>query %{{x}}<br>‖contribution‖ = %{{y:.4g}}<extra></extra>",
+            )
+            for u in range(norms.shape[0])
+        ]
+    )
+    fig.update_layout(
+        barmode="stack",
+        template="plotly_white",
+        height=320,
+        xaxis_title="query",
+        yaxis_title="‖head contribution‖₂",
+        margin=dict(l=60, r=30, t=30, b=50),
+    )
     return fig
 
 
@@ -441,7 +519,10 @@ def shapes_frame(record: AttentionResult) -> pd.DataFrame:
 # Mask Lab figures: the mask per batch item / head, its block sparsity, and its effect on one head
 # ---------------------------------------------------------------------------------------------------------
 
-MASK_SCALE = [[0.0, "#dce6f5"], [1.0, "#1f5fbf"]]  # share of attendable positions: pale (little) -> blue (all)
+MASK_SCALE: ColorScale = [
+    [0.0, "#dce6f5"],
+    [1.0, "#1f5fbf"],
+]  # share of attendable positions: pale (little) -> blue (all)
 DEAD_ROW_COLOR = "#d62728"
 BLOCK_COLORS = {0: "#ececec", 1: "#f28e2b", 2: "#4e79a7"}  # empty, partial, full
 EXPLAIN_MAX_CELLS = 128 * 128  # per-cell "masked by" hover up to this many cells per panel
@@ -484,9 +565,17 @@ def _dead_row_runs(rows: np.ndarray) -> list[tuple[int, int]]:
 def _outline_rows(fig: go.Figure, rows: np.ndarray, n_cols: int, *, row: int, col: int) -> None:
     """Red outlines around the given (drawn) rows of one subplot: how fully-masked query rows are marked."""
     for first, last in _dead_row_runs(rows):
-        fig.add_shape(type="rect", x0=-0.5, x1=n_cols - 0.5, y0=first - 0.5, y1=last + 0.5,
-                      line=dict(color=DEAD_ROW_COLOR, width=2), fillcolor="rgba(214, 39, 40, 0.10)",
-                      row=row, col=col)
+        fig.add_shape(
+            type="rect",
+            x0=-0.5,
+            x1=n_cols - 0.5,
+            y0=first - 0.5,
+            y1=last + 0.5,
+            line=dict(color=DEAD_ROW_COLOR, width=2),
+            fillcolor="rgba(214, 39, 40, 0.10)",
+            row=row,
+            col=col,
+        )
 
 
 def _size_panels(fig: go.Figure, n_panels: int, cols: int, n_rows: int, n_cols: int, cell_px: int = 18) -> None:
@@ -497,8 +586,15 @@ def _size_panels(fig: go.Figure, n_panels: int, cols: int, n_rows: int, n_cols: 
     fig.update_layout(width=int(cols * (width + 50) + 170), height=int(rows * (height + 80) + 110))
 
 
-def mask_figure(keep, mask_fn=None, *, panels: Sequence[tuple[int, int]] | None = None, max_cells: int = 256,
-                query_labels: Sequence[str] | None = None, key_labels: Sequence[str] | None = None) -> go.Figure:
+def mask_figure(
+    keep,
+    mask_fn=None,
+    *,
+    panels: Sequence[tuple[int, int]] | None = None,
+    max_cells: int = 256,
+    query_labels: Sequence[str] | None = None,
+    key_labels: Sequence[str] | None = None,
+) -> go.Figure:
     """The keep-mask (b|1, h|1, t, s) per batch item / head: attendable cells blue, masked cells grey with the
     component(s) that masked them on hover (``mask_fn``: the attnviz Mask that made it), fully-masked query
     rows outlined in red and counted in the panel title.
@@ -544,11 +640,16 @@ def mask_figure(keep, mask_fn=None, *, panels: Sequence[tuple[int, int]] | None 
                     hover[f"% of the block masked by {name}"] = np.rint(frac * 100).astype(np.uint8)
             if dead_count.any():
                 hover["fully-masked queries in these rows"] = np.broadcast_to(
-                    np.minimum(dead_count, 255).astype(np.uint8)[:, None], share.shape)
-            panel = Panel(title=f"{title} (pooled {pooled.factor_rows}×{pooled.factor_cols})", values=share,
-                          keep=pooled.keep_any.numpy(), hover=hover or None,
-                          hover_formats={n: "d" for n in hover},
-                          reasons="the components below (no position of this block may attend)")
+                    np.minimum(dead_count, 255).astype(np.uint8)[:, None], share.shape
+                )
+            panel = Panel(
+                title=f"{title} (pooled {pooled.factor_rows}×{pooled.factor_cols})",
+                values=share,
+                keep=pooled.keep_any.numpy(),
+                hover=hover or None,
+                hover_formats={n: "d" for n in hover},
+                reasons="the components below (no position of this block may attend)",
+            )
             pooled_any = pooled
         drawn.append(panel)
         dead_rows.append(dead_count > 0)
@@ -557,13 +658,21 @@ def mask_figure(keep, mask_fn=None, *, panels: Sequence[tuple[int, int]] | None 
         x_labels, y_labels = pooled_any.col_labels("k"), pooled_any.row_labels("q")
     else:
         x_labels, y_labels = position_labels(s, "k", key_labels), position_labels(t, "q", query_labels)
-    fig = heatmap_grid(drawn, cols=cols, x_labels=x_labels, y_labels=y_labels,
-                       value_name="share that may attend" if pooled_any is not None else "may attend",
-                       colorscale=MASK_SCALE, zmin=0.0, zmax=1.0)
+    fig = heatmap_grid(
+        drawn,
+        cols=cols,
+        x_labels=x_labels,
+        y_labels=y_labels,
+        value_name="share that may attend" if pooled_any is not None else "may attend",
+        colorscale=MASK_SCALE,
+        zmin=0.0,
+        zmax=1.0,
+    )
     for i, rows in enumerate(dead_rows):
         _outline_rows(fig, rows, len(x_labels), row=i // cols + 1, col=i % cols + 1)
-    fig.update_traces(selector=dict(showscale=True),
-                      colorbar=dict(title=dict(text="share that<br>may attend"), tickformat=".0%"))
+    fig.update_traces(
+        selector=dict(showscale=True), colorbar=dict(title=dict(text="share that<br>may attend"), tickformat=".0%")
+    )
     _size_panels(fig, len(panels), cols, len(y_labels), len(x_labels))
     return fig
 
@@ -584,24 +693,45 @@ def block_sparsity_figure(sparsity, *, panels: Sequence[tuple[int, int]] | None 
         counts = {k: int((st == k).sum()) for k in (2, 1, 0)}
         title = _mask_title(b, h, states.shape, 0)
         title += f": {counts[2]} full, {counts[1]} partial, {counts[0]} empty"
-        drawn.append(Panel(title=title, values=st.astype(np.float32),
-                           hover={f"cells that may attend (of {br * bc})": kept[b, h].astype(np.float32)}))
-    scale = []
+        drawn.append(
+            Panel(
+                title=title,
+                values=st.astype(np.float32),
+                hover={f"cells that may attend (of {br * bc})": kept[b, h].astype(np.float32)},
+            )
+        )
+    scale: list[list[float | str]] = []
     for k in (0, 1, 2):  # a stepped colour scale: each state one flat colour
         scale += [[k / 3, BLOCK_COLORS[k]], [(k + 1) / 3, BLOCK_COLORS[k]]]
     cols = min(len(panels), 4)
-    fig = heatmap_grid(drawn, cols=cols, x_labels=col_labels, y_labels=row_labels,
-                       value_name="state (0 empty: skipped, 1 partial: mask_mod evaluated, 2 full: no mask work)",
-                       colorscale=scale, zmin=-0.5, zmax=2.5, x_title="key block", y_title="query block")
-    fig.update_traces(selector=dict(showscale=True),
-                      colorbar=dict(title=dict(text="block"), tickvals=[0, 1, 2],
-                                    ticktext=["empty", "partial", "full"]))
+    fig = heatmap_grid(
+        drawn,
+        cols=cols,
+        x_labels=col_labels,
+        y_labels=row_labels,
+        value_name="state (0 empty: skipped, 1 partial: mask_mod evaluated, 2 full: no mask work)",
+        colorscale=scale,
+        zmin=-0.5,
+        zmax=2.5,
+        x_title="key block",
+        y_title="query block",
+    )
+    fig.update_traces(
+        selector=dict(showscale=True),
+        colorbar=dict(title=dict(text="block"), tickvals=[0, 1, 2], ticktext=["empty", "partial", "full"]),
+    )
     _size_panels(fig, len(panels), cols, nq, nk, cell_px=26)
     return fig
 
 
-def mask_effect_figure(record: AttentionResult, batch_index: int = 0, head: int = 0, *,
-                       reasons: np.ndarray | None = None, max_cells: int = 128) -> go.Figure:
+def mask_effect_figure(
+    record: AttentionResult,
+    batch_index: int = 0,
+    head: int = 0,
+    *,
+    reasons: np.ndarray | None = None,
+    max_cells: int = 128,
+) -> go.Figure:
     """The mask's effect on one head, side by side: logits → masked logits (masked cells are −∞, grey) →
     probabilities. ``reasons`` ((t, s) str) names what masked each cell; long rows are pooled for display
     (logits by mean, probabilities by max over the attendable cells of each block)."""
@@ -625,8 +755,11 @@ def mask_effect_figure(record: AttentionResult, batch_index: int = 0, head: int 
     x_labels, y_labels = p_logits.col_labels("k"), p_logits.row_labels("q")
     dead_rows = pooling.pool_by(dead[:, None], p_logits.factor_rows, 1, "sum").values[:, 0].numpy() > 0
     block = f" (mean per {p_logits.factor_rows}×{p_logits.factor_cols} block)" if pooled else ""
-    titles = [f"logits{block}", f"masked logits (−∞ where masked){block}",
-              "probabilities" + (" (max per block)" if pooled else "")]
+    titles = [
+        f"logits{block}",
+        f"masked logits (−∞ where masked){block}",
+        "probabilities" + (" (max per block)" if pooled else ""),
+    ]
     fig = make_subplots(rows=1, cols=3, subplot_titles=titles, horizontal_spacing=0.1)
     bound = float(torch.nan_to_num(logits, nan=0.0, posinf=0.0, neginf=0.0).abs().max()) or 1.0
     why = None
@@ -642,28 +775,60 @@ def mask_effect_figure(record: AttentionResult, batch_index: int = 0, head: int 
         kept = pooled_m.keep_any.numpy() if col > 1 else np.ones(z.shape, dtype=bool)
         domain_end = (col / 3) - 0.02 if col < 3 else 1.0
         show_bar = col in (2, 3)
-        fig.add_trace(go.Heatmap(
-            z=np.where(kept, z, np.nan), x=x_labels, y=y_labels, colorscale=scale, zmin=zmin, zmax=zmax,
-            hoverongaps=False, showscale=show_bar, name=name,
-            colorbar=dict(title=dict(text="logit" if col == 2 else "probability"), thickness=12, len=0.9,
-                          x=domain_end if col == 2 else 1.0, xanchor="left"),
-            hovertemplate=f"query %{{y}} → key %{{x}}<br>{name}: %{{z:.4g}}<extra></extra>",
-        ), row=1, col=col)
+        fig.add_trace(
+            go.Heatmap(
+                z=np.where(kept, z, np.nan),
+                x=x_labels,
+                y=y_labels,
+                colorscale=scale,
+                zmin=zmin,
+                zmax=zmax,
+                hoverongaps=False,
+                showscale=show_bar,
+                name=name,
+                colorbar=dict(
+                    title=dict(text="logit" if col == 2 else "probability"),
+                    thickness=12,
+                    len=0.9,
+                    x=domain_end if col == 2 else 1.0,
+                    xanchor="left",
+                ),
+                hovertemplate=f"query %{{y}} → key %{{x}}<br>{name}: %{{z:.4g}}<extra></extra>",
+            ),
+            row=1,
+            col=col,
+        )
         if col > 1 and not kept.all():
             label = "−∞ (masked)" if col == 2 else "0 (masked)"
             # Per-cell reasons only at full resolution; a pooled grey cell is a block where nothing may attend.
             text = None if why is None else np.where(kept, "", why).astype(str)
             because = "masked by: %{text}" if why is not None else "nothing in this block may attend"
-            fig.add_trace(go.Heatmap(
-                z=np.where(kept, np.nan, 1.0).astype(np.float32), x=x_labels, y=y_labels, colorscale=grey,
-                showscale=False, hoverongaps=False, text=text, name=f"{name} (masked)",
-                hovertemplate=f"query %{{y}} → key %{{x}}<br>{name}: {label}<br>{because}<extra></extra>",
-            ), row=1, col=col)
+            fig.add_trace(
+                go.Heatmap(
+                    z=np.where(kept, np.nan, 1.0).astype(np.float32),
+                    x=x_labels,
+                    y=y_labels,
+                    colorscale=grey,
+                    showscale=False,
+                    hoverongaps=False,
+                    text=text,
+                    name=f"{name} (masked)",
+                    hovertemplate=f"query %{{y}} → key %{{x}}<br>{name}: {label}<br>{because}<extra></extra>",
+                ),
+                row=1,
+                col=col,
+            )
         _outline_rows(fig, dead_rows, len(x_labels), row=1, col=col)
-        fig.update_yaxes(autorange="reversed", row=1, col=col, showticklabels=col == 1,
-                         title_text="query" if col == 1 else None)
+        fig.update_yaxes(
+            autorange="reversed", row=1, col=col, showticklabels=col == 1, title_text="query" if col == 1 else None
+        )
         fig.update_xaxes(title_text="key", row=1, col=col)
     side = min(max(max(len(x_labels), len(y_labels)) * 22, 240), 400)
-    fig.update_layout(width=int(3 * (side + 90) + 120), height=int(side + 150), template="plotly_white",
-                      plot_bgcolor="white", margin=dict(l=60, r=80, t=70, b=50))
+    fig.update_layout(
+        width=int(3 * (side + 90) + 120),
+        height=int(side + 150),
+        template="plotly_white",
+        plot_bgcolor="white",
+        margin=dict(l=60, r=80, t=70, b=50),
+    )
     return fig

@@ -27,6 +27,7 @@ and that mass (``top_key_mass``). Works on any attention tensor: a model's, or t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -34,7 +35,13 @@ import pandas as pd
 __all__ = ["METRICS", "METRIC_HELP", "head_metrics"]
 
 METRICS: tuple[str, ...] = (
-    "entropy", "first_token", "sep", "previous_token", "next_token", "self", "max_weight",
+    "entropy",
+    "first_token",
+    "sep",
+    "previous_token",
+    "next_token",
+    "self",
+    "max_weight",
 )
 
 METRIC_HELP: dict[str, str] = {
@@ -124,7 +131,7 @@ def head_metrics(
         "self": diagonal(0),
         "max_weight": _row_mean(p.max(-1), rows),
     }
-    frame = {
+    frame: dict[str, Any] = {  # column name -> one value per (layer, head)
         "layer": np.repeat(np.arange(n_layers), n_heads),
         "head": np.tile(np.arange(n_heads), n_layers),
     }

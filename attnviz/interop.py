@@ -53,12 +53,17 @@ def from_keras(layer, *, device="auto", dtype="float32", masked_rows: str | None
         (qk, *qb), (kk, *kb), (vk, *vb), (ok, *ob) = (_sublayer_weights(layer, n) for n in names)
         if kind == "MultiHeadAttention":
             args = dict(
-                num_heads=cfg["num_heads"], key_dim=cfg["key_dim"], value_dim=cfg.get("value_dim"),
-                output_shape=cfg.get("output_shape"), attention_axes=cfg.get("attention_axes"),
+                num_heads=cfg["num_heads"],
+                key_dim=cfg["key_dim"],
+                value_dim=cfg.get("value_dim"),
+                output_shape=cfg.get("output_shape"),
+                attention_axes=cfg.get("attention_axes"),
             )
         else:
             args = dict(
-                num_heads=cfg["num_query_heads"], num_kv_heads=cfg["num_key_value_heads"], key_dim=cfg["head_dim"],
+                num_heads=cfg["num_query_heads"],
+                num_kv_heads=cfg["num_key_value_heads"],
+                key_dim=cfg["head_dim"],
             )
         # EinsumDense's equation ("abcde,efg->abcdfg") tells the input rank Keras built for.
         rank = len(layer._query_dense.equation.split(",")[0])
@@ -77,37 +82,49 @@ def from_keras(layer, *, device="auto", dtype="float32", masked_rows: str | None
             key_shape=shape(kk.shape[0]),
         )
         for label, param, arrays in (
-            ("query kernel", mod.query_kernel, [qk]), ("key kernel", mod.key_kernel, [kk]),
-            ("value kernel", mod.value_kernel, [vk]), ("output kernel", mod.output_kernel, [ok]),
-            ("query bias", mod.query_bias, qb), ("key bias", mod.key_bias, kb),
-            ("value bias", mod.value_bias, vb), ("output bias", mod.output_bias, ob),
+            ("query kernel", mod.query_kernel, [qk]),
+            ("key kernel", mod.key_kernel, [kk]),
+            ("value kernel", mod.value_kernel, [vk]),
+            ("output kernel", mod.output_kernel, [ok]),
+            ("query bias", mod.query_bias, qb),
+            ("key bias", mod.key_bias, kb),
+            ("value bias", mod.value_bias, vb),
+            ("output bias", mod.output_bias, ob),
         ):
             for array in arrays:
                 _copy(param, array, label)
         return mod
     if kind == "Attention":
-        mod = DotProductAttention(
-            score_mode=cfg.get("score_mode", "dot"), use_scale=cfg.get("use_scale", False),
-            dropout=cfg.get("dropout", 0.0), seed=cfg.get("seed"), masked_rows=masked_rows or "uniform",
-            device=device, dtype=dtype,
+        dot = DotProductAttention(
+            score_mode=cfg.get("score_mode", "dot"),
+            use_scale=cfg.get("use_scale", False),
+            dropout=cfg.get("dropout", 0.0),
+            seed=cfg.get("seed"),
+            masked_rows=masked_rows or "uniform",
+            device=device,
+            dtype=dtype,
         )
         weights = [np.asarray(w) for w in layer.get_weights()]  # [scale?, concat_score_weight?] in build order
-        if mod.scale is not None:
-            _copy(mod.scale, weights.pop(0), "scale")
-        if mod.concat_score_weight is not None:
-            _copy(mod.concat_score_weight, weights.pop(0), "concat_score_weight")
-        return mod
+        if dot.scale is not None:
+            _copy(dot.scale, weights.pop(0), "scale")
+        if dot.concat_score_weight is not None:
+            _copy(dot.concat_score_weight, weights.pop(0), "concat_score_weight")
+        return dot
     if kind == "AdditiveAttention":
         weights = [np.asarray(w) for w in layer.get_weights()]
         use_scale = cfg.get("use_scale", True)
-        mod = AdditiveAttention(
-            use_scale=use_scale, dropout=cfg.get("dropout", 0.0), seed=cfg.get("seed"),
-            masked_rows=masked_rows or "uniform", device=device, dtype=dtype,
+        additive = AdditiveAttention(
+            use_scale=use_scale,
+            dropout=cfg.get("dropout", 0.0),
+            seed=cfg.get("seed"),
+            masked_rows=masked_rows or "uniform",
+            device=device,
+            dtype=dtype,
             dim=weights[0].shape[0] if use_scale and weights else None,
         )
         if use_scale:
-            _copy(mod.scale, weights[0], "scale")
-        return mod
+            _copy(additive.scale, weights[0], "scale")
+        return additive
     raise ValueError(
         f"from_keras supports MultiHeadAttention, GroupedQueryAttention, Attention and AdditiveAttention, got {kind}"
     )
@@ -128,9 +145,18 @@ def from_torch(mha: nn.MultiheadAttention, *, device="auto", dtype="float32", ma
     hd = mha.head_dim
     use_bias = mha.in_proj_bias is not None
     mod = MultiHeadAttention(
-        num_heads=h, key_dim=hd, value_dim=hd, use_bias=use_bias, output_shape=e, dropout=mha.dropout,
-        masked_rows=masked_rows, device=device, dtype=dtype,
-        query_shape=(1, 1, e), value_shape=(1, 1, mha.vdim), key_shape=(1, 1, mha.kdim),
+        num_heads=h,
+        key_dim=hd,
+        value_dim=hd,
+        use_bias=use_bias,
+        output_shape=e,
+        dropout=mha.dropout,
+        masked_rows=masked_rows,
+        device=device,
+        dtype=dtype,
+        query_shape=(1, 1, e),
+        value_shape=(1, 1, mha.vdim),
+        key_shape=(1, 1, mha.kdim),
     )
     if mha._qkv_same_embed_dim:
         wq, wk, wv = mha.in_proj_weight.detach().chunk(3, dim=0)  # each (e, e) as (out, in)
@@ -172,9 +198,7 @@ def torch_masks_to_keep(
             allowed = finite
         if allowed.dim() == 3:
             if num_heads is None or allowed.shape[0] % num_heads:
-                raise ValueError(
-                    f"a 3-D attn_mask {tuple(allowed.shape)} needs num_heads dividing its first dim"
-                )
+                raise ValueError(f"a 3-D attn_mask {tuple(allowed.shape)} needs num_heads dividing its first dim")
             allowed = allowed.reshape(-1, num_heads, *allowed.shape[1:])  # (b, h, t, s)
         elif allowed.dim() == 2:
             allowed = allowed[None, None]  # (1, 1, t, s)

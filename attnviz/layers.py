@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -23,9 +24,9 @@ from attnviz.engine import (
     MASKED_ROW_POLICIES,
     SCORE_MODES,
     AttentionResult,
-    check_choice,
     as_mask,
     attention,
+    check_choice,
     resolve_device,
     resolve_dtype,
 )
@@ -88,7 +89,11 @@ def initialize(name: str, shape: Sequence[int], generator: torch.Generator) -> T
     return nn.init.trunc_normal_(out, std=std, a=-2 * std, b=2 * std, generator=generator)
 
 
-def _positive_int(label: str, value, allow_none: bool = False) -> int | None:
+@overload
+def _positive_int(label: str, value: Any, allow_none: Literal[False] = False) -> int: ...
+@overload
+def _positive_int(label: str, value: Any, allow_none: bool) -> int | None: ...
+def _positive_int(label: str, value: Any, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) <= 0:
@@ -110,10 +115,13 @@ def _to_tensor(label: str, x, device: torch.device, dtype: torch.dtype) -> Tenso
 
 
 def _mask_tensor(label: str, x, device) -> Tensor | None:
+    """``_keep_mask`` of x, or None when no mask is given."""
+    return None if x is None else _keep_mask(label, x, device)
+
+
+def _keep_mask(label: str, x, device) -> Tensor:
     """A keep-mask as bool. Floats are accepted only as 0/1 (Keras casts them); anything else is most likely an
     additive mask (0 / -inf), which means the opposite, so it is refused."""
-    if x is None:
-        return None
     m = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x, device=device)
     if m.is_floating_point() and not bool(((m == 0) | (m == 1)).all()):
         raise ValueError(
@@ -199,6 +207,17 @@ class MultiHeadAttention(_SeededModule):
     Called as ``layer(query, value, key=None, *, attention_mask=None, mask=None, use_causal_mask=False,
     training=False)`` with query (b, t, dim) and value (b, s, dim); returns an ``AttentionResult``.
     """
+
+    # Weights created by build() (nn.Module's __getattr__ would otherwise type them as Tensor | Module).
+    query_kernel: nn.Parameter  # (dq, h, d)
+    key_kernel: nn.Parameter  # (dk, g, d)
+    value_kernel: nn.Parameter  # (dv, g, v)
+    output_kernel: nn.Parameter  # (h, v, *output_shape)
+    query_bias: nn.Parameter | None  # (h, d); None without use_bias
+    key_bias: nn.Parameter | None  # (g, d)
+    value_bias: nn.Parameter | None  # (g, v)
+    output_bias: nn.Parameter | None  # output_shape
+    score_scale: nn.Parameter | None  # (h, 1, 1, d) for score_mode="additive"
 
     def __init__(
         self,
@@ -317,38 +336,42 @@ class MultiHeadAttention(_SeededModule):
         inverse = [order.index(a) for a in range(rank - 1)] + [rank - 1]
         return z.permute(inverse)
 
-    def _combined_mask(self, q_shape, v_shape, attention_mask, mask, query_mask, value_mask, key_mask,
-                       use_causal_mask, b_grid, t, s) -> masks_lib.Mask | None:
+    def _combined_mask(
+        self, q_shape, v_shape, attention_mask, mask, query_mask, value_mask, key_mask, use_causal_mask, b_grid, t, s
+    ) -> masks_lib.Mask | None:
         """AND of every mask source, as one named Mask over the grid (b', h, t, s)."""
         parts: list[masks_lib.Mask] = []
         keras_rank = 1 + len(self._other_axes) + 1 + 2 * len(self._axes)  # (b, *other, h, *t_axes, *s_axes)
         if attention_mask is not None:
-            m = _mask_tensor("attention_mask", attention_mask, self.device_)
+            m = _keep_mask("attention_mask", attention_mask, self.device_)
             # Keras inserts size-1 dims before the query axes until the mask has the scores' rank.
             while m.dim() < keras_rank:
                 m = m.unsqueeze(-2 * len(self._axes) - 1)
             keras_shape = (
-                q_shape[0], *[q_shape[a] for a in self._other_axes], 1,
-                *[q_shape[a] for a in self._axes], *[v_shape[a] for a in self._axes],
+                q_shape[0],
+                *[q_shape[a] for a in self._other_axes],
+                1,
+                *[q_shape[a] for a in self._axes],
+                *[v_shape[a] for a in self._axes],
             )
             try:
                 full = torch.broadcast_to(m, torch.broadcast_shapes(m.shape, keras_shape))
             except RuntimeError:
                 raise ValueError(
                     f"attention_mask of shape {tuple(attention_mask.shape)} does not broadcast to the scores "
-                    f"(batch, ..., heads, targets, sources) = {keras_shape[:-2 * len(self._axes) - 1]} + "
-                    f"(h,) + {keras_shape[-2 * len(self._axes):]}"
+                    f"(batch, ..., heads, targets, sources) = {keras_shape[: -2 * len(self._axes) - 1]} + "
+                    f"(h,) + {keras_shape[-2 * len(self._axes) :]}"
                 ) from None
             heads = full.shape[1 + len(self._other_axes)]
             if heads not in (1, self.num_heads):
                 raise ValueError(f"attention_mask has {heads} heads but the layer has num_heads={self.num_heads}")
             parts.append(masks_lib.from_tensor(full.reshape(b_grid, heads, t, s), name="attention_mask"))
         pad_q = _mask_tensor("query_mask", query_mask, self.device_)
-        pad_k = None
-        for label, m in (("value_mask", value_mask), ("key_mask", key_mask)):
-            m = _mask_tensor(label, m, self.device_)
-            if m is not None:
-                pad_k = m if pad_k is None else pad_k & m
+        pad_k: Tensor | None = None
+        for label, given in (("value_mask", value_mask), ("key_mask", key_mask)):
+            keep = _mask_tensor(label, given, self.device_)
+            if keep is not None:
+                pad_k = keep if pad_k is None else pad_k & keep
         if pad_q is not None or pad_k is not None:
             if self._other_axes:
                 raise ValueError("query/value/key masks need attention over all non-batch axes (attention_axes)")
@@ -356,10 +379,12 @@ class MultiHeadAttention(_SeededModule):
                 raise ValueError(f"query_mask shape {tuple(pad_q.shape)} must be the query's {tuple(q_shape[:-1])}")
             if pad_k is not None and tuple(pad_k.shape) != tuple(v_shape[:-1]):
                 raise ValueError(f"value/key mask shape {tuple(pad_k.shape)} must be the value's {tuple(v_shape[:-1])}")
-            parts.append(masks_lib.padding(
-                None if pad_q is None else pad_q.reshape(b_grid, t),
-                None if pad_k is None else pad_k.reshape(b_grid, s),
-            ))
+            parts.append(
+                masks_lib.padding(
+                    None if pad_q is None else pad_q.reshape(b_grid, t),
+                    None if pad_k is None else pad_k.reshape(b_grid, s),
+                )
+            )
         if (use_causal_mask or self.sliding_window is not None) and len(self._axes) > 1:
             raise ValueError(
                 f"use_causal_mask and sliding_window need one attention axis, got attention_axes {self._axes}"
@@ -417,21 +442,26 @@ class MultiHeadAttention(_SeededModule):
         for a in self._other_axes:
             if q_shape[a] != v_shape[a]:
                 raise ValueError(
-                    f"axis {a} is not attended, so query and value must match there: {q_shape[a]} vs {v_shape[a]}")
+                    f"axis {a} is not attended, so query and value must match there: {q_shape[a]} vs {v_shape[a]}"
+                )
 
         # One GEMM per projection against the flattened Keras kernel (einsum takes a slower path for these).
         q = _project(query, self.query_kernel)  # (b, *t_pos, h, d)
         k = _project(key, self.key_kernel)  # (b, *s_pos, g, d)
         v = _project(value, self.value_kernel)  # (b, *s_pos, g, v)
-        if self.use_bias:
+        # build() creates the biases exactly when use_bias is set.
+        if self.query_bias is not None and self.key_bias is not None and self.value_bias is not None:
             q, k, v = q + self.query_bias, k + self.key_bias, v + self.value_bias
         q_grid, k_grid, v_grid = self._to_grid(q), self._to_grid(k), self._to_grid(v)  # (b', h|g, t|s, d|v)
         b_grid, _, t, _ = q_grid.shape
         s = k_grid.shape[2]
-        mask_fn = self._combined_mask(q_shape, v_shape, attention_mask, mask, query_mask, value_mask, key_mask,
-                                      use_causal_mask, b_grid, t, s)
+        mask_fn = self._combined_mask(
+            q_shape, v_shape, attention_mask, mask, query_mask, value_mask, key_mask, use_causal_mask, b_grid, t, s
+        )
         core = attention(
-            q_grid, k_grid, v_grid,
+            q_grid,
+            k_grid,
+            v_grid,
             mask=mask_fn,
             score_mode=self.score_mode,
             score_mod=self.score_mod,
@@ -450,7 +480,7 @@ class MultiHeadAttention(_SeededModule):
             contributions = None
             concat = core.head_outputs.transpose(1, 2).flatten(2)  # (b', t, h*v): the heads side by side
             out_grid = torch.matmul(concat, out_kernel.flatten(0, 1))  # (b', t, o)
-        if self.use_bias:
+        if self.output_bias is not None:
             out_grid = out_grid + self.output_bias.reshape(-1)
         output = self._from_grid(out_grid, q_shape)  # (b, *t_pos, o)
         output = output.reshape(*output.shape[:-1], *(self.output_shape or (q_shape[-1],)))
@@ -534,7 +564,9 @@ class _SingleHeadAttention(_SeededModule):
             parts.append(extra)
         mask_fn = masks_lib.all_of(parts)
         core = attention(
-            query[:, None], key[:, None], value[:, None],  # (b, 1, t|s, d)
+            query[:, None],
+            key[:, None],
+            value[:, None],  # (b, 1, t|s, d)
             mask=mask_fn,
             score_mode=self.score_mode,
             scale=scale,
@@ -555,7 +587,7 @@ class _SingleHeadAttention(_SeededModule):
             core,
             output=output,
             scores=core.scores[:, 0],  # (b, t, s) as Keras returns them
-            logits=core.logits[:, 0],
+            logits=None if core.logits is None else core.logits[:, 0],
             head_contributions=output[:, None],
             output_grid=output,
             shapes=core.shapes + (("output (b, t, v)", tuple(output.shape)),),
@@ -569,8 +601,16 @@ class DotProductAttention(_SingleHeadAttention):
     inside tanh ("concat"). Keras fills fully-masked rows uniformly; pass masked_rows="uniform" to match it.
     """
 
-    def __init__(self, score_mode: str = "dot", use_scale: bool = False, dropout: float = 0.0,
-                 seed: int | None = None, masked_rows: str = "zeros", device="auto", dtype="float32"):
+    def __init__(
+        self,
+        score_mode: str = "dot",
+        use_scale: bool = False,
+        dropout: float = 0.0,
+        seed: int | None = None,
+        masked_rows: str = "zeros",
+        device="auto",
+        dtype="float32",
+    ):
         super().__init__(dropout=dropout, seed=seed, masked_rows=masked_rows, device=device, dtype=dtype)
         check_choice("score_mode", score_mode, ("dot", "concat"))
         self.score_mode = score_mode
@@ -590,11 +630,19 @@ class AdditiveAttention(_SingleHeadAttention):
 
     score_mode = "additive"
 
-    def __init__(self, use_scale: bool = True, dropout: float = 0.0, seed: int | None = None,
-                 masked_rows: str = "zeros", device="auto", dtype="float32", dim: int | None = None):
+    def __init__(
+        self,
+        use_scale: bool = True,
+        dropout: float = 0.0,
+        seed: int | None = None,
+        masked_rows: str = "zeros",
+        device="auto",
+        dtype="float32",
+        dim: int | None = None,
+    ):
         super().__init__(dropout=dropout, seed=seed, masked_rows=masked_rows, device=device, dtype=dtype)
         self.use_scale = bool(use_scale)
-        self.scale = None
+        self.scale: nn.Parameter | None = None  # (dim,), built from the first query's dim
         if dim is not None:
             self.build(dim)
 

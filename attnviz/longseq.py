@@ -14,7 +14,9 @@ its query rows only. No Streamlit here.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,8 +27,16 @@ from attnviz.memory import check_memory, estimate_attention_bytes, format_bytes
 from attnviz.playground import SOURCES, MaskSpec, make_source
 from attnviz.pooling import pool_by
 
-LIMITS = {"t": 16384, "s": 16384, "num_heads": 64, "head_dim": 256, "model_dim": 1024, "pixels": 1024,
-          "local_window": 4096, "top_k": 16}
+LIMITS = {
+    "t": 16384,
+    "s": 16384,
+    "num_heads": 64,
+    "head_dim": 256,
+    "model_dim": 1024,
+    "pixels": 1024,
+    "local_window": 4096,
+    "top_k": 16,
+}
 SCORE_MODS = ("none", "alibi", "softcap")
 POOL_MODES = ("max", "mean")
 # Zoomed regions are drawn cell by cell with hover values: at most this many cells.
@@ -196,8 +206,12 @@ def analyze(config: LongConfig, memory_budget: int | None = None) -> LongResult:
 
     config.validate()
     device = resolve_device(config.device)
-    check_memory(estimate_bytes(config), memory_budget, what=f"the long-sequence view of t={config.t}, "
-                 f"s={config.keys}, {config.num_heads} heads", device=device)
+    check_memory(
+        estimate_bytes(config),
+        memory_budget,
+        what=f"the long-sequence view of t={config.t}, s={config.keys}, {config.num_heads} heads",
+        device=device,
+    )
     start = time.perf_counter()
     t, s, h = config.t, config.keys, config.num_heads
     q, k, v = _inputs(config)
@@ -217,10 +231,20 @@ def analyze(config: LongConfig, memory_budget: int | None = None) -> LongResult:
     with torch.no_grad():
         # The mask is the same for every head: count its attendable positions per pooled cell once.
         keep = mask.materialize(1, 1, t, s, device=device)[0, 0] if mask is not None else None  # (t, s)
-        counts = (pool_by(keep, fr, fc, "sum").values if keep is not None
-                  else pool_by(torch.ones(()).expand(t, s), fr, fc, "sum").values).cpu()  # (r, c)
-        tiles = probability_tiles(q, k, mask=mask, score_mod=_score_mod(config), masked_rows=config.masked_rows,
-                                  row_multiple=fr, heads=range(h))  # per head, rows aligned to the pooling
+        counts = (
+            pool_by(keep, fr, fc, "sum").values
+            if keep is not None
+            else pool_by(torch.ones(()).expand(t, s), fr, fc, "sum").values
+        ).cpu()  # (r, c)
+        tiles = probability_tiles(
+            q,
+            k,
+            mask=mask,
+            score_mod=_score_mod(config),
+            masked_rows=config.masked_rows,
+            row_multiple=fr,
+            heads=range(h),
+        )  # per head, rows aligned to the pooling
         for tile in tiles:
             hi, rows = tile.h.start, tile.rows
             p = tile.probs[0, 0]  # (tr, s); masked cells are exactly 0 (fully-masked rows follow the policy)
@@ -246,10 +270,21 @@ def analyze(config: LongConfig, memory_budget: int | None = None) -> LongResult:
     pooled_max = torch.where(keep_any, pooled_max, float("nan"))
     pooled_mean = torch.where(keep_any, pooled_sum / counts.clamp_min(1), float("nan"))
     return LongResult(
-        config=config, pooled_max=pooled_max, pooled_mean=pooled_mean, keep_any=keep_any,
-        row_edges=tuple(range(0, t, fr)), col_edges=tuple(range(0, s, fc)), factor_rows=fr, factor_cols=fc,
-        entropy=entropy, top_values=top_values, top_keys=top_keys, sink_mass=sink, local_mass=local,
-        fully_masked=fully, kv_head_of=tuple(u // group for u in range(h)),
+        config=config,
+        pooled_max=pooled_max,
+        pooled_mean=pooled_mean,
+        keep_any=keep_any,
+        row_edges=tuple(range(0, t, fr)),
+        col_edges=tuple(range(0, s, fc)),
+        factor_rows=fr,
+        factor_cols=fc,
+        entropy=entropy,
+        top_values=top_values,
+        top_keys=top_keys,
+        sink_mass=sink,
+        local_mass=local,
+        fully_masked=fully,
+        kv_head_of=tuple(u // group for u in range(h)),
         seconds=time.perf_counter() - start,
     )
 
@@ -265,22 +300,33 @@ def zoom(config: LongConfig, head: int, rows: tuple[int, int], cols: tuple[int, 
     if not (0 <= r0 < r1 <= t and 0 <= c0 < c1 <= s):
         raise ValueError(f"the zoom region rows [{r0}, {r1}) x keys [{c0}, {c1}) must lie within t={t}, s={s}")
     if (r1 - r0) * (c1 - c0) > MAX_ZOOM_CELLS:
-        raise ValueError(f"the zoom region has {(r1 - r0) * (c1 - c0):,} cells; at most {MAX_ZOOM_CELLS:,} are drawn "
-                         f"one by one (e.g. 256 x 256); narrow the query or key range")
+        raise ValueError(
+            f"the zoom region has {(r1 - r0) * (c1 - c0):,} cells; at most {MAX_ZOOM_CELLS:,} are drawn "
+            f"one by one (e.g. 256 x 256); narrow the query or key range"
+        )
     q, k, _ = _inputs(config)
     mask = config.mask_spec().build(1, t, s)
     probs, logits, keep, mass = [], [], [], []
     with torch.no_grad():
-        for tile in probability_tiles(q, k, mask=mask, score_mod=_score_mod(config), masked_rows=config.masked_rows,
-                                      heads=[head], rows=(r0, r1)):
+        for tile in probability_tiles(
+            q, k, mask=mask, score_mod=_score_mod(config), masked_rows=config.masked_rows, heads=[head], rows=(r0, r1)
+        ):
             p = tile.probs[0, 0]  # (tr, s)
+            assert tile.logits is not None  # no out-buffers given, so every tile keeps its logits
             probs.append(p[:, c0:c1].cpu())
             logits.append(tile.logits[0, 0, :, c0:c1].cpu())
             k_tile = torch.ones_like(p, dtype=torch.bool) if tile.keep is None else tile.keep[0, 0]
             keep.append(k_tile[:, c0:c1].cpu())
             mass.append(p[:, c0:c1].sum(-1).cpu())
-    return ZoomResult(head=head, rows=(r0, r1), cols=(c0, c1), probs=torch.cat(probs), logits=torch.cat(logits),
-                      keep=torch.cat(keep), mass=torch.cat(mass))
+    return ZoomResult(
+        head=head,
+        rows=(r0, r1),
+        cols=(c0, c1),
+        probs=torch.cat(probs),
+        logits=torch.cat(logits),
+        keep=torch.cat(keep),
+        mass=torch.cat(mass),
+    )
 
 
 def summary_frame(result: LongResult):
@@ -293,26 +339,31 @@ def summary_frame(result: LongResult):
     def mean(x: Tensor) -> list[float]:
         return ((x.nan_to_num(0.0) * live).sum(-1) / count).tolist()
 
-    return pd.DataFrame({
-        "head": list(range(result.num_heads)),
-        "kv head": list(result.kv_head_of),
-        "mean entropy (nats)": mean(result.entropy),
-        "mean sink mass": mean(result.sink_mass),
-        f"mean local mass (|Δ| < {result.config.local_window})": mean(result.local_mass),
-        "mean top-1 weight": mean(result.top_values[..., 0]),
-        "fully-masked rows": result.fully_masked.sum(-1).tolist(),
-    })
+    return pd.DataFrame(
+        {
+            "head": list(range(result.num_heads)),
+            "kv head": list(result.kv_head_of),
+            "mean entropy (nats)": mean(result.entropy),
+            "mean sink mass": mean(result.sink_mass),
+            f"mean local mass (|Δ| < {result.config.local_window})": mean(result.local_mass),
+            "mean top-1 weight": mean(result.top_values[..., 0]),
+            "fully-masked rows": result.fully_masked.sum(-1).tolist(),
+        }
+    )
 
 
 def with_values(config: LongConfig, **changes) -> LongConfig:
     """A copy with changes, each field coerced to the type of its default (URL and widget values arrive loose)."""
-    kinds = {f.name: type(f.default) for f in fields(LongConfig)}
+    # Every LongConfig field has a plain default (int, float, str, bool), whose type converts a loose value.
+    kinds: dict[str, Callable[[Any], Any]] = {f.name: type(f.default) for f in fields(LongConfig)}
     return replace(config, **{k: kinds[k](v) for k, v in changes.items()})
 
 
 def describe(result: LongResult) -> str:
     c = result.config
     cells = c.num_heads * c.t * c.keys
-    return (f"{c.num_heads} query heads / {c.kv_heads} kv heads, t={c.t:,}, s={c.keys:,}: {cells:,} probabilities "
-            f"({format_bytes(cells * 4)} in float32) streamed in {result.seconds:.1f} s and pooled "
-            f"{result.factor_rows}×{result.factor_cols} to {len(result.row_edges)}×{len(result.col_edges)} per head.")
+    return (
+        f"{c.num_heads} query heads / {c.kv_heads} kv heads, t={c.t:,}, s={c.keys:,}: {cells:,} probabilities "
+        f"({format_bytes(cells * 4)} in float32) streamed in {result.seconds:.1f} s and pooled "
+        f"{result.factor_rows}×{result.factor_cols} to {len(result.row_edges)}×{len(result.col_edges)} per head."
+    )

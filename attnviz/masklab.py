@@ -37,11 +37,39 @@ from attnviz import pooling
 from attnviz.engine import MASKED_ROW_POLICIES, AttentionResult, attention
 
 __all__ = [
-    "Causal", "Window", "ValidLens", "Padding", "PrefixLM", "Document", "Custom", "MaskLabConfig",
-    "Composed", "build", "materialize", "parse_expression", "Preset", "PRESETS", "DEFAULT_PRESET",
-    "fully_masked", "explain_row", "pooled_blame", "BlockSparsity", "block_sparsity", "block_sparsity_table",
-    "Comparison", "compare_frameworks", "dead_row_behaviour", "d2l_masked_softmax", "effect_record",
-    "Snippets", "snippets", "sense_frames", "npy_bytes", "load_npy", "parse_int_list", "parse_int_rows",
+    "Causal",
+    "Window",
+    "ValidLens",
+    "Padding",
+    "PrefixLM",
+    "Document",
+    "Custom",
+    "MaskLabConfig",
+    "Composed",
+    "build",
+    "materialize",
+    "parse_expression",
+    "Preset",
+    "PRESETS",
+    "DEFAULT_PRESET",
+    "fully_masked",
+    "explain_row",
+    "pooled_blame",
+    "BlockSparsity",
+    "block_sparsity",
+    "block_sparsity_table",
+    "Comparison",
+    "compare_frameworks",
+    "dead_row_behaviour",
+    "d2l_masked_softmax",
+    "effect_record",
+    "Snippets",
+    "snippets",
+    "sense_frames",
+    "npy_bytes",
+    "load_npy",
+    "parse_int_list",
+    "parse_int_rows",
 ]
 
 ALIGNS = ("top_left", "bottom_right")
@@ -102,9 +130,14 @@ def _plus(offset: int) -> str:
     return "" if offset == 0 else (f" + {offset}" if offset > 0 else f" - {-offset}")
 
 
-def _check_align(label: str, align: str) -> None:
+def _check_align(label: str, align: str) -> masks_lib.Align:
+    """``align`` as the masks' literal type; ValueError naming the component if it is not one of ALIGNS."""
     if align not in ALIGNS:
         raise ValueError(f"{label} align must be one of {list(ALIGNS)}, got {align!r}")
+    return _ALIGN_LITERALS[align]
+
+
+_ALIGN_LITERALS: dict[str, masks_lib.Align] = {"top_left": "top_left", "bottom_right": "bottom_right"}
 
 
 @dataclass(frozen=True)
@@ -147,7 +180,7 @@ class Causal(Component):
         _check_align("causal", self.align)
 
     def leaf(self, b, h, t, s):
-        return masks_lib.causal(self.align)
+        return masks_lib.causal(_check_align("causal", self.align))
 
     def code(self, b, h, t, s):
         return [], f"kv_idx <= q_idx{_plus(_offset(self.align, t, s))}"
@@ -168,7 +201,7 @@ class Window(Component):
             raise ValueError(f"sliding window ({self.window}) must be at least 1")
 
     def leaf(self, b, h, t, s):
-        return masks_lib.sliding_window(self.window, self.align)
+        return masks_lib.sliding_window(self.window, _check_align("sliding window", self.align))
 
     def code(self, b, h, t, s):
         return [], f"(q_idx{_plus(_offset(self.align, t, s))} - kv_idx).abs() < {self.window}"
@@ -264,7 +297,7 @@ class PrefixLM(Component):
             raise ValueError(f"prefix-LM prefix ({self.prefix}) must be >= 0")
 
     def leaf(self, b, h, t, s):
-        return masks_lib.prefix_lm(self.prefix, self.align)
+        return masks_lib.prefix_lm(self.prefix, _check_align("prefix-LM", self.align))
 
     def code(self, b, h, t, s):
         return [], f"(kv_idx < {self.prefix}) | (kv_idx <= q_idx{_plus(_offset(self.align, t, s))})"
@@ -316,8 +349,11 @@ class Document(Component):
             return f"torch.stack([{', '.join(parts)}])"
 
         setup = [f"q_doc = {ids(self.query_docs)}  # (b|1, t) document id per query"]
-        setup.append(f"kv_doc = {ids(self._key_rows())}  # (b|1, s) document id per key" if self.key_docs
-                     else "kv_doc = q_doc  # self-attention: keys are the queries' tokens")
+        setup.append(
+            f"kv_doc = {ids(self._key_rows())}  # (b|1, s) document id per key"
+            if self.key_docs
+            else "kv_doc = q_doc  # self-attention: keys are the queries' tokens"
+        )
         qb = "b" if len(self.query_docs) > 1 else "0"
         kb = "b" if len(self._key_rows()) > 1 else "0"
         return setup, f"q_doc[{qb}, q_idx] == kv_doc[{kb}, kv_idx]"
@@ -346,8 +382,9 @@ class Custom(Component):
             raise ValueError(f"custom grid must have shape (t, s), (b, t, s) or (b, h, t, s), got {arr.shape}")
         bits = np.packbits(arr.reshape(-1)).tobytes()
         digest = hashlib.sha1(bits + str(arr.shape).encode()).hexdigest()[:12]
-        return cls(on=on, negate=negate, shape=tuple(int(x) for x in arr.shape), bits=bits, digest=digest,
-                   source=source)
+        return cls(
+            on=on, negate=negate, shape=tuple(int(x) for x in arr.shape), bits=bits, digest=digest, source=source
+        )
 
     def array(self) -> np.ndarray:
         """The grid as a bool numpy array of ``shape``."""
@@ -366,8 +403,10 @@ class Custom(Component):
         if g[2:] != (t, s):
             raise ValueError(f"the custom grid is {g[2]}×{g[3]} (t×s) but the lab is {t}×{s}: set t={g[2]}, s={g[3]}")
         if g[0] not in (1, b) or g[1] not in (1, h):
-            raise ValueError(f"the custom grid has shape {self.shape}, which does not broadcast to (b, h, t, s) = "
-                             f"({b}, {h}, {t}, {s})")
+            raise ValueError(
+                f"the custom grid has shape {self.shape}, which does not broadcast to (b, h, t, s) = "
+                f"({b}, {h}, {t}, {s})"
+            )
 
     def leaf(self, b, h, t, s):
         return masks_lib.from_tensor(torch.from_numpy(self.rank4()), name="custom")
@@ -379,10 +418,12 @@ class Custom(Component):
             literal = f"torch.tensor({grid.astype(int).tolist()}, dtype=torch.bool)"
         elif n <= 65_536:
             packed = np.packbits(grid.reshape(-1)).tobytes().hex()
-            literal = (f"torch.from_numpy(np.unpackbits(np.frombuffer(bytes.fromhex(\"{packed}\"), np.uint8), "
-                       f"count={n}).astype(bool).reshape({grid.shape}))")
+            literal = (
+                f'torch.from_numpy(np.unpackbits(np.frombuffer(bytes.fromhex("{packed}"), np.uint8), '
+                f"count={n}).astype(bool).reshape({grid.shape}))"
+            )
         else:
-            literal = f"torch.from_numpy(np.load(\"custom_grid.npy\")).reshape({grid.shape})  # the page's download"
+            literal = f'torch.from_numpy(np.load("custom_grid.npy")).reshape({grid.shape})  # the page\'s download'
         bi = "b" if grid.shape[0] > 1 else "0"
         hi = "h" if grid.shape[1] > 1 else "0"
         return [f"custom = {literal}  # {grid.shape} = (b|1, h|1, t, s)"], f"custom[{bi}, {hi}, q_idx, kv_idx]"
@@ -434,8 +475,10 @@ class MaskLabConfig:
         cells = self.materialized_shape()
         n = math.prod(cells)
         if n > MAX_CELLS:
-            raise ValueError(f"this mask needs {' · '.join(map(str, cells))} = {n:,} cells, over the Mask Lab's "
-                             f"{MAX_CELLS:,}; lower t, s or the batch size")
+            raise ValueError(
+                f"this mask needs {' · '.join(map(str, cells))} = {n:,} cells, over the Mask Lab's "
+                f"{MAX_CELLS:,}; lower t, s or the batch size"
+            )
 
     def materialized_shape(self) -> tuple[int, int, int, int]:
         """(b|1, h|1, t, s): the dims the mask actually varies along."""
@@ -469,11 +512,15 @@ def parse_expression(text: str) -> tuple:
         if not m.group(0).strip():
             continue
         kind = ("(", ")", "and", "or", "not", "name", "bad")[next(i for i, g in enumerate(m.groups()) if g)]
-        token = m.group(m.lastindex)
+        group = m.lastindex  # the alternative that matched; set because one group matched a non-blank token
+        assert group is not None
+        token = m.group(group)
         if kind == "bad":
-            raise ValueError(f"expression: unexpected character {token!r} at position {m.start(m.lastindex)}; "
-                             f"use component names, &, |, ~ and parentheses")
-        tokens.append((kind, token, m.start(m.lastindex)))
+            raise ValueError(
+                f"expression: unexpected character {token!r} at position {m.start(group)}; "
+                f"use component names, &, |, ~ and parentheses"
+            )
+        tokens.append((kind, token, m.start(group)))
     if not tokens:
         raise ValueError("expression is empty")
     i = 0
@@ -517,8 +564,9 @@ def parse_expression(text: str) -> tuple:
             return inner
         _, name, at = take("name")
         if name not in COMPONENT_KEYS:
-            raise ValueError(f"expression: unknown component {name!r} at position {at}; "
-                             f"use {', '.join(COMPONENT_KEYS)}")
+            raise ValueError(
+                f"expression: unknown component {name!r} at position {at}; use {', '.join(COMPONENT_KEYS)}"
+            )
         return ("name", name)
 
     tree = expr()
@@ -567,12 +615,16 @@ def build(config: MaskLabConfig) -> Composed:
         used = _names_in(tree)
         off = sorted(used - set(parts))
         if off:
-            raise ValueError(f"the expression uses {', '.join(off)}, which {'is' if len(off) == 1 else 'are'} "
-                             "switched off: switch it on or remove it from the expression")
+            raise ValueError(
+                f"the expression uses {', '.join(off)}, which {'is' if len(off) == 1 else 'are'} "
+                "switched off: switch it on or remove it from the expression"
+            )
         unused = [k for k in parts if k not in used]
         if unused:
-            raise ValueError(f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} switched on but not used in "
-                             "the expression: add it to the expression or switch it off")
+            raise ValueError(
+                f"{', '.join(unused)} {'is' if len(unused) == 1 else 'are'} switched on but not used in "
+                "the expression: add it to the expression or switch it off"
+            )
         mask, expr, formula = _from_tree(tree, negated)
     elif not parts:
         mask, expr, formula = masks_lib.full(), "q_idx >= 0", "full"
@@ -591,8 +643,7 @@ def build(config: MaskLabConfig) -> Composed:
         expr, formula = f"~({expr})", f"~({formula})"
     if expr.startswith("(") and _balanced_outer(expr):
         expr = expr[1:-1]
-    return Composed(mask=mask, formula=formula, setup=tuple(setup), expression=expr,
-                    shape=config.materialized_shape())
+    return Composed(mask=mask, formula=formula, setup=tuple(setup), expression=expr, shape=config.materialized_shape())
 
 
 def _balanced_outer(expr: str) -> bool:
@@ -616,8 +667,9 @@ def _from_tree(tree, leaf) -> tuple[masks_lib.Mask, str, str]:
         return masks_lib.Not(m), f"~{e}", f"~{f}" if tree[1][0] in ("name", "not") else f"~({f})"
     subs = [_from_tree(p, leaf) for p in tree[1]]
     cls, op = (masks_lib.And, " & ") if kind == "and" else (masks_lib.Or, " | ")
-    formula = op.join(f"({f})" if (kind == "and" and p[0] == "or") else f
-                      for p, (_, _, f) in zip(tree[1], subs, strict=True))
+    formula = op.join(
+        f"({f})" if (kind == "and" and p[0] == "or") else f for p, (_, _, f) in zip(tree[1], subs, strict=True)
+    )
     expr = "(" + op.join(e for _, e, _ in subs) + ")"
     return cls(*(m for m, _, _ in subs)), expr, formula
 
@@ -663,31 +715,46 @@ PRESETS: dict[str, Preset] = {
         "with the last key, as flash-attn and KV-cache decoding do.",
     ),
     "Padded query row fully masked": Preset(
-        MaskLabConfig(batch=2, t=8, s=8, causal=Causal(on=True), padding=Padding(on=True, query_lens=(8, 5),
-                                                                                   key_lens=(8, 5))),
+        MaskLabConfig(
+            batch=2, t=8, s=8, causal=Causal(on=True), padding=Padding(on=True, query_lens=(8, 5), key_lens=(8, 5))
+        ),
         "Batch item 1 has 5 real tokens: its padded queries 5-7 have every key masked. What those rows become "
         "depends on the framework: NaN, zeros or a uniform average (see the comparison tab).",
     ),
     "Sliding window + documents": Preset(
-        MaskLabConfig(t=16, s=16, causal=Causal(on=True), window=Window(on=True, window=4),
-                      document=Document(on=True, query_docs=((6, 7, 3),))),
+        MaskLabConfig(
+            t=16,
+            s=16,
+            causal=Causal(on=True),
+            window=Window(on=True, window=4),
+            document=Document(on=True, query_docs=((6, 7, 3),)),
+        ),
         "Packed sequences with a causal sliding window (Mistral-style): a query sees at most 4 keys, and never "
         "across a document boundary, so the first query of each document sees only itself.",
     ),
     "Prefix-LM": Preset(
         MaskLabConfig(t=12, s=12, causal=Causal(), prefix_lm=PrefixLM(on=True, prefix=5)),
-        "T5 / UniLM prefix-LM: the first 5 positions see each other bidirectionally; after them attention is "
-        "causal.",
+        "T5 / UniLM prefix-LM: the first 5 positions see each other bidirectionally; after them attention is causal.",
     ),
     "valid_lens per query (d2l 2-D)": Preset(
-        MaskLabConfig(batch=2, t=4, s=6, causal=Causal(), valid_lens=ValidLens(
-            on=True, per_query=True, lens=((1, 3, 6, 2), (2, 0, 4, 1)))),
+        MaskLabConfig(
+            batch=2,
+            t=4,
+            s=6,
+            causal=Causal(),
+            valid_lens=ValidLens(on=True, per_query=True, lens=((1, 3, 6, 2), (2, 0, 4, 1))),
+        ),
         "d2l's 2-D valid_lens give every query its own number of visible keys; a length of 0 (batch 1, query 1) "
         "masks the whole row, which d2l's masked_softmax turns into a uniform row.",
     ),
     "Long context (pooled): 2048², window 256 + 4 documents": Preset(
-        MaskLabConfig(t=2048, s=2048, causal=Causal(on=True), window=Window(on=True, window=256),
-                      document=Document(on=True, query_docs=((512, 700, 300, 536),))),
+        MaskLabConfig(
+            t=2048,
+            s=2048,
+            causal=Causal(on=True),
+            window=Window(on=True, window=256),
+            document=Document(on=True, query_docs=((512, 700, 300, 536),)),
+        ),
         "Long masks are pooled for display (each drawn cell covers a block and says how much of it may "
         "attend). The block-sparsity tab shows how much a FlexAttention kernel would skip.",
     ),
@@ -697,8 +764,15 @@ DEFAULT_PRESET = "Padded query row fully masked"
 
 def config_values(config: MaskLabConfig) -> dict:
     """Flat widget values for a config (lists as text), the inverse of ``config_from_values``."""
-    values = {"batch": config.batch, "heads": config.heads, "t": config.t, "s": config.s,
-              "combine": config.combine, "negate_all": config.negate_all, "expression": config.expression}
+    values = {
+        "batch": config.batch,
+        "heads": config.heads,
+        "t": config.t,
+        "s": config.s,
+        "combine": config.combine,
+        "negate_all": config.negate_all,
+        "expression": config.expression,
+    }
     for comp in config.components():
         for f in fields(comp):
             if f.name in ("bits", "digest", "shape", "source"):
@@ -746,12 +820,17 @@ def explain_row(config: MaskLabConfig, b: int, h: int, q: int, composed: Compose
         if not 0 <= v < n:
             raise ValueError(f"{label} ({v}) must be in [0, {n})")
     s = config.s
-    idx = [torch.tensor(b).view(1, 1, 1, 1), torch.tensor(h).view(1, 1, 1, 1), torch.tensor(q).view(1, 1, 1, 1),
-           torch.arange(s).view(1, 1, 1, s)]
+    idx = [
+        torch.tensor(b).view(1, 1, 1, 1),
+        torch.tensor(h).view(1, 1, 1, 1),
+        torch.tensor(q).view(1, 1, 1, 1),
+        torch.arange(s).view(1, 1, 1, s),
+    ]
     frame = {"key": np.arange(s)}
     for comp in config.active():
-        verdict = torch.broadcast_to(comp.leaf(config.batch, config.heads, config.t, s)(*idx, t=config.t, s=s),
-                                     (1, 1, 1, s))[0, 0, 0]
+        verdict = torch.broadcast_to(
+            comp.leaf(config.batch, config.heads, config.t, s)(*idx, t=config.t, s=s), (1, 1, 1, s)
+        )[0, 0, 0]
         if comp.negate:
             verdict = ~verdict
         frame[("~" if comp.negate else "") + comp.key] = verdict.numpy()
@@ -849,15 +928,23 @@ def block_sparsity_table(keep: Tensor, sizes=BLOCK_SIZES) -> pd.DataFrame:
     for size in sizes:
         bs = block_sparsity(keep, size)
         nq, nk = bs.states.shape[-2:]
-        rows.append({
-            "block": f"{size}×{size}",
-            "blocks (q × kv)": f"{nq} × {nk}" + (f" × {bs.states.shape[0] * bs.states.shape[1]}"
-                                                 if bs.states.shape[0] * bs.states.shape[1] > 1 else ""),
-            "full": bs.full, "partial": bs.partial, "empty": bs.empty,
-            "compute skipped": bs.skipped_share,
-            "mask_mod evaluated in": bs.partial / bs.total,
-            "BlockMask.sparsity()": bs.flex_sparsity / 100.0,
-        })
+        rows.append(
+            {
+                "block": f"{size}×{size}",
+                "blocks (q × kv)": f"{nq} × {nk}"
+                + (
+                    f" × {bs.states.shape[0] * bs.states.shape[1]}"
+                    if bs.states.shape[0] * bs.states.shape[1] > 1
+                    else ""
+                ),
+                "full": bs.full,
+                "partial": bs.partial,
+                "empty": bs.empty,
+                "compute skipped": bs.skipped_share,
+                "mask_mod evaluated in": bs.partial / bs.total,
+                "BlockMask.sparsity()": bs.flex_sparsity / 100.0,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -969,12 +1056,19 @@ def _run_torch_mha(q, k, v, keep, need_weights: bool) -> FrameworkRun:
         mha.in_proj_weight.copy_(torch.eye(e).repeat(3, 1))
         mha.out_proj.weight.copy_(torch.eye(e))
         attn_mask = ~keep.reshape(b * h, t, keep.shape[-1])  # (b·h, t, s), torch: True = masked
-        out, weights = mha(_tokens(q), _tokens(k), _tokens(v), attn_mask=attn_mask, need_weights=need_weights,
-                           average_attn_weights=False)
+        out, weights = mha(
+            _tokens(q),
+            _tokens(k),
+            _tokens(v),
+            attn_mask=attn_mask,
+            need_weights=need_weights,
+            average_attn_weights=False,
+        )
     return FrameworkRun(
         name=f"torch MultiheadAttention (need_weights={need_weights})",
         call=f"mha(q, k, v, attn_mask=~keep.reshape(b*h, t, s), need_weights={need_weights})",
-        output=_heads(out, h), probs=weights if need_weights else None,
+        output=_heads(out, h),
+        probs=weights if need_weights else None,
         note="identity in/out projections, no bias; torch reads True = masked, so the keep-mask is inverted",
     )
 
@@ -983,24 +1077,37 @@ def _run_sdpa(q, k, v, keep, kind: str) -> FrameworkRun:
     F = torch.nn.functional
     if kind == "bool":
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
-        return FrameworkRun("SDPA (bool mask)", "F.scaled_dot_product_attention(q, k, v, attn_mask=keep)", out, None,
-                            "True = may attend")
+        return FrameworkRun(
+            "SDPA (bool mask)",
+            "F.scaled_dot_product_attention(q, k, v, attn_mask=keep)",
+            out,
+            None,
+            "True = may attend",
+        )
     if kind == "additive":
         bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))  # (b, h, t, s) 0 / -inf
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return FrameworkRun("SDPA (additive 0/−inf mask)",
-                            "F.scaled_dot_product_attention(q, k, v, attn_mask=zeros.masked_fill(~keep, -inf))",
-                            out, None, "float mask added to the scores")
+        return FrameworkRun(
+            "SDPA (additive 0/−inf mask)",
+            "F.scaled_dot_product_attention(q, k, v, attn_mask=zeros.masked_fill(~keep, -inf))",
+            out,
+            None,
+            "float mask added to the scores",
+        )
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return FrameworkRun("SDPA (is_causal=True)", "F.scaled_dot_product_attention(q, k, v, is_causal=True)", out, None,
-                        "no attn_mask: is_causal builds its own top-left causal mask (j <= i), whatever your mask is",
-                        mask_applied=False)
+    return FrameworkRun(
+        "SDPA (is_causal=True)",
+        "F.scaled_dot_product_attention(q, k, v, is_causal=True)",
+        out,
+        None,
+        "no attn_mask: is_causal builds its own top-left causal mask (j <= i), whatever your mask is",
+        mask_applied=False,
+    )
 
 
 def _run_keras(q, k, v, keep, with_scores: bool) -> FrameworkRun:
     name = f"Keras MultiHeadAttention ({'return_attention_scores=True' if with_scores else 'fused, no scores'})"
-    call = ("layer(query, value, key=key, attention_mask=keep[:, head], "
-            f"return_attention_scores={with_scores})")
+    call = f"layer(query, value, key=key, attention_mask=keep[:, head], return_attention_scores={with_scores})"
     keras, why = _keras()
     if keras is None:
         return FrameworkRun(name, call, None, None, why)
@@ -1057,8 +1164,12 @@ def _run_d2l(q, k, v, keep) -> FrameworkRun:
 
 def _run_attnviz(q, k, v, keep, policy: str) -> tuple[FrameworkRun, AttentionResult]:
     rec = attention(q, k, v, mask=keep, masked_rows=policy)
-    return FrameworkRun(f"attnviz masked_rows='{policy}'", f"attnviz.attention(q, k, v, mask=keep, "
-                        f"masked_rows='{policy}')", rec.output, rec.scores), rec
+    return FrameworkRun(
+        f"attnviz masked_rows='{policy}'",
+        f"attnviz.attention(q, k, v, mask=keep, masked_rows='{policy}')",
+        rec.output,
+        rec.scores,
+    ), rec
 
 
 def _status(x: Tensor | None, ref: Tensor, dead: Tensor, uniform: Tensor, *, tol: float) -> np.ndarray | None:
@@ -1104,8 +1215,10 @@ def compare_frameworks(keep: Tensor, *, head_dim: int = 8, seed: int = 0, includ
         raise ValueError(f"keep must be (b, h, t, s), got shape {tuple(keep.shape)}")
     b, h, t, s = keep.shape
     if t > COMPARE_MAX or s > COMPARE_MAX or b * h > COMPARE_MAX_ROWS:
-        raise ValueError(f"the framework comparison runs on t, s <= {COMPARE_MAX} and b·h <= {COMPARE_MAX_ROWS}; "
-                         f"this mask is b={b}, h={h}, t={t}, s={s}")
+        raise ValueError(
+            f"the framework comparison runs on t, s <= {COMPARE_MAX} and b·h <= {COMPARE_MAX_ROWS}; "
+            f"this mask is b={b}, h={h}, t={t}, s={s}"
+        )
     if not 1 <= head_dim <= 64:
         raise ValueError(f"head_dim ({head_dim}) must be between 1 and 64")
     keep = keep.contiguous()
@@ -1153,40 +1266,58 @@ def compare_frameworks(keep: Tensor, *, head_dim: int = 8, seed: int = 0, includ
         elif p_status is None:
             status = out_status.astype(object)
         else:
-            status = np.where(out_status == p_status, out_status,
-                              np.char.add(np.char.add(out_status, " (probabilities "), np.char.add(p_status, ")")))
-        matches = [p for p in MASKED_ROW_POLICIES if run.output is not None
-                   and _same(run.output, references[p][1].output, 1e-4)
-                   and (run.probs is None or _same(run.probs, references[p][1].scores, tol))]
+            status = np.where(
+                out_status == p_status,
+                out_status,
+                np.char.add(np.char.add(out_status, " (probabilities "), np.char.add(p_status, ")")),
+            )
+        matches = [
+            p
+            for p in MASKED_ROW_POLICIES
+            if run.output is not None
+            and _same(run.output, references[p][1].output, 1e-4)
+            and (run.probs is None or _same(run.probs, references[p][1].scores, tol))
+        ]
         notes = [run.note] if run.note else []
         live_nan = int(((torch.isnan(run.output).any(-1)) & ~dead).sum()) if run.output is not None else 0
         if live_nan:
-            notes.append(f"NaN also in {live_nan} row(s) that have keys: a dead head's NaN reaches the other heads "
-                         "of the same query through the output projection (0 × NaN = NaN)")
+            notes.append(
+                f"NaN also in {live_nan} row(s) that have keys: a dead head's NaN reaches the other heads "
+                "of the same query through the output projection (0 × NaN = NaN)"
+            )
         live = ~dead.numpy()
-        summary.append({
-            "framework": run.name,
-            "returns probabilities": run.probs is not None,
-            "fully-masked rows": _count(status[dead.numpy()]) if run.output is not None else "not run",
-            "rows with keys": _count(status[live]) if run.output is not None else "not run",
-            "max |Δ| output, rows with keys": float(np.max(out_diff[live])) if live.any() else float("nan"),
-            "max |Δ| output, fully-masked rows": float(np.max(out_diff[~live])) if (~live).any() else float("nan"),
-            "same as attnviz policy": ", ".join(matches) if matches else ("—" if run.output is None else "none"),
-            "how it was called": run.call,
-            "notes": "; ".join(notes),
-        })
+        summary.append(
+            {
+                "framework": run.name,
+                "returns probabilities": run.probs is not None,
+                "fully-masked rows": _count(status[dead.numpy()]) if run.output is not None else "not run",
+                "rows with keys": _count(status[live]) if run.output is not None else "not run",
+                "max |Δ| output, rows with keys": float(np.max(out_diff[live])) if live.any() else float("nan"),
+                "max |Δ| output, fully-masked rows": float(np.max(out_diff[~live])) if (~live).any() else float("nan"),
+                "same as attnviz policy": ", ".join(matches) if matches else ("—" if run.output is None else "none"),
+                "how it was called": run.call,
+                "notes": "; ".join(notes),
+            }
+        )
         for bi in range(b):
             for hi in range(h):
                 for qi in range(t):
-                    long_rows.append({
-                        "framework": run.name, "batch": bi, "head": hi, "query": qi,
-                        "keys kept": int(keep[bi, hi, qi].sum()), "status": status[bi, hi, qi],
-                        "max |Δ| output": float(out_diff[bi, hi, qi]),
-                        "max |Δ| probabilities": float(p_diff[bi, hi, qi]),
-                    })
+                    long_rows.append(
+                        {
+                            "framework": run.name,
+                            "batch": bi,
+                            "head": hi,
+                            "query": qi,
+                            "keys kept": int(keep[bi, hi, qi].sum()),
+                            "status": status[bi, hi, qi],
+                            "max |Δ| output": float(out_diff[bi, hi, qi]),
+                            "max |Δ| probabilities": float(p_diff[bi, hi, qi]),
+                        }
+                    )
     keras, _ = _keras() if include_keras else (None, "")
-    versions = f"torch {torch.__version__}" + (f", keras {keras.__version__} ({keras.backend.backend()} backend)"
-                                               if keras is not None else "")
+    versions = f"torch {torch.__version__}" + (
+        f", keras {keras.__version__} ({keras.backend.backend()} backend)" if keras is not None else ""
+    )
     return Comparison(q, k, v, keep, tuple(runs), pd.DataFrame(summary), pd.DataFrame(long_rows), versions)
 
 
@@ -1232,8 +1363,9 @@ def dead_row_behaviour(include_keras: bool = True) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def effect_record(keep_row: Tensor, *, head_dim: int = 16, seed: int = 0, masked_rows: str = "zeros",
-                  sharpness: float = 2.0) -> AttentionResult:
+def effect_record(
+    keep_row: Tensor, *, head_dim: int = 16, seed: int = 0, masked_rows: str = "zeros", sharpness: float = 2.0
+) -> AttentionResult:
     """attnviz's record for one head with the (t, s) keep-mask, on seeded random q and k (and v).
 
     ``sharpness`` scales q so the probabilities are not all near-uniform (untrained attention is flat).
@@ -1267,7 +1399,7 @@ def _mask_mod_source(composed: Composed) -> str:
     body = composed.expression
     return (
         "def mask_mod(b, h, q_idx, kv_idx):\n"
-        f"    \"\"\"{composed.formula}: True = may attend (works on scalars and on broadcast index grids).\"\"\"\n"
+        f'    """{composed.formula}: True = may attend (works on scalars and on broadcast index grids)."""\n'
         f"    return {body}\n"
     )
 
@@ -1281,39 +1413,59 @@ def snippets(config: MaskLabConfig, composed: Composed | None = None) -> Snippet
     sizes = f"\nB, H, T, S = {b}, {h}, {t}, {s}  # batch, heads, queries, keys\n"
     head = imports + sizes
     data = "".join(line + "\n" for line in composed.setup)
-    prelude = head + data + "\n\n" + _mask_mod_source(composed) + (
-        "\n\n"
-        "b = torch.arange(B).view(B, 1, 1, 1)\n"
-        "h = torch.arange(H).view(1, H, 1, 1)\n"
-        "q_idx = torch.arange(T).view(1, 1, T, 1)\n"
-        "kv_idx = torch.arange(S).view(1, 1, 1, S)\n"
-        "keep = mask_mod(b, h, q_idx, kv_idx).expand(B, H, T, S)  # (B, H, T, S) bool, True = may attend\n"
+    prelude = (
+        head
+        + data
+        + "\n\n"
+        + _mask_mod_source(composed)
+        + (
+            "\n\n"
+            "b = torch.arange(B).view(B, 1, 1, 1)\n"
+            "h = torch.arange(H).view(1, H, 1, 1)\n"
+            "q_idx = torch.arange(T).view(1, 1, T, 1)\n"
+            "kv_idx = torch.arange(S).view(1, 1, 1, S)\n"
+            "keep = mask_mod(b, h, q_idx, kv_idx).expand(B, H, T, S)  # (B, H, T, S) bool, True = may attend\n"
+        )
     )
-    keras_line = ("# keras MultiHeadAttention: layer(query, value, attention_mask=keep[:, 0])  # (B, T, S), all heads\n"
-                  if mh == 1 else "# keras MultiHeadAttention cannot take this mask: it differs per head, and Keras "
-                  "masks are (B, T, S)\n")
+    keras_line = (
+        "# keras MultiHeadAttention: layer(query, value, attention_mask=keep[:, 0])  # (B, T, S), all heads\n"
+        if mh == 1
+        else "# keras MultiHeadAttention cannot take this mask: it differs per head, and Keras masks are (B, T, S)\n"
+    )
     keep_code = prelude + (
         "\n# SDPA: F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # q (B, H, T, E)\n" + keras_line
     )
     if mb == 1 and mh == 1:
         torch_conv = "attn_mask = ~keep[0, 0]  # (T, S), torch.nn.MultiheadAttention: True = masked\n"
     else:
-        torch_conv = ("attn_mask = ~keep.reshape(B * H, T, S)  # (B·H, T, S) batch-major, "
-                      "torch.nn.MultiheadAttention: True = masked\n")
-    torch_code = prelude + torch_conv + (
-        "# mha = torch.nn.MultiheadAttention(E, H, batch_first=True)\n"
-        "# out, weights = mha(query, key, value, attn_mask=attn_mask)  # fully-masked rows come out NaN\n"
+        torch_conv = (
+            "attn_mask = ~keep.reshape(B * H, T, S)  # (B·H, T, S) batch-major, "
+            "torch.nn.MultiheadAttention: True = masked\n"
+        )
+    torch_code = (
+        prelude
+        + torch_conv
+        + (
+            "# mha = torch.nn.MultiheadAttention(E, H, batch_first=True)\n"
+            "# out, weights = mha(query, key, value, attn_mask=attn_mask)  # fully-masked rows come out NaN\n"
+        )
     )
     additive_code = prelude + (
-        "additive = torch.zeros(B, H, T, S).masked_fill(~keep, float(\"-inf\"))  # (B, H, T, S): 0 keep, -inf mask\n"
+        'additive = torch.zeros(B, H, T, S).masked_fill(~keep, float("-inf"))  # (B, H, T, S): 0 keep, -inf mask\n'
         "# F.scaled_dot_product_attention(q, k, v, attn_mask=additive)  # added to the scaled scores\n"
     )
     flex_import = "from torch.nn.attention.flex_attention import create_block_mask, flex_attention\n"
-    flex_code = imports + flex_import + sizes + data + (
-        "\n\n" + _mask_mod_source(composed) + "\n\n"
-        f"block_mask = create_block_mask(mask_mod, B={'B' if mb > 1 else 'None'}, H={'H' if mh > 1 else 'None'}, "
-        "Q_LEN=T, KV_LEN=S, device=\"cpu\", BLOCK_SIZE=128)\n"
-        "# out = flex_attention(q, k, v, block_mask=block_mask)  # q (B, H, T, E); fully-masked rows give zeros\n"
+    flex_code = (
+        imports
+        + flex_import
+        + sizes
+        + data
+        + (
+            "\n\n" + _mask_mod_source(composed) + "\n\n"
+            f"block_mask = create_block_mask(mask_mod, B={'B' if mb > 1 else 'None'}, H={'H' if mh > 1 else 'None'}, "
+            'Q_LEN=T, KV_LEN=S, device="cpu", BLOCK_SIZE=128)\n'
+            "# out = flex_attention(q, k, v, block_mask=block_mask)  # q (B, H, T, E); fully-masked rows give zeros\n"
+        )
     )
     return Snippets(keep=keep_code, torch_mha=torch_code, additive=additive_code, flex=flex_code)
 
@@ -1359,8 +1511,9 @@ def load_npy(data: bytes, *, max_bytes: int = MAX_UPLOAD_BYTES) -> np.ndarray:
         raise ValueError("this is an .npz archive; upload a single array saved with np.save")
     if arr.dtype != np.bool_:
         if not np.issubdtype(arr.dtype, np.integer):
-            extra = (" (an additive 0/-inf float mask means the opposite of a keep-mask)"
-                     if arr.dtype.kind == "f" else "")
+            extra = (
+                " (an additive 0/-inf float mask means the opposite of a keep-mask)" if arr.dtype.kind == "f" else ""
+            )
             raise ValueError(f"the mask must be bool or 0/1 integers, got dtype {arr.dtype}{extra}")
         values = np.unique(arr)
         if not np.isin(values, (0, 1)).all():

@@ -59,7 +59,8 @@ class Mask(ABC):
 
     # -- evaluation ---------------------------------------------------------------------------------------
     def __call__(self, b, h, q_idx, kv_idx, *, t: int, s: int) -> Tensor:
-        return self._eval(*(torch.as_tensor(x) for x in (b, h, q_idx, kv_idx)), t, s)
+        b_t, h_t, q_t, kv_t = (torch.as_tensor(x) for x in (b, h, q_idx, kv_idx))
+        return self._eval(b_t, h_t, q_t, kv_t, t, s)
 
     @abstractmethod
     def _eval(self, b: Tensor, h: Tensor, q: Tensor, kv: Tensor, t: int, s: int) -> Tensor:
@@ -83,7 +84,8 @@ class Mask(ABC):
             if int(value) < 1:
                 raise ValueError(f"mask size {name} ({value}) must be at least 1")
         self.validate(b, h, t, s)
-        out = self._eval(*index_grids(b, h, t, s, device), t, s)
+        b_idx, h_idx, q_idx, kv_idx = index_grids(b, h, t, s, device)
+        out = self._eval(b_idx, h_idx, q_idx, kv_idx, t, s)
         out = torch.as_tensor(out, dtype=torch.bool, device=device)
         while out.dim() < 4:
             out = out.unsqueeze(0)
@@ -92,8 +94,8 @@ class Mask(ABC):
     # -- explanation --------------------------------------------------------------------------------------
     def explain(self, b: int, h: int, q: int, kv: int, *, t: int, s: int) -> list[str]:
         """Names of the components that masked cell (b, h, q, kv); empty when the cell may attend."""
-        idx = [torch.tensor([[[[v]]]]) for v in (b, h, q, kv)]
-        value, blame = self._blame(*idx, t, s)
+        b_idx, h_idx, q_idx, kv_idx = (torch.tensor([[[[v]]]]) for v in (b, h, q, kv))  # each (1, 1, 1, 1)
+        value, blame = self._blame(b_idx, h_idx, q_idx, kv_idx, t, s)
         if bool(value.reshape(-1)[0]):
             return []
         return [name for name, grid in blame.items() if bool(torch.broadcast_to(grid, (1, 1, 1, 1))[0, 0, 0, 0])]
@@ -190,7 +192,8 @@ class And(Mask):
         return out
 
     def _blame(self, b, h, q, kv, t, s):
-        value, blame = None, {}
+        value: Tensor | None = None
+        blame: dict[str, Tensor] = {}
         for p in self.parts:
             pv, pb = p._blame(b, h, q, kv, t, s)
             for name, grid in pb.items():  # a part is to blame only where it said "no"
@@ -218,12 +221,14 @@ class Or(Mask):
         return out
 
     def _blame(self, b, h, q, kv, t, s):
-        value, blame = None, {}
+        value: Tensor | None = None
+        blame: dict[str, Tensor] = {}
         for p in self.parts:  # a cell is masked only if every part said "no": all of them are to blame
             pv, pb = p._blame(b, h, q, kv, t, s)
             for name, grid in pb.items():
                 blame[name] = blame.get(name, False) | grid
             value = pv if value is None else value | pv
+        assert value is not None  # Or always has at least one part
         return value, {name: grid & ~value for name, grid in blame.items()}
 
     validate = And.validate

@@ -26,7 +26,14 @@ def format_bytes(n: float) -> str:
 
 
 def estimate_attention_bytes(
-    b: int, h: int, g: int, t: int, s: int, d: int, v: int, *,
+    b: int,
+    h: int,
+    g: int,
+    t: int,
+    s: int,
+    d: int,
+    v: int,
+    *,
     dtype: torch.dtype = torch.float32,
     score_mode: str = "scaled_dot",
     need_weights: bool = True,
@@ -84,9 +91,9 @@ def memory_budget(device: torch.device | str | None = None) -> int:
         return int(value * _GiB)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda":
-        free, total = torch.cuda.mem_get_info(dev)
-        return int(min(0.5 * total, 0.8 * free))
-    total = _meminfo_bytes("MemTotal")
+        free, device_total = torch.cuda.mem_get_info(dev)
+        return int(min(0.5 * device_total, 0.8 * free))
+    total: int | None = _meminfo_bytes("MemTotal")
     if total is None:
         pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
         total = pages * page_size

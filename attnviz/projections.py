@@ -86,8 +86,10 @@ def project(record: AttentionResult, batch_index: int = 0, *, normalize: bool = 
     if not 0 <= batch_index < b:
         raise ValueError(f"batch_index ({batch_index}) must be in [0, {b})")
     if record.query.shape[-1] != record.key.shape[-1]:
-        raise ValueError(f"queries ({record.query.shape[-1]}) and keys ({record.key.shape[-1]}) must have the same "
-                         "size to share a space")
+        raise ValueError(
+            f"queries ({record.query.shape[-1]}) and keys ({record.key.shape[-1]}) must have the same "
+            "size to share a space"
+        )
     queries, keys, outputs, explained, out_explained = [], [], [], [], []
     for u in range(h):
         q = record.query[batch_index, u].detach().float().cpu()  # (t, d)
@@ -103,9 +105,14 @@ def project(record: AttentionResult, batch_index: int = 0, *, normalize: bool = 
         out_explained.append(out_ratio.numpy())
     weights = record.scores_grid[batch_index].detach().float().cpu().numpy()  # (h, t, s)
     return Projection(
-        queries=np.stack(queries), keys=np.stack(keys), outputs=np.stack(outputs), weights=weights,
-        explained=np.stack(explained), output_explained=np.stack(out_explained),
-        num_kv_heads=record.num_kv_heads, normalized=normalize,
+        queries=np.stack(queries),
+        keys=np.stack(keys),
+        outputs=np.stack(outputs),
+        weights=weights,
+        explained=np.stack(explained),
+        output_explained=np.stack(out_explained),
+        num_kv_heads=record.num_kv_heads,
+        normalized=normalize,
     )
 
 
@@ -149,8 +156,14 @@ class ProjectionSettings:
 
 def _url_rules():
     R = urlstate.Rule
-    return {"preset": R(choices=tuple(pg.PRESETS)), "seed": R(0, 2**31 - 1), "batch_index": R(0, 64),
-            "head": R(0, 64), "query": R(-1, 4096), "color_by": R(choices=COLOR_BY)}
+    return {
+        "preset": R(choices=tuple(pg.PRESETS)),
+        "seed": R(0, 2**31 - 1),
+        "batch_index": R(0, 64),
+        "head": R(0, 64),
+        "query": R(-1, 4096),
+        "color_by": R(choices=COLOR_BY),
+    }
 
 
 def to_url(settings: ProjectionSettings) -> dict[str, str]:

@@ -113,6 +113,7 @@ def _parse(name: str, text: str, default, rule: Rule | None):
         if low in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"{text!r} is not true/false")
+    value: int | float | str
     if isinstance(default, int):
         try:
             value = int(text)
@@ -130,13 +131,13 @@ def _parse(name: str, text: str, default, rule: Rule | None):
         if len(items) > MAX_LIST_ITEMS:
             raise ValueError(f"{len(items)} items; at most {MAX_LIST_ITEMS}")
         try:
-            value = tuple(int(x) for x in items)
+            numbers = tuple(int(x) for x in items)
         except ValueError:
             raise ValueError(f"{text!r} is not a list of whole numbers") from None
         if rule is not None:
-            for x in value:
+            for x in numbers:
                 _check_range(x, rule)
-        return value
+        return numbers
     elif isinstance(default, str):
         value = text
     else:
@@ -162,8 +163,15 @@ def _one(value) -> str:
     return str(value)
 
 
-def decode(params: Mapping[str, Any], defaults, *, prefix: str = "", rules: Mapping[str, Rule] | None = None,
-           validate: bool = True, fix: Callable[[Any], Any] | None = None) -> Decoded:
+def decode(
+    params: Mapping[str, Any],
+    defaults,
+    *,
+    prefix: str = "",
+    rules: Mapping[str, Rule] | None = None,
+    validate: bool = True,
+    fix: Callable[[Any], Any] | None = None,
+) -> Decoded:
     """Read ``defaults``' type from query params; never raises.
 
     Keys without ``prefix`` or naming no field are ignored silently (query params are shared by every page).
@@ -179,7 +187,7 @@ def decode(params: Mapping[str, Any], defaults, *, prefix: str = "", rules: Mapp
     for key, raw in params.items():
         if not key.startswith(prefix):
             continue
-        name = key[len(prefix):]
+        name = key[len(prefix) :]
         if name not in base:
             continue
         try:
