@@ -18,8 +18,11 @@ except CONFIG_ERRORS as err:
 
 st.caption(describe(result))
 if bool(result.fully_masked.any()):
-    st.warning(f"{int(result.fully_masked.any(0).sum())} query rows are fully masked in at least one head "
-               f"(policy: {config.masked_rows}).", icon="🚫")
+    st.warning(
+        f"{int(result.fully_masked.any(0).sum())} query rows are fully masked in at least one head "
+        f"(policy: {config.masked_rows}).",
+        icon="🚫",
+    )
 view = view_ui()
 
 heads_tab, zoom_tab, rows_tab = st.tabs(["Heads", "Zoom", "Row summaries"], key="ls_tab", on_change="rerun")
@@ -27,8 +30,10 @@ if heads_tab.open:
     with heads_tab:
         fig = lf.pooled_heads_figure(result, view.mode, view.colorscale, view.scaling)
         st.plotly_chart(fig, width="content")
-        st.caption(f"Payload of this view: {format_bytes(lf.figure_bytes(fig))}. Open the Zoom tab for any region "
-                   "at full resolution with hover values.")
+        st.caption(
+            f"Payload of this view: {format_bytes(lf.figure_bytes(fig))}. Open the Zoom tab for any region "
+            "at full resolution with hover values."
+        )
 if zoom_tab.open:
     with zoom_tab:
         try:
@@ -38,8 +43,10 @@ if zoom_tab.open:
             show_config_error(err)
         else:
             st.plotly_chart(lf.zoom_figure(region, view.colorscale), width="content")
-            st.caption("Probabilities are normalised over all keys of each row; 'row mass in region' says how much "
-                       "of the row falls inside this window.")
+            st.caption(
+                "Probabilities are normalised over all keys of each row; 'row mass in region' says how much "
+                "of the row falls inside this window."
+            )
 if rows_tab.open:
     with rows_tab:
         head = int(st.number_input("Head", min_value=0, max_value=config.num_heads - 1, value=0, key="ls_row_head"))

@@ -11,8 +11,10 @@ from attnviz.ui.projections import cached_projection, settings_ui
 from attnviz.ui.widgets import CONFIG_ERRORS, show_config_error
 
 st.title("Projections")
-st.caption("Each dot is a query (circle) or key (square) of one head, projected together onto their first two "
-           "principal components: queries near a key tend to attend to it. Pick a query to see its attention.")
+st.caption(
+    "Each dot is a query (circle) or key (square) of one head, projected together onto their first two "
+    "principal components: queries near a key tend to attend to it. Pick a query to see its attention."
+)
 try:
     settings = settings_ui()
     config = settings.config()
@@ -25,8 +27,13 @@ except CONFIG_ERRORS as err:
 
 sharing.show_notices(pj.URL_PREFIX)
 st.caption(describe(config, record))
-fig = cf.projection_figure(projection, settings.head, color_by=settings.color_by,
-                           query_index=None if settings.query < 0 else settings.query, show_outputs=settings.outputs)
+fig = cf.projection_figure(
+    projection,
+    settings.head,
+    color_by=settings.color_by,
+    query_index=None if settings.query < 0 else settings.query,
+    show_outputs=settings.outputs,
+)
 sharing.chart(fig, key="pj_fig", file_name=f"projection_head{settings.head}", title="attnviz projection")
 params = pj.to_url(settings)
 sharing.write_url(pj.URL_PREFIX, params)

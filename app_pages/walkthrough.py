@@ -8,8 +8,10 @@ from attnviz.ui.walkthrough import cached_stages, config_ui, presentation_ui, st
 from attnviz.ui.widgets import CONFIG_ERRORS, show_config_error
 
 st.title("Step by step")
-st.caption("X → Q, K, V per head → Q·Kᵀ → ÷√d → mask → softmax → dropout → ·V → concat heads → W_o "
-           "(d2l 10.5, written with row vectors). Every number is in its cell; hover for more digits.")
+st.caption(
+    "X → Q, K, V per head → Q·Kᵀ → ÷√d → mask → softmax → dropout → ·V → concat heads → W_o "
+    "(d2l 10.5, written with row vectors). Every number is in its cell; hover for more digits."
+)
 try:
     config = config_ui()
     stages = cached_stages(config)

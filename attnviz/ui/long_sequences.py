@@ -8,6 +8,7 @@ cached per (config, head, region).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import streamlit as st
 import torch
@@ -58,33 +59,62 @@ def config_ui() -> ls.LongConfig:
         st.markdown("**Long-sequence attention**")
 
         def number(label: str, name: str, lo: int, step: int = 1) -> int:
-            return int(st.number_input(label, min_value=lo, max_value=limits.get(name, 10**6), step=step,
-                                       value=getattr(defaults, name), key=_key(name), help=HELP[name]))
+            return int(
+                st.number_input(
+                    label,
+                    min_value=lo,
+                    max_value=limits.get(name, 10**6),
+                    step=step,
+                    value=getattr(defaults, name),
+                    key=_key(name),
+                    help=HELP[name],
+                )
+            )
 
-        values = {
+        values: dict[str, Any] = {  # LongConfig field -> widget value (LongConfig.validate checks them)
             "t": number("Query length t", "t", 1, 256),
             "s": number("Key length s (0 = self)", "s", 0, 256),
             "num_heads": number("Query heads h", "num_heads", 1),
             "num_kv_heads": number("KV heads g (0 = h)", "num_kv_heads", 0),
             "head_dim": number("Head dim d", "head_dim", 1, 8),
-            "source": st.selectbox("Inputs", list(SOURCES), index=list(SOURCES).index(defaults.source),
-                                   key=_key("source"), help=HELP["source"]),
-            "weight_scale": float(st.number_input("Weight scale", min_value=0.1, max_value=100.0, step=0.5,
-                                                  value=defaults.weight_scale, key=_key("weight_scale"),
-                                                  help=HELP["weight_scale"])),
-            "causal": st.selectbox("Causal", ["off", "top_left", "bottom_right"], index=1, key=_key("causal"),
-                                   help=HELP["causal"]),
+            "source": st.selectbox(
+                "Inputs",
+                list(SOURCES),
+                index=list(SOURCES).index(defaults.source),
+                key=_key("source"),
+                help=HELP["source"],
+            ),
+            "weight_scale": float(
+                st.number_input(
+                    "Weight scale",
+                    min_value=0.1,
+                    max_value=100.0,
+                    step=0.5,
+                    value=defaults.weight_scale,
+                    key=_key("weight_scale"),
+                    help=HELP["weight_scale"],
+                )
+            ),
+            "causal": st.selectbox(
+                "Causal", ["off", "top_left", "bottom_right"], index=1, key=_key("causal"), help=HELP["causal"]
+            ),
             "sliding_window": number("Sliding window (0 = off)", "sliding_window", 0, 16),
-            "score_mod": st.selectbox("Score modifier", list(ls.SCORE_MODS),
-                                      index=list(ls.SCORE_MODS).index(defaults.score_mod), key=_key("score_mod"),
-                                      help=HELP["score_mod"]),
-            "masked_rows": st.selectbox("Fully-masked rows", list(MASKED_ROW_POLICIES), key=_key("masked_rows"),
-                                        help=HELP["masked_rows"]),
+            "score_mod": st.selectbox(
+                "Score modifier",
+                list(ls.SCORE_MODS),
+                index=list(ls.SCORE_MODS).index(defaults.score_mod),
+                key=_key("score_mod"),
+                help=HELP["score_mod"],
+            ),
+            "masked_rows": st.selectbox(
+                "Fully-masked rows", list(MASKED_ROW_POLICIES), key=_key("masked_rows"), help=HELP["masked_rows"]
+            ),
             "pixels": number("Pixels per head (per axis)", "pixels", 16, 32),
             "local_window": number("Local window", "local_window", 1, 16),
             "top_k": number("Top-k keys", "top_k", 1),
-            "seed": int(st.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, key=_key("seed"),
-                                        help=HELP["seed"])),
+            "seed": int(
+                st.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, key=_key("seed"), help=HELP["seed"])
+            ),
             "device": st.selectbox("Device", _devices(), key=_key("device"), help=HELP["device"]),
             "dtype": st.selectbox("Input dtype", list(DTYPES), key=_key("dtype"), help=HELP["dtype"]),
         }
@@ -104,33 +134,70 @@ class ViewOptions:
 def view_ui() -> ViewOptions:
     """View options: none of them recomputes the engine."""
     cols = st.columns(3)
-    mode = cols[0].radio("Pooling", list(ls.POOL_MODES), horizontal=True, key=_key("mode"),
-                         help="max: the strongest weight in each pooled cell (peaks stay visible). mean: the "
-                         "average weight over the cell's attendable positions.")
-    scaling = cols[1].radio("Colour scaling", list(COLOR_SCALINGS), horizontal=True, key=_key("scaling"),
-                            help="Long rows spread probability thinly (1/8192 is 0.0001): log shows that "
-                            "spread; linear shows only the peaks.")
-    colorscale = cols[2].selectbox("Colour scale", ["Viridis", "Magma", "Blues", "Cividis", "Turbo"],
-                                   key=_key("colorscale"))
-    return ViewOptions(mode, scaling, colorscale)
+    mode = cols[0].radio(
+        "Pooling",
+        list(ls.POOL_MODES),
+        horizontal=True,
+        key=_key("mode"),
+        help="max: the strongest weight in each pooled cell (peaks stay visible). mean: the "
+        "average weight over the cell's attendable positions.",
+    )
+    scaling = cols[1].radio(
+        "Colour scaling",
+        list(COLOR_SCALINGS),
+        horizontal=True,
+        key=_key("scaling"),
+        help="Long rows spread probability thinly (1/8192 is 0.0001): log shows that "
+        "spread; linear shows only the peaks.",
+    )
+    colorscale = cols[2].selectbox(
+        "Colour scale", ["Viridis", "Magma", "Blues", "Cividis", "Turbo"], key=_key("colorscale")
+    )
+    # Each widget starts on its first option and cannot be cleared, so None (Streamlit's type) never comes back.
+    return ViewOptions(mode or ls.POOL_MODES[0], scaling or COLOR_SCALINGS[0], colorscale or "Viridis")
 
 
 def zoom_ui(result: ls.LongResult) -> tuple[int, tuple[int, int], tuple[int, int]]:
     """Head and region to zoom into; the region is at most 256 x 256 cells."""
     config = result.config
     cols = st.columns(4)
-    head = int(cols[0].number_input("Head", min_value=0, max_value=config.num_heads - 1, value=0,
-                                    key=_key("zoom_head")))
+    head = int(
+        cols[0].number_input("Head", min_value=0, max_value=config.num_heads - 1, value=0, key=_key("zoom_head"))
+    )
     shortest = min(config.t, config.keys)
-    size = int(cols[1].number_input("Region size", min_value=min(8, shortest), max_value=min(256, max(shortest, 8)),
-                                    value=min(128, shortest), step=8, key=_key("zoom_size"),
-                                    help="Queries and keys shown at full resolution (at most 256 x 256)."))
+    size = int(
+        cols[1].number_input(
+            "Region size",
+            min_value=min(8, shortest),
+            max_value=min(256, max(shortest, 8)),
+            value=min(128, shortest),
+            step=8,
+            key=_key("zoom_size"),
+            help="Queries and keys shown at full resolution (at most 256 x 256).",
+        )
+    )
     default_q = max(0, config.t - size)
-    q0 = int(cols[2].number_input("First query", min_value=0, max_value=max(0, config.t - 1), value=default_q,
-                                  step=max(1, size // 2), key=_key("zoom_q0")))
+    q0 = int(
+        cols[2].number_input(
+            "First query",
+            min_value=0,
+            max_value=max(0, config.t - 1),
+            value=default_q,
+            step=max(1, size // 2),
+            key=_key("zoom_q0"),
+        )
+    )
     default_k = max(0, min(config.keys - size, q0 + ls._aligned_offset(config) - size // 2))
-    k0 = int(cols[3].number_input("First key", min_value=0, max_value=max(0, config.keys - 1), value=default_k,
-                                  step=max(1, size // 2), key=_key("zoom_k0")))
+    k0 = int(
+        cols[3].number_input(
+            "First key",
+            min_value=0,
+            max_value=max(0, config.keys - 1),
+            value=default_k,
+            step=max(1, size // 2),
+            key=_key("zoom_k0"),
+        )
+    )
     return head, (q0, min(config.t, q0 + size)), (k0, min(config.keys, k0 + size))
 
 

@@ -139,36 +139,63 @@ def config_ui() -> ml.MaskLabConfig:
         st.text_input("lengths", key=_key("valid_lens.lens"), help=HELP["valid_lens.lens"], placeholder="e.g. 3, 2")
     with sb.expander("Query / key padding"):
         _on_off(st, "padding", "padding")
-        st.text_input("real queries per item", key=_key("padding.query_lens"), help=HELP["padding.query_lens"],
-                      placeholder="e.g. 8, 5")
-        st.text_input("real keys per item", key=_key("padding.key_lens"), help=HELP["padding.key_lens"],
-                      placeholder="e.g. 8, 6")
+        st.text_input(
+            "real queries per item",
+            key=_key("padding.query_lens"),
+            help=HELP["padding.query_lens"],
+            placeholder="e.g. 8, 5",
+        )
+        st.text_input(
+            "real keys per item", key=_key("padding.key_lens"), help=HELP["padding.key_lens"], placeholder="e.g. 8, 6"
+        )
     with sb.expander("Prefix-LM"):
         _on_off(st, "prefix_lm", "prefix-LM")
-        st.number_input("prefix n", 0, limits["s"], step=1, key=_key("prefix_lm.prefix"),
-                        help=HELP["prefix_lm.prefix"])
+        st.number_input("prefix n", 0, limits["s"], step=1, key=_key("prefix_lm.prefix"), help=HELP["prefix_lm.prefix"])
         _align(st, "prefix_lm.align")
     with sb.expander("Packed documents"):
         _on_off(st, "document", "documents")
-        st.text_input("query document lengths", key=_key("document.query_docs"), help=HELP["document.query_docs"],
-                      placeholder="e.g. 4, 6")
-        st.text_input("key document lengths", key=_key("document.key_docs"), help=HELP["document.key_docs"],
-                      placeholder="same as queries")
+        st.text_input(
+            "query document lengths",
+            key=_key("document.query_docs"),
+            help=HELP["document.query_docs"],
+            placeholder="e.g. 4, 6",
+        )
+        st.text_input(
+            "key document lengths",
+            key=_key("document.key_docs"),
+            help=HELP["document.key_docs"],
+            placeholder="same as queries",
+        )
     with sb.expander("Custom grid"):
         _on_off(st, "custom", "custom grid")
-        st.caption("Edit the grid above the tabs (t, s ≤ 32), or upload a boolean .npy: "
-                   "(t, s), (b, t, s) or (b, h, t, s), bool or 0/1 integers. An upload sets the sizes to fit and "
-                   "switches the other components off (switch them back on to combine).")
-        st.file_uploader("Upload a mask (.npy)", type=["npy"], key=_key("upload"), on_change=_on_upload,
-                         max_upload_size=ml.MAX_UPLOAD_BYTES // 2**20)
+        st.caption(
+            "Edit the grid above the tabs (t, s ≤ 32), or upload a boolean .npy: "
+            "(t, s), (b, t, s) or (b, h, t, s), bool or 0/1 integers. An upload sets the sizes to fit and "
+            "switches the other components off (switch them back on to combine)."
+        )
+        st.file_uploader(
+            "Upload a mask (.npy)",
+            type=["npy"],
+            key=_key("upload"),
+            on_change=_on_upload,
+            max_upload_size=ml.MAX_UPLOAD_BYTES // 2**20,
+        )
     with sb.expander("Combination", expanded=True):
         st.radio("combine with", list(ml.COMBINES), key=_key("combine"), horizontal=True, help=HELP["combine"])
         st.checkbox("NOT of the whole combination", key=_key("negate_all"), help=HELP["negate_all"])
-        st.text_input("or a formula", key=_key("expression"), help=HELP["expression"],
-                      placeholder="e.g. (causal | prefix_lm) & ~document", max_chars=ml.MAX_EXPRESSION)
+        st.text_input(
+            "or a formula",
+            key=_key("expression"),
+            help=HELP["expression"],
+            placeholder="e.g. (causal | prefix_lm) & ~document",
+            max_chars=ml.MAX_EXPRESSION,
+        )
 
-    values = {name[len(PREFIX):]: st.session_state[name] for name in list(st.session_state)
-              if isinstance(name, str) and name.startswith(PREFIX)}
+    values = {
+        name[len(PREFIX) :]: st.session_state[name]
+        for name in list(st.session_state)
+        if isinstance(name, str) and name.startswith(PREFIX)
+    }
     for name in ("t", "s", "batch", "heads", "window.window", "prefix_lm.prefix"):
         values[name] = int(values[name])  # widget bounds are enforced in the browser only; validate() re-checks
     return ml.config_from_values(values, custom=_custom_grid(values))
@@ -207,14 +234,24 @@ def _set_grid_base(t: int, s: int, fill: str) -> None:
 def _grid_editor(t: int, s: int) -> np.ndarray:
     with st.expander(f"Custom grid ({t} × {s}): tick the cells that may attend", expanded=True):
         cols = st.columns(3)
-        for col, (label, fill) in zip(cols, [("all may attend", "all"), ("none", "none"), ("causal", "causal")],
-                                      strict=True):
-            col.button(f"Reset: {label}", key=_key(f"grid_reset_{fill}"), on_click=_set_grid_base,
-                       args=(t, s, fill), use_container_width=True)
+        for col, (label, fill) in zip(
+            cols, [("all may attend", "all"), ("none", "none"), ("causal", "causal")], strict=True
+        ):
+            col.button(
+                f"Reset: {label}",
+                key=_key(f"grid_reset_{fill}"),
+                on_click=_set_grid_base,
+                args=(t, s, fill),
+                use_container_width=True,
+            )
         base = pd.DataFrame(_grid_base(t, s), index=[f"q{i}" for i in range(t)], columns=[f"k{j}" for j in range(s)])
         version = st.session_state.get(_key("grid_version"), 0)
-        edited = st.data_editor(base, key=_key(f"grid_{t}x{s}_{version}"), num_rows="fixed",
-                                column_config={c: st.column_config.CheckboxColumn(c, width=28) for c in base.columns})
+        edited = st.data_editor(
+            base,
+            key=_key(f"grid_{t}x{s}_{version}"),
+            num_rows="fixed",
+            column_config={c: st.column_config.CheckboxColumn(c, width=28) for c in base.columns},
+        )
     grid = np.asarray(edited, dtype=bool)
     if grid.shape != (t, s):
         raise ValueError(f"the edited grid has shape {grid.shape}, expected ({t}, {s})")
@@ -243,16 +280,21 @@ class Built:
     dead: torch.Tensor  # (b|1, h|1, t) fully-masked query rows
 
 
-@st.cache_resource(max_entries=32, ttl=3600, show_spinner="Building the mask…",
-                   hash_funcs={ml.MaskLabConfig: _config_key})
+@st.cache_resource(
+    max_entries=32, ttl=3600, show_spinner="Building the mask…", hash_funcs={ml.MaskLabConfig: _config_key}
+)
 def cached_build(config: ml.MaskLabConfig) -> Built:
     composed = ml.build(config)
     keep = ml.materialize(config, composed)
     return Built(composed, keep, ml.fully_masked(keep))
 
 
-@st.cache_resource(max_entries=16, ttl=3600, show_spinner="Running torch, SDPA, Keras, d2l and attnviz…",
-                   hash_funcs={ml.MaskLabConfig: _config_key})
+@st.cache_resource(
+    max_entries=16,
+    ttl=3600,
+    show_spinner="Running torch, SDPA, Keras, d2l and attnviz…",
+    hash_funcs={ml.MaskLabConfig: _config_key},
+)
 def cached_comparison(config: ml.MaskLabConfig, seed: int, head_dim: int) -> ml.Comparison:
     keep = cached_build(config).keep.expand(config.batch, config.heads, config.t, config.s)
     return ml.compare_frameworks(keep, head_dim=head_dim, seed=seed)
@@ -263,18 +305,21 @@ def cached_dead_row_behaviour() -> dict[str, str]:
     return ml.dead_row_behaviour()
 
 
-@st.cache_resource(max_entries=16, ttl=3600, show_spinner="Classifying blocks…",
-                   hash_funcs={ml.MaskLabConfig: _config_key})
+@st.cache_resource(
+    max_entries=16, ttl=3600, show_spinner="Classifying blocks…", hash_funcs={ml.MaskLabConfig: _config_key}
+)
 def cached_block_table(config: ml.MaskLabConfig) -> pd.DataFrame:
     return ml.block_sparsity_table(cached_build(config).keep)
 
 
-@st.cache_resource(max_entries=16, ttl=3600, show_spinner="Running one head…",
-                   hash_funcs={ml.MaskLabConfig: _config_key})
+@st.cache_resource(
+    max_entries=16, ttl=3600, show_spinner="Running one head…", hash_funcs={ml.MaskLabConfig: _config_key}
+)
 def cached_effect(config: ml.MaskLabConfig, batch: int, head: int, seed: int, policy: str) -> AttentionResult:
     keep = cached_build(config).keep
-    return ml.effect_record(keep[min(batch, keep.shape[0] - 1), min(head, keep.shape[1] - 1)], seed=seed,
-                            masked_rows=policy)
+    return ml.effect_record(
+        keep[min(batch, keep.shape[0] - 1), min(head, keep.shape[1] - 1)], seed=seed, masked_rows=policy
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -290,9 +335,11 @@ def summary_caption(config: ml.MaskLabConfig, built: Built) -> None:
     kept = int(built.keep.sum())
     cells = built.keep.numel()
     shape = " × ".join(map(str, built.keep.shape))
-    st.caption(f"Mask: `{built.composed.formula}` — materialised as (b|1, h|1, t, s) = ({shape}); "
-               f"{kept:,} of {cells:,} cells ({kept / cells:.1%}) may attend. Blue = may attend, grey = masked "
-               "(hover a cell to see which component masked it), red outline = a fully-masked query row.")
+    st.caption(
+        f"Mask: `{built.composed.formula}` — materialised as (b|1, h|1, t, s) = ({shape}); "
+        f"{kept:,} of {cells:,} cells ({kept / cells:.1%}) may attend. Blue = may attend, grey = masked "
+        "(hover a cell to see which component masked it), red outline = a fully-masked query row."
+    )
 
 
 def dead_rows_warning(built: Built) -> None:
@@ -301,16 +348,22 @@ def dead_rows_warning(built: Built) -> None:
     if not bool(dead.any()):
         return
     per_batch = dead.any(dim=1)  # (b|1, t)
-    where = "; ".join(f"batch {i}: queries {_short(per_batch[i].nonzero().flatten().tolist())}"
-                      if dead.shape[0] > 1 else f"queries {_short(per_batch[i].nonzero().flatten().tolist())}"
-                      for i in range(per_batch.shape[0]) if per_batch[i].any())
+    where = "; ".join(
+        f"batch {i}: queries {_short(per_batch[i].nonzero().flatten().tolist())}"
+        if dead.shape[0] > 1
+        else f"queries {_short(per_batch[i].nonzero().flatten().tolist())}"
+        for i in range(per_batch.shape[0])
+        if per_batch[i].any()
+    )
     behaviour = cached_dead_row_behaviour()
     groups: dict[str, list[str]] = {}
     for framework, status in behaviour.items():
         groups.setdefault(status, []).append(framework)
-    effect = {"NaN": "come out **NaN** (and the NaN spreads into the output)",
-              "zeros": "come out as **zeros** (output = the output bias)",
-              "uniform": "attend **uniformly** to every key, masked or not"}
+    effect = {
+        "NaN": "come out **NaN** (and the NaN spreads into the output)",
+        "zeros": "come out as **zeros** (output = the output bias)",
+        "uniform": "attend **uniformly** to every key, masked or not",
+    }
     lines = [f"- {effect.get(status, status)}: {', '.join(names)}" for status, names in groups.items()]
     st.warning(
         f"**{int(per_batch.sum())} fully-masked query row(s)** — every key is masked ({where}). "
@@ -326,7 +379,7 @@ def panel_ui(config: ml.MaskLabConfig, built: Built) -> list[tuple[int, int]]:
     if b * h <= 8:
         return [(i, u) for i in range(b) for u in range(h)]
     item = st.selectbox("Batch item", list(range(b)), key=_key("view_batch"), help="Which batch item to draw.")
-    return [(int(item), u) for u in range(h)]
+    return [(int(item if item is not None else 0), u) for u in range(h)]  # None only if the options were empty
 
 
 def cell_ui(config: ml.MaskLabConfig, built: Built, label: str) -> tuple[int, int, int]:
@@ -339,10 +392,10 @@ def cell_ui(config: ml.MaskLabConfig, built: Built, label: str) -> tuple[int, in
     for name, n in (("b", config.batch), ("h", config.heads), ("q", config.t)):  # sizes may have shrunk
         st.session_state[_key(f"{label}_{name}")] = min(int(st.session_state.get(_key(f"{label}_{name}"), 0)), n - 1)
     cols = st.columns(3)
-    batch = cols[0].number_input("batch item", 0, config.batch - 1, step=1, key=_key(f"{label}_b"),
-                                 disabled=config.batch == 1)
-    head = cols[1].number_input("head", 0, config.heads - 1, step=1, key=_key(f"{label}_h"),
-                                disabled=config.heads == 1)
+    batch = cols[0].number_input(
+        "batch item", 0, config.batch - 1, step=1, key=_key(f"{label}_b"), disabled=config.batch == 1
+    )
+    head = cols[1].number_input("head", 0, config.heads - 1, step=1, key=_key(f"{label}_h"), disabled=config.heads == 1)
     query = cols[2].number_input("query", 0, config.t - 1, step=1, key=_key(f"{label}_q"))
     return int(batch), int(head), int(query)
 
@@ -357,43 +410,70 @@ def explain_table(table: pd.DataFrame) -> None:
 
 
 def block_size_ui() -> int:
-    size = st.segmented_control("Block size", list(ml.BLOCK_SIZES), default=16, key=_key("block"), required=True,
-                                help="FlexAttention's sparse block size (its default is 128).")
+    size = st.segmented_control(
+        "Block size",
+        list(ml.BLOCK_SIZES),
+        default=16,
+        key=_key("block"),
+        required=True,
+        help="FlexAttention's sparse block size (its default is 128).",
+    )
     return int(size or 16)
 
 
 def effect_ui(config: ml.MaskLabConfig) -> tuple[int, int, int, str]:
     cols = st.columns(4)
-    batch = cols[0].number_input("batch item", 0, config.batch - 1, step=1, key=_key("fx_b"),
-                                 disabled=config.batch == 1)
+    batch = cols[0].number_input(
+        "batch item", 0, config.batch - 1, step=1, key=_key("fx_b"), disabled=config.batch == 1
+    )
     head = cols[1].number_input("head", 0, config.heads - 1, step=1, key=_key("fx_h"), disabled=config.heads == 1)
-    seed = cols[2].number_input("input seed", 0, 2**31 - 1, step=1, key=_key("fx_seed"),
-                                help="Seeds the random q, k, v of this one head.")
-    policy = cols[3].selectbox("fully-masked rows", list(MASKED_ROW_POLICIES), key=_key("fx_policy"),
-                               help="attnviz's masked-row policy: zeros (SDPA on CPU, FlexAttention), uniform "
-                               "(Keras fused path, d2l), nan (torch MultiheadAttention with weights).")
-    return int(batch), int(head), int(seed), policy
+    seed = cols[2].number_input(
+        "input seed", 0, 2**31 - 1, step=1, key=_key("fx_seed"), help="Seeds the random q, k, v of this one head."
+    )
+    policy = cols[3].selectbox(
+        "fully-masked rows",
+        list(MASKED_ROW_POLICIES),
+        key=_key("fx_policy"),
+        help="attnviz's masked-row policy: zeros (SDPA on CPU, FlexAttention), uniform "
+        "(Keras fused path, d2l), nan (torch MultiheadAttention with weights).",
+    )
+    return int(batch), int(head), int(seed), policy if policy is not None else MASKED_ROW_POLICIES[0]
 
 
 def comparison_ui(config: ml.MaskLabConfig) -> tuple[int, int] | None:
     """(seed, head_dim) for the comparison, or None (with a message) when the mask is too large to compare."""
     b, h, t, s = config.batch, config.heads, config.t, config.s
     if t > ml.COMPARE_MAX or s > ml.COMPARE_MAX or b * h > ml.COMPARE_MAX_ROWS:
-        st.info(f"The framework comparison runs on small masks: t, s ≤ {ml.COMPARE_MAX} and b·h ≤ "
-                f"{ml.COMPARE_MAX_ROWS} (this one is b={b}, h={h}, t={t}, s={s}). Fully-masked rows behave the "
-                "same at any size.")
+        st.info(
+            f"The framework comparison runs on small masks: t, s ≤ {ml.COMPARE_MAX} and b·h ≤ "
+            f"{ml.COMPARE_MAX_ROWS} (this one is b={b}, h={h}, t={t}, s={s}). Fully-masked rows behave the "
+            "same at any size."
+        )
         return None
     cols = st.columns(2)
-    seed = cols[0].number_input("input seed", 0, 2**31 - 1, step=1, key=_key("cmp_seed"),
-                                help="q, k, v ~ N(0, 1) per head, drawn from torch.Generator().manual_seed(seed).")
-    head_dim = cols[1].selectbox("head dim d", [4, 8, 16, 32], index=1, key=_key("cmp_d"),
-                                 help="Per-head feature size of q, k, v (scale 1/√d in every framework).")
-    return int(seed), int(head_dim)
+    seed = cols[0].number_input(
+        "input seed",
+        0,
+        2**31 - 1,
+        step=1,
+        key=_key("cmp_seed"),
+        help="q, k, v ~ N(0, 1) per head, drawn from torch.Generator().manual_seed(seed).",
+    )
+    head_dim = cols[1].selectbox(
+        "head dim d",
+        [4, 8, 16, 32],
+        index=1,
+        key=_key("cmp_d"),
+        help="Per-head feature size of q, k, v (scale 1/√d in every framework).",
+    )
+    return int(seed), int(head_dim or 8)  # the selectbox always has a choice; 8 is its default
 
 
 def comparison_tables(comparison: ml.Comparison, config: ml.MaskLabConfig) -> None:
     st.dataframe(
-        comparison.summary, hide_index=True, height=36 * (len(comparison.summary) + 1) + 4,
+        comparison.summary,
+        hide_index=True,
+        height=36 * (len(comparison.summary) + 1) + 4,
         column_config={
             "max |Δ| output, rows with keys": st.column_config.NumberColumn(format="%.1e"),
             "max |Δ| output, fully-masked rows": st.column_config.NumberColumn(format="%.2e"),
@@ -402,8 +482,10 @@ def comparison_tables(comparison: ml.Comparison, config: ml.MaskLabConfig) -> No
             "how it was called": st.column_config.TextColumn(width="medium"),
         },
     )
-    st.markdown("**Per query row** — each framework's status for the row and the largest difference of its "
-                "output from attnviz's default (`masked_rows='zeros'`).")
+    st.markdown(
+        "**Per query row** — each framework's status for the row and the largest difference of its "
+        "output from attnviz's default (`masked_rows='zeros'`)."
+    )
     batch, head = _pick_batch_head(config, comparison.keep, "cmp")
     table = ml.row_table(comparison, batch, head)
     st.dataframe(table, hide_index=True, height=min(36 * (len(table) + 1) + 4, 600))
@@ -417,10 +499,10 @@ def _pick_batch_head(config: ml.MaskLabConfig, keep: torch.Tensor, label: str) -
     for name, n in (("b", config.batch), ("h", config.heads)):
         st.session_state[_key(f"{label}_{name}")] = min(int(st.session_state[_key(f"{label}_{name}")]), n - 1)
     cols = st.columns(2)
-    batch = cols[0].number_input("batch item", 0, config.batch - 1, step=1, key=_key(f"{label}_b"),
-                                 disabled=config.batch == 1)
-    head = cols[1].number_input("head", 0, config.heads - 1, step=1, key=_key(f"{label}_h"),
-                                disabled=config.heads == 1)
+    batch = cols[0].number_input(
+        "batch item", 0, config.batch - 1, step=1, key=_key(f"{label}_b"), disabled=config.batch == 1
+    )
+    head = cols[1].number_input("head", 0, config.heads - 1, step=1, key=_key(f"{label}_h"), disabled=config.heads == 1)
     return int(batch), int(head)
 
 
@@ -430,20 +512,33 @@ def sense_ui(config: ml.MaskLabConfig, built: Built) -> None:
     batch, head = _pick_batch_head(config, built.keep, "sense")
     b, h = min(batch, built.keep.shape[0] - 1), min(head, built.keep.shape[1] - 1)
     frames = ml.sense_frames(built.keep[b, h])
-    corner = f"top-left 8 × 8 of batch {batch}, head {head}" if config.t > 8 or config.s > 8 else \
-        f"batch {batch}, head {head}"
-    st.caption(f"The same mask three ways ({corner}). The two boolean senses say opposite things: "
-               "hand a torch MultiheadAttention mask to SDPA or Keras and you get the inverted-boolean bug.")
-    cols = st.columns(3)
-    for col, (key, title) in zip(cols, [
-        ("keep", "Keras / SDPA / FlexAttention: True = may attend"),
-        ("torch_mha", "torch.nn.MultiheadAttention: True = masked"),
-        ("additive", "Additive float mask: 0 = attend, −inf = masked"),
-    ], strict=True):
+    corner = (
+        f"top-left 8 × 8 of batch {batch}, head {head}"
+        if config.t > 8 or config.s > 8
+        else f"batch {batch}, head {head}"
+    )
+    st.caption(
+        f"The same mask three ways ({corner}). The two boolean senses say opposite things: "
+        "hand a torch MultiheadAttention mask to SDPA or Keras and you get the inverted-boolean bug."
+    )
+    sense_cols = st.columns(3)
+    for col, (key, title) in zip(
+        sense_cols,
+        [
+            ("keep", "Keras / SDPA / FlexAttention: True = may attend"),
+            ("torch_mha", "torch.nn.MultiheadAttention: True = masked"),
+            ("additive", "Additive float mask: 0 = attend, −inf = masked"),
+        ],
+        strict=True,
+    ):
         col.markdown(f"**{title}**")
         col.dataframe(frames[key], height=36 * (len(frames[key]) + 1) + 4)
-    for title, code in [("Keep-mask (Keras, SDPA)", snippets.keep), ("torch.nn.MultiheadAttention", snippets.torch_mha),
-                        ("Additive 0 / −inf", snippets.additive), ("FlexAttention mask_mod", snippets.flex)]:
+    for title, code in [
+        ("Keep-mask (Keras, SDPA)", snippets.keep),
+        ("torch.nn.MultiheadAttention", snippets.torch_mha),
+        ("Additive 0 / −inf", snippets.additive),
+        ("FlexAttention mask_mod", snippets.flex),
+    ]:
         with st.expander(title, expanded=title.startswith("Keep")):
             st.code(code, language="python")
     full = config.batch * config.heads * config.t * config.s
@@ -451,21 +546,29 @@ def sense_ui(config: ml.MaskLabConfig, built: Built) -> None:
     if config.custom.on and config.custom.shape:
         grid = config.custom.rank4()
         cols[2].download_button(
-            f"Download the custom grid — {grid.shape}", data=lambda: ml.npy_bytes(torch.from_numpy(grid)),
-            file_name="custom_grid.npy", mime="application/octet-stream", key=_key("dl_custom"),
+            f"Download the custom grid — {grid.shape}",
+            data=lambda: ml.npy_bytes(torch.from_numpy(grid)),
+            file_name="custom_grid.npy",
+            mime="application/octet-stream",
+            key=_key("dl_custom"),
             help="The custom component alone (before its NOT), as the snippets load it when it is too large to "
             "write inline.",
         )
     cols[0].download_button(
-        f"Download .npy — broadcast shape {tuple(built.keep.shape)}", data=lambda: ml.npy_bytes(built.keep),
-        file_name="mask_broadcast.npy", mime="application/octet-stream", key=_key("dl_broadcast"),
+        f"Download .npy — broadcast shape {tuple(built.keep.shape)}",
+        data=lambda: ml.npy_bytes(built.keep),
+        file_name="mask_broadcast.npy",
+        mime="application/octet-stream",
+        key=_key("dl_broadcast"),
         help="bool, True = may attend; dims of size 1 broadcast (Keras / SDPA accept it as is).",
     )
     if full <= ml.MAX_CELLS:
         shape = (config.batch, config.heads, config.t, config.s)
         cols[1].download_button(
             f"Download .npy — full (b, h, t, s) = {shape}",
-            data=lambda: ml.npy_bytes(built.keep.expand(*shape)), file_name="mask_bhts.npy",
-            mime="application/octet-stream", key=_key("dl_full"),
+            data=lambda: ml.npy_bytes(built.keep.expand(*shape)),
+            file_name="mask_bhts.npy",
+            mime="application/octet-stream",
+            key=_key("dl_full"),
             help="bool, True = may attend, every batch item and head written out.",
         )

@@ -36,29 +36,55 @@ def settings_ui() -> pj.ProjectionSettings:
     """Sidebar: example and seed; above the figure: batch item, head, query, colouring and options."""
     _ensure_state()
     sb = st.sidebar
-    preset = sb.selectbox("Example", list(pg.PRESETS), key=_key("preset"), on_change=_on_preset,
-                          help="A Playground example; its queries and keys are projected.")
+    # Select boxes that start on an option never return None (Streamlit's type allows it for cleared ones).
+    preset = sb.selectbox(
+        "Example",
+        list(pg.PRESETS),
+        key=_key("preset"),
+        on_change=_on_preset,
+        help="A Playground example; its queries and keys are projected.",
+    ) or next(iter(pg.PRESETS))
     seed = sb.number_input("Seed", 0, 2**31 - 1, step=1, key=_key("seed"))
     base = pg.PRESETS[preset]
     for name, limit in (("batch_index", base.batch), ("head", base.num_heads), ("query", base.t)):
         if not (-1 if name == "query" else 0) <= int(st.session_state.get(_key(name), 0)) < limit:
             st.session_state[_key(name)] = 0 if name != "query" else -1
     c1, c2, c3, c4 = st.columns([1, 1, 1, 2])
-    batch_index = c1.selectbox("Batch item", list(range(base.batch)), key=_key("batch_index"))
-    head = c2.selectbox("Head", list(range(base.num_heads)), key=_key("head"))
-    query = c3.selectbox("Attention of query", [-1, *range(base.t)], key=_key("query"),
-                         format_func=lambda i: "none" if i == -1 else f"q{i}",
-                         help="Draw this query's attention as lines to the keys: width and opacity = weight.")
-    color_by = c4.segmented_control("Colour by", list(pj.COLOR_BY), key=_key("color_by"), required=True,
-                                    format_func=lambda c: {"position": "position", "kind": "query / key"}[c])
+    batch_index = c1.selectbox("Batch item", list(range(base.batch)), key=_key("batch_index")) or 0
+    head = c2.selectbox("Head", list(range(base.num_heads)), key=_key("head")) or 0
+    query = c3.selectbox(
+        "Attention of query",
+        [-1, *range(base.t)],
+        key=_key("query"),
+        format_func=lambda i: "none" if i == -1 else f"q{i}",
+        help="Draw this query's attention as lines to the keys: width and opacity = weight.",
+    )
+    query = -1 if query is None else query
+    color_by = c4.segmented_control(
+        "Colour by",
+        list(pj.COLOR_BY),
+        key=_key("color_by"),
+        required=True,
+        format_func=lambda c: {"position": "position", "kind": "query / key"}[c],
+    )
     o1, o2 = st.columns(2)
-    normalize = o1.toggle("Key-query normalisation (AttentionViz)", key=_key("normalize"),
-                          help="Shift the keys to the queries' centroid and balance their norms: the attention is "
-                               "unchanged, but queries land near the keys they attend to.")
+    normalize = o1.toggle(
+        "Key-query normalisation (AttentionViz)",
+        key=_key("normalize"),
+        help="Shift the keys to the queries' centroid and balance their norms: the attention is "
+        "unchanged, but queries land near the keys they attend to.",
+    )
     outputs = o2.toggle("Show the head's outputs", key=_key("outputs"))
-    return pj.ProjectionSettings(preset=preset, seed=int(seed), batch_index=int(batch_index), head=int(head),
-                                 query=int(query), color_by=color_by or "position", normalize=bool(normalize),
-                                 outputs=bool(outputs))
+    return pj.ProjectionSettings(
+        preset=preset,
+        seed=int(seed),
+        batch_index=int(batch_index),
+        head=int(head),
+        query=int(query),
+        color_by=color_by or "position",
+        normalize=bool(normalize),
+        outputs=bool(outputs),
+    )
 
 
 # Keyed on the config (small, frozen, hashable by repr), never on the record's tensors.

@@ -102,8 +102,9 @@ def source_ui() -> str | None:
     choice = _kept(sb.radio, "source", "Model source", [PACKAGED, LOCAL], help=HELP["source"])
     if choice == PACKAGED:
         return None
-    return _kept(sb.text_input, "path", "Model directory", help=HELP["path"],
-                 placeholder="/path/to/a/hugging-face/model")
+    return _kept(
+        sb.text_input, "path", "Model directory", help=HELP["path"], placeholder="/path/to/a/hugging-face/model"
+    )
 
 
 def model_dir(source: str | None) -> str:
@@ -115,10 +116,24 @@ def text_ui() -> TextConfig:
     """The sentence, the optional pair sentence and the token limit."""
     left, right = st.columns(2)
     text = _kept(left.text_input, "text", "Sentence", value=DEFAULT_TEXT, help=HELP["text"], max_chars=4000)
-    pair = _kept(right.text_input, "pair", "Second sentence (optional)", help=HELP["pair"], max_chars=4000,
-                 placeholder="e.g. It slept all afternoon.")
-    max_tokens = _kept(st.sidebar.number_input, "max_tokens", "Token limit", min_value=4, max_value=TOKEN_LIMIT,
-                       value=models.DEFAULT_MAX_TOKENS, step=8, help=HELP["max_tokens"])
+    pair = _kept(
+        right.text_input,
+        "pair",
+        "Second sentence (optional)",
+        help=HELP["pair"],
+        max_chars=4000,
+        placeholder="e.g. It slept all afternoon.",
+    )
+    max_tokens = _kept(
+        st.sidebar.number_input,
+        "max_tokens",
+        "Token limit",
+        min_value=4,
+        max_value=TOKEN_LIMIT,
+        value=models.DEFAULT_MAX_TOKENS,
+        step=8,
+        help=HELP["max_tokens"],
+    )
     # widget limits are enforced only in the browser; re-check what comes back
     max_tokens = int(min(max(int(max_tokens), 4), TOKEN_LIMIT))
     if not text.strip():
@@ -151,7 +166,7 @@ class ModelLoader:
         try:
             self.result = models.load_model(self.path, device="auto", progress=self._progress)
         except ImportError as err:
-            self.error = ValueError(f"transformers is not installed ({err}); run `pip install -e \".[model]\"`")
+            self.error = ValueError(f'transformers is not installed ({err}); run `pip install -e ".[model]"`')
         except (ValueError, RuntimeError, MemoryError) as err:
             self.error = err
         except Exception as err:  # noqa: BLE001  anything else from a third-party loader becomes a message
@@ -204,16 +219,20 @@ def cached_run(_loaded: models.LoadedModel, path: str, config: TextConfig) -> mo
 def cached_metrics(_run: models.ModelRun, path: str, config: TextConfig, num_kv_heads: int) -> pd.DataFrame:
     """The head-metrics table of a run (never mutated by the page); a kv_head column under GQA."""
     gqa = num_kv_heads < _run.attentions.shape[1]
-    return head_metrics(_run.attentions, tokens=list(_run.tokens), sep_positions=_run.sep_positions,
-                        num_kv_heads=num_kv_heads if gqa else None)
+    return head_metrics(
+        _run.attentions,
+        tokens=list(_run.tokens),
+        sep_positions=_run.sep_positions,
+        num_kv_heads=num_kv_heads if gqa else None,
+    )
 
 
 @st.cache_resource(max_entries=64, show_spinner="Running the model with heads ablated…")
-def cached_ablation(_loaded: models.LoadedModel, path: str, config: TextConfig,
-                    heads: tuple[tuple[int, int], ...], mode: str) -> models.AblationEffect:
+def cached_ablation(
+    _loaded: models.LoadedModel, path: str, config: TextConfig, heads: tuple[tuple[int, int], ...], mode: str
+) -> models.AblationEffect:
     clean = cached_run(_loaded, path, config)
-    ablated = models.run_text(_loaded, config.text, config.pair, max_tokens=config.max_tokens, ablate=heads,
-                              mode=mode)
+    ablated = models.run_text(_loaded, config.text, config.pair, max_tokens=config.max_tokens, ablate=heads, mode=mode)
     return models.ablation_effect(clean, ablated, _loaded.tokenizer)
 
 
@@ -291,8 +310,12 @@ def _metric_line(metrics: pd.DataFrame, layer: int, head: int) -> str:
     parts = [f"entropy {row['entropy']:.2f} nats", f"first token {row['first_token']:.2f}"]
     if not np.isnan(row["sep"]):
         parts.append(f"[SEP] {row['sep']:.2f}")
-    parts += [f"previous {row['previous_token']:.2f}", f"next {row['next_token']:.2f}", f"self {row['self']:.2f}",
-              f"max weight {row['max_weight']:.2f}"]
+    parts += [
+        f"previous {row['previous_token']:.2f}",
+        f"next {row['next_token']:.2f}",
+        f"self {row['self']:.2f}",
+        f"max weight {row['max_weight']:.2f}",
+    ]
     if "top_key" in row:
         parts.append(f"most attended key {row['top_key']} ({row['top_key_mass']:.2f})")
     return " · ".join(parts)
@@ -310,27 +333,51 @@ def model_view(info: models.ModelInfo, run: models.ModelRun, metrics: pd.DataFra
     first_layer, first_head = _most_focused(metrics)
     _clamped("sel_layer", n_layers, first_layer)
     _clamped("sel_head", n_heads, first_head)
-    scale = _kept(st.segmented_control, "thumb_scale", "Thumbnail colours", ["shared 0–1", "each head to its max"],
-                  default="shared 0–1", required=True, help=HELP["thumb_scale"])
+    scale = _kept(
+        st.segmented_control,
+        "thumb_scale",
+        "Thumbnail colours",
+        ["shared 0–1", "each head to its max"],
+        default="shared 0–1",
+        required=True,
+        help=HELP["thumb_scale"],
+    )
     layer, head = st.session_state[_key("sel_layer")], st.session_state[_key("sel_head")]
     entropy = metrics.pivot(index="layer", columns="head", values="entropy").to_numpy()
     fig = model_figures.thumbnail_grid(
-        run.attentions, keep=run.keep if info.causal else None, selected=(layer, head),
-        num_kv_heads=info.num_kv_heads, scale="per_head" if scale == "each head to its max" else "shared",
+        run.attentions,
+        keep=run.keep if info.causal else None,
+        selected=(layer, head),
+        num_kv_heads=info.num_kv_heads,
+        scale="per_head" if scale == "each head to its max" else "shared",
         head_summary=entropy,
     )
-    st.plotly_chart(fig, width="content", on_select=functools.partial(_on_thumbnail_click, n_layers, n_heads),
-                    selection_mode="points", key=_key("thumbs"), config={"displayModeBar": False})
+    st.plotly_chart(
+        fig,
+        width="content",
+        on_select=functools.partial(_on_thumbnail_click, n_layers, n_heads),
+        selection_mode="points",
+        key=_key("thumbs"),
+        config={"displayModeBar": False},
+    )
     small = " (thumbnails of more than 48 tokens are block-averaged)" if run.num_tokens > 48 else ""
-    st.caption(f"Rows are layers, columns heads{' grouped by kv head' if info.is_gqa else ''}. Click a thumbnail "
-               f"to open it below{small}.")
+    st.caption(
+        f"Rows are layers, columns heads{' grouped by kv head' if info.is_gqa else ''}. Click a thumbnail "
+        f"to open it below{small}."
+    )
     left, right, _ = st.columns([1, 1, 3])
     layer = _kept(left.selectbox, "sel_layer", "Layer", list(range(n_layers)))
     head = _kept(right.selectbox, "sel_head", "Head", list(range(n_heads)))
     st.markdown(f"**{_head_title(info, layer, head)}** — {_metric_line(metrics, layer, head)}")
-    st.plotly_chart(model_figures.head_figure(run.attentions[layer, head], run.tokens,
-                                              keep=run.keep if info.causal else None,
-                                              title=_head_title(info, layer, head)), width="content")
+    st.plotly_chart(
+        model_figures.head_figure(
+            run.attentions[layer, head],
+            run.tokens,
+            keep=run.keep if info.causal else None,
+            title=_head_title(info, layer, head),
+        ),
+        width="content",
+    )
 
 
 def layer_view(info: models.ModelInfo, run: models.ModelRun) -> None:
@@ -338,29 +385,54 @@ def layer_view(info: models.ModelInfo, run: models.ModelRun) -> None:
     _clamped("layer", info.num_layers)
     layer = _kept(st.columns([1, 4])[0].selectbox, "layer", "Layer", list(range(info.num_layers)))
     if info.is_gqa:
-        st.caption(f"Grouped-query attention: each row is one kv head and the {info.group_size} query heads that "
-                   f"read it (query head u reads kv head u // {info.group_size}).")
-    st.plotly_chart(model_figures.layer_figure(run.attentions[layer], run.tokens, layer=layer,
-                                               num_kv_heads=info.num_kv_heads,
-                                               keep=run.keep if info.causal else None), width="content")
+        st.caption(
+            f"Grouped-query attention: each row is one kv head and the {info.group_size} query heads that "
+            f"read it (query head u reads kv head u // {info.group_size})."
+        )
+    st.plotly_chart(
+        model_figures.layer_figure(
+            run.attentions[layer],
+            run.tokens,
+            layer=layer,
+            num_kv_heads=info.num_kv_heads,
+            keep=run.keep if info.causal else None,
+        ),
+        width="content",
+    )
 
 
 def metrics_view(info: models.ModelInfo, run: models.ModelRun, metrics: pd.DataFrame, config: TextConfig) -> None:
     """The sortable head-metrics table, its CSV, and a layers × heads heatmap of one metric."""
-    st.caption("One row per head; click a column header to sort. Each value is a mean over the query rows "
-               "(hover a header for its definition; docs/REAL_MODEL.md has them all).")
+    st.caption(
+        "One row per head; click a column header to sort. Each value is a mean over the query rows "
+        "(hover a header for its definition; docs/REAL_MODEL.md has them all)."
+    )
     number = {name: st.column_config.NumberColumn(name, help=METRIC_HELP[name], format="%.3f") for name in METRICS}
-    extra = {"top_key": st.column_config.TextColumn("top_key", help=METRIC_HELP["top_key"]),
-             "top_key_mass": st.column_config.NumberColumn("top_key_mass", help=METRIC_HELP["top_key_mass"],
-                                                           format="%.3f")}
+    extra = {
+        "top_key": st.column_config.TextColumn("top_key", help=METRIC_HELP["top_key"]),
+        "top_key_mass": st.column_config.NumberColumn("top_key_mass", help=METRIC_HELP["top_key_mass"], format="%.3f"),
+    }
     st.dataframe(metrics, hide_index=True, column_config={**number, **extra}, height=360)
-    st.download_button("Download CSV", metrics.to_csv(index=False).encode(), file_name="head_metrics.csv",
-                       mime="text/csv", key=_key("csv"), on_click="ignore")
-    metric = _kept(st.columns([1, 3])[0].selectbox, "metric", "Map a metric", list(METRICS),
-                   help="Draw one column as a layers × heads map.")
+    st.download_button(
+        "Download CSV",
+        metrics.to_csv(index=False).encode(),
+        file_name="head_metrics.csv",
+        mime="text/csv",
+        key=_key("csv"),
+        on_click="ignore",
+    )
+    metric = _kept(
+        st.columns([1, 3])[0].selectbox,
+        "metric",
+        "Map a metric",
+        list(METRICS),
+        help="Draw one column as a layers × heads map.",
+    )
     if metrics[metric].isna().all():
-        st.info(f"'{metric}' is empty for this input: "
-                + ("the tokenizer has no separator token." if metric == "sep" else "no query row counts."))
+        st.info(
+            f"'{metric}' is empty for this input: "
+            + ("the tokenizer has no separator token." if metric == "sep" else "no query row counts.")
+        )
         return
     st.plotly_chart(model_figures.metric_heatmap(metrics, metric), width="content")
 
@@ -373,8 +445,10 @@ def ablation_view(loaded: models.LoadedModel, run: models.ModelRun, path: str, c
     """Switch heads off and show what changes in the model's output."""
     info = loaded.info
     if info.family == "other":
-        st.info(f"Head ablation is not available for {info.model_class}: attnviz knows how to hook BERT-style "
-                "encoders, GPT-2 and Llama-style decoders.")
+        st.info(
+            f"Head ablation is not available for {info.model_class}: attnviz knows how to hook BERT-style "
+            "encoders, GPT-2 and Llama-style decoders."
+        )
         return
     options: dict[str, tuple[int, int | None]] = {}
     for layer in range(info.num_layers):
@@ -382,13 +456,21 @@ def ablation_view(loaded: models.LoadedModel, run: models.ModelRun, path: str, c
         for head in range(info.num_heads):
             options[f"L{layer} H{head}"] = (layer, head)
     left, right = st.columns([3, 1])
-    kept = [x for x in st.session_state.get(_key("ablate"), st.session_state.get(_shadow("ablate"), []))
-            if x in options]  # a previous model's heads may not exist in this one
+    kept = [
+        x for x in st.session_state.get(_key("ablate"), st.session_state.get(_shadow("ablate"), [])) if x in options
+    ]  # a previous model's heads may not exist in this one
     _set("ablate", kept)
-    chosen = _kept(left.multiselect, "ablate", "Heads to switch off", list(options), help=HELP["ablate"],
-                   placeholder="e.g. L0 H3, or L2 · all heads")
-    mode = _kept(right.radio, "ablate_mode", "Ablation", list(models.ABLATION_MODES), horizontal=True,
-                 help=HELP["ablate_mode"])
+    chosen = _kept(
+        left.multiselect,
+        "ablate",
+        "Heads to switch off",
+        list(options),
+        help=HELP["ablate"],
+        placeholder="e.g. L0 H3, or L2 · all heads",
+    )
+    mode = _kept(
+        right.radio, "ablate_mode", "Ablation", list(models.ABLATION_MODES), horizontal=True, help=HELP["ablate_mode"]
+    )
     heads = _parse_ablation(chosen, options, info)
     if heads:
         effect = cached_ablation(loaded, path, config, heads, mode)
@@ -407,29 +489,45 @@ def ablation_view(loaded: models.LoadedModel, run: models.ModelRun, path: str, c
 def _ablation_effect_view(info: models.ModelInfo, effect: models.AblationEffect) -> None:
     layers = sorted({layer for layer, _ in effect.heads})
     n = len(effect.heads)
-    st.markdown(f"**{n} head{'s' if n != 1 else ''} {effect.mode}-ablated** in layer{'s' if len(layers) > 1 else ''} "
-                f"{', '.join(map(str, layers))}")
+    st.markdown(
+        f"**{n} head{'s' if n != 1 else ''} {effect.mode}-ablated** in layer{'s' if len(layers) > 1 else ''} "
+        f"{', '.join(map(str, layers))}"
+    )
     cols = st.columns(3)
     if effect.embedding_cosine is not None:
-        cols[0].metric("Sentence embedding: cosine to clean", f"{effect.embedding_cosine:.6f}",
-                       help="Cosine similarity between the ablated and the clean sentence embedding "
-                       f"({info.pooling} pooling{', L2-normalised' if info.normalize else ''}). 1 = unchanged.")
+        cols[0].metric(
+            "Sentence embedding: cosine to clean",
+            f"{effect.embedding_cosine:.6f}",
+            help="Cosine similarity between the ablated and the clean sentence embedding "
+            f"({info.pooling} pooling{', L2-normalised' if info.normalize else ''}). 1 = unchanged.",
+        )
     if effect.kl_divergence is not None:
-        cols[0].metric("KL(clean ‖ ablated), next token", f"{effect.kl_divergence:.4g} nats",
-                       help="How far the next-token distribution moved. 0 = unchanged.")
+        cols[0].metric(
+            "KL(clean ‖ ablated), next token",
+            f"{effect.kl_divergence:.4g} nats",
+            help="How far the next-token distribution moved. 0 = unchanged.",
+        )
         if effect.top_tokens:
             clean_top = max(effect.top_tokens, key=lambda r: r[1])
             ablated_top = max(effect.top_tokens, key=lambda r: r[2])
             same = ablated_top[0] == clean_top[0]
-            cols[1].metric("Top next token, clean → ablated",
-                           clean_top[0] if same else f"{clean_top[0]} → {ablated_top[0]}",
-                           help=f"clean p = {clean_top[1]:.4g}; ablated p of its top token = {ablated_top[2]:.4g}")
-    cols[2].metric("Last hidden state: relative change", f"{effect.layer_change[-1]:.4g}",
-                   help="Mean over tokens of ‖h′ − h‖ / ‖h‖ at the last layer's output.")
-    st.markdown("**Each layer's hidden-state change** (ablated layers in red; states before the first ablated "
-                "layer cannot change)")
-    st.plotly_chart(model_figures.layer_change_figure(effect.layer_change, effect.layer_cosine, layers),
-                    width="stretch")
+            cols[1].metric(
+                "Top next token, clean → ablated",
+                clean_top[0] if same else f"{clean_top[0]} → {ablated_top[0]}",
+                help=f"clean p = {clean_top[1]:.4g}; ablated p of its top token = {ablated_top[2]:.4g}",
+            )
+    cols[2].metric(
+        "Last hidden state: relative change",
+        f"{effect.layer_change[-1]:.4g}",
+        help="Mean over tokens of ‖h′ − h‖ / ‖h‖ at the last layer's output.",
+    )
+    st.markdown(
+        "**Each layer's hidden-state change** (ablated layers in red; states before the first ablated "
+        "layer cannot change)"
+    )
+    st.plotly_chart(
+        model_figures.layer_change_figure(effect.layer_change, effect.layer_cosine, layers), width="stretch"
+    )
     if effect.top_tokens:
         st.markdown("**Next-token probabilities**, clean vs ablated (the top tokens of either)")
         st.plotly_chart(model_figures.next_token_figure(effect.top_tokens), width="stretch")
@@ -439,8 +537,9 @@ def cross_check_view(loaded: models.LoadedModel, path: str, config: TextConfig) 
     """Recompute a layer with the attnviz engine and show how far it is from the model's own attention."""
     info = loaded.info
     _clamped("check_layer", info.num_layers)
-    layer = _kept(st.columns([1, 4])[0].selectbox, "check_layer", "Layer", list(range(info.num_layers)),
-                  help=HELP["check_layer"])
+    layer = _kept(
+        st.columns([1, 4])[0].selectbox, "check_layer", "Layer", list(range(info.num_layers)), help=HELP["check_layer"]
+    )
     try:
         check = cached_cross_check(loaded, path, config, layer)
     except ValueError as err:  # an architecture the cross-check does not model: say so, plainly
@@ -448,23 +547,43 @@ def cross_check_view(loaded: models.LoadedModel, path: str, config: TextConfig) 
         return
     cols = st.columns(3)
     cols[0].metric("max |engine − model|, probabilities", f"{check.max_diff:.2e}")
-    cols[1].metric("max |engine − model|, block output", f"{check.output_max_diff:.2e}",
-                   help="The attention block's output after the output projection (before residual and norm).")
+    cols[1].metric(
+        "max |engine − model|, block output",
+        f"{check.output_max_diff:.2e}",
+        help="The attention block's output after the output projection (before residual and norm).",
+    )
     cols[2].metric("tolerance", f"{check.tolerance:g}")
     if check.passed:
-        st.success(f"Layer {layer}: the attnviz engine reproduces the model's attention to {check.max_diff:.1e} "
-                   f"(≤ {check.tolerance:g}) in float32.", icon="✅")
+        st.success(
+            f"Layer {layer}: the attnviz engine reproduces the model's attention to {check.max_diff:.1e} "
+            f"(≤ {check.tolerance:g}) in float32.",
+            icon="✅",
+        )
     else:
-        st.warning(f"Layer {layer}: the engine differs from the model by {check.max_diff:.2e} "
-                   f"(tolerance {check.tolerance:g}).", icon="⚠️")
+        st.warning(
+            f"Layer {layer}: the engine differs from the model by {check.max_diff:.2e} "
+            f"(tolerance {check.tolerance:g}).",
+            icon="⚠️",
+        )
     st.caption(check.method)
     st.plotly_chart(model_figures.cross_check_figure(check.per_head_max_diff, check.tolerance), width="stretch")
     if _kept(st.toggle, "check_all", "Check every layer"):
         rows = []
         for i in range(info.num_layers):
             c = cached_cross_check(loaded, path, config, i)
-            rows.append({"layer": i, "max |diff| probabilities": c.max_diff,
-                         "max |diff| block output": c.output_max_diff, "passed": c.passed})
-        st.dataframe(pd.DataFrame(rows), hide_index=True,
-                     column_config={"max |diff| probabilities": st.column_config.NumberColumn(format="%.2e"),
-                                    "max |diff| block output": st.column_config.NumberColumn(format="%.2e")})
+            rows.append(
+                {
+                    "layer": i,
+                    "max |diff| probabilities": c.max_diff,
+                    "max |diff| block output": c.output_max_diff,
+                    "passed": c.passed,
+                }
+            )
+        st.dataframe(
+            pd.DataFrame(rows),
+            hide_index=True,
+            column_config={
+                "max |diff| probabilities": st.column_config.NumberColumn(format="%.2e"),
+                "max |diff| block output": st.column_config.NumberColumn(format="%.2e"),
+            },
+        )

@@ -7,6 +7,7 @@ the same offline-HTML download, written once.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import plotly.graph_objects as go
@@ -21,10 +22,14 @@ def chart(fig: go.Figure, *, key: str, file_name: str, title: str | None = None,
     """Draw ``fig`` (modebar camera = SVG) with a download of the same figure as a standalone offline HTML file."""
     st.plotly_chart(fig, config=PLOTLY_CONFIG, key=f"{key}_chart", width=width)
     st.download_button(
-        "⬇ Interactive HTML (works offline)", data=lambda: exports.figure_html(fig, title or file_name),
-        file_name=f"{file_name}.html", mime="text/html", key=f"{key}_html", on_click="ignore",
+        "⬇ Interactive HTML (works offline)",
+        data=lambda: exports.figure_html(fig, title or file_name),
+        file_name=f"{file_name}.html",
+        mime="text/html",
+        key=f"{key}_html",
+        on_click="ignore",
         help="The figure with zoom and hover in one HTML file (plotly.js inlined, ~4.7 MB). For PNG/SVG use the "
-             "camera button in the figure's toolbar (SVG), or right-click the image.",
+        "camera button in the figure's toolbar (SVG), or right-click the image.",
     )
 
 
@@ -54,8 +59,11 @@ def show_notices(prefix: str) -> None:
     """Say which settings of the opened link were ignored (until the page is reloaded without them)."""
     notices = st.session_state.get(f"{prefix}_url_notices")
     if notices:
-        st.warning("**Some settings in the link were not valid and were replaced by defaults:**\n"
-                   + "\n".join(f"- {n}" for n in notices), icon="🔗")
+        st.warning(
+            "**Some settings in the link were not valid and were replaced by defaults:**\n"
+            + "\n".join(f"- {n}" for n in notices),
+            icon="🔗",
+        )
 
 
 def write_url(prefix: str, params: dict[str, str]) -> None:
@@ -79,39 +87,58 @@ def share_link(params: dict[str, str], *, what: str = "this view") -> None:
     except Exception:  # noqa: BLE001 - no browser context (e.g. AppTest): fall back to a relative link
         url = ""
     parts = urlsplit(url)
-    link = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(params), "")) if url else \
-        "?" + urlencode(params)
+    link = (
+        urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(params), "")) if url else "?" + urlencode(params)
+    )
     with st.expander("🔗 Share link", expanded=False):
         st.caption(f"Opens {what} with the same settings, seed and numbers (the address bar holds it too).")
         st.code(link, language=None, wrap_lines=True)
 
 
-def data_downloads(record, *, key: str, batch_index: int, head: int, num_heads: int,
-                   snippet_config=None, query_labels=None) -> None:
+def data_downloads(
+    record, *, key: str, batch_index: int, head: int, num_heads: int, snippet_config=None, query_labels=None
+) -> None:
     """Downloads of the numbers: a head's probabilities (CSV), the whole record (.npz) and code snippets."""
     cols = st.columns(4)
-    head = cols[0].selectbox("Head for the CSV", list(range(num_heads)), index=min(head, num_heads - 1),
-                             key=f"{key}_csv_head")
+    default_head = min(head, num_heads - 1)
+    chosen = cols[0].selectbox("Head for the CSV", list(range(num_heads)), index=default_head, key=f"{key}_csv_head")
+    head = default_head if chosen is None else chosen  # None only for a widget with no selection
     cols[0].download_button(
         f"⬇ Head {head} probabilities (CSV)",
         data=lambda: exports.probabilities_csv(record, batch_index, head, query_labels=query_labels),
-        file_name=f"attention_b{batch_index}_h{head}.csv", mime="text/csv", key=f"{key}_csv", on_click="ignore")
+        file_name=f"attention_b{batch_index}_h{head}.csv",
+        mime="text/csv",
+        key=f"{key}_csv",
+        on_click="ignore",
+    )
     cols[1].download_button(
-        "⬇ Whole record (.npz)", data=lambda: exports.record_npz(record), file_name="attention_record.npz",
-        mime="application/octet-stream", key=f"{key}_npz", on_click="ignore",
+        "⬇ Whole record (.npz)",
+        data=lambda: exports.record_npz(record),
+        file_name="attention_record.npz",
+        mime="application/octet-stream",
+        key=f"{key}_npz",
+        on_click="ignore",
         help="Every tensor of the result (output, probabilities, logits, mask, per-head Q/K/V and outputs); "
-             "read with numpy.load(path, allow_pickle=False).")
+        "read with numpy.load(path, allow_pickle=False).",
+    )
     if snippet_config is None:
         return
-    for col, label, fn, name in ((cols[2], "PyTorch", exports.pytorch_snippet, "attention_torch.py"),
-                                 (cols[3], "Keras", exports.keras_snippet, "attention_keras.py")):
+    for col, label, fn, name in (
+        (cols[2], "PyTorch", exports.pytorch_snippet, "attention_torch.py"),
+        (cols[3], "Keras", exports.keras_snippet, "attention_keras.py"),
+    ):
         problem = exports.snippet_refusal(snippet_config, label.lower())
         if problem:
             col.caption(f"No {label} snippet: {problem}")
             continue
         # Built only when clicked: a snippet embeds the weights and reruns the configuration.
-        col.download_button(f"⬇ {label} code (same numbers)", data=lambda fn=fn: fn(snippet_config), file_name=name,
-                            mime="text/x-python",
-                            key=f"{key}_{label.lower()}", on_click="ignore",
-                            help=f"Self-contained {label} script with this configuration's inputs and weights "
-                                 "embedded; it prints the same output and probabilities as the app.")
+        col.download_button(
+            f"⬇ {label} code (same numbers)",
+            data=partial(fn, snippet_config),
+            file_name=name,
+            mime="text/x-python",
+            key=f"{key}_{label.lower()}",
+            on_click="ignore",
+            help=f"Self-contained {label} script with this configuration's inputs and weights "
+            "embedded; it prints the same output and probabilities as the app.",
+        )

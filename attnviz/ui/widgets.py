@@ -27,7 +27,8 @@ def fully_masked_warning(record: AttentionResult) -> None:
     count = int(per_batch.sum())
     where = "; ".join(
         f"batch {i}: queries {_short(per_batch[i].nonzero().flatten().tolist())}"
-        for i in range(b) if per_batch[i].any()
+        for i in range(b)
+        if per_batch[i].any()
     )
     st.warning(
         f"**{count} query row(s) are fully masked** (every key is masked, in {int(rows.sum())} head-rows) — {where}. "
