@@ -37,17 +37,30 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import attnviz  # noqa: E402
-from attnviz import interop  # noqa: E402
+from attnviz import (
+    interop,  # noqa: E402
+    longseq,  # noqa: E402
+)
 from attnviz import long_figures as lf  # noqa: E402
-from attnviz import longseq  # noqa: E402
 from attnviz import masks as M  # noqa: E402
 from attnviz.engine import attention_output  # noqa: E402
 from attnviz.memory import format_bytes  # noqa: E402
 
 HEAD_DIM = 64
 FULL = {
-    "scores": [(128, 8, 8), (512, 8, 8), (1024, 16, 16), (2048, 16, 16), (4096, 16, 16), (2048, 32, 32),
-               (512, 8, 2), (1024, 16, 4), (2048, 16, 4), (4096, 16, 4), (2048, 32, 8)],
+    "scores": [
+        (128, 8, 8),
+        (512, 8, 8),
+        (1024, 16, 16),
+        (2048, 16, 16),
+        (4096, 16, 16),
+        (2048, 32, 32),
+        (512, 8, 2),
+        (1024, 16, 4),
+        (2048, 16, 4),
+        (4096, 16, 4),
+        (2048, 32, 8),
+    ],
     "output": [(512, 8, 8), (2048, 16, 16), (4096, 16, 16), (8192, 16, 16), (2048, 32, 8), (8192, 16, 4)],
     "views": [512, 1024, 2048, 4096, 8192],
     "memory": [(1024, 16, 16), (4096, 16, 16), (4096, 16, 4)],
@@ -152,8 +165,9 @@ def _scores_case(t: int, h: int, g: int, repeats: int, device, dtype) -> dict:
     else:
         lin = [torch.nn.Linear(e, n * HEAD_DIM, device=device, dtype=dtype) for n in (h, g, g)]
         w_o = torch.nn.Linear(e, e, device=device, dtype=dtype)
-        layer = attnviz.MultiHeadAttention(num_heads=h, key_dim=HEAD_DIM, num_kv_heads=g, seed=0,
-                                           device=device, dtype=dtype)
+        layer = attnviz.MultiHeadAttention(
+            num_heads=h, key_dim=HEAD_DIM, num_kv_heads=g, seed=0, device=device, dtype=dtype
+        )
 
         def run_ref():
             return eager_gqa(x, *lin, w_o, h, g)
@@ -162,12 +176,26 @@ def _scores_case(t: int, h: int, g: int, repeats: int, device, dtype) -> dict:
     with torch.no_grad():
         layer(x, x)  # build
         t_ref, t_ours, t_lean = timed(
-            [run_ref, lambda: layer(x, x),
-             lambda: layer(x, x, need_logits=False, need_contributions=False)], repeats, device)
-    print(f"  scores+output t={t} h={h} g={g}: torch {t_ref:.4f}s attnviz full record {t_ours:.4f}s "
-          f"({t_ours / t_ref:.2f}x) scores+output only {t_lean:.4f}s ({t_lean / t_ref:.2f}x)", flush=True)
-    return dict(t=t, heads=h, kv_heads=g, reference=name, torch_s=t_ref, attnviz_s=t_ours, ratio=t_ours / t_ref,
-                attnviz_lean_s=t_lean, lean_ratio=t_lean / t_ref)
+            [run_ref, lambda: layer(x, x), lambda: layer(x, x, need_logits=False, need_contributions=False)],
+            repeats,
+            device,
+        )
+    print(
+        f"  scores+output t={t} h={h} g={g}: torch {t_ref:.4f}s attnviz full record {t_ours:.4f}s "
+        f"({t_ours / t_ref:.2f}x) scores+output only {t_lean:.4f}s ({t_lean / t_ref:.2f}x)",
+        flush=True,
+    )
+    return dict(
+        t=t,
+        heads=h,
+        kv_heads=g,
+        reference=name,
+        torch_s=t_ref,
+        attnviz_s=t_ours,
+        ratio=t_ours / t_ref,
+        attnviz_lean_s=t_lean,
+        lean_ratio=t_lean / t_ref,
+    )
 
 
 def bench_scores(cases, repeats, device, dtype):
@@ -184,12 +212,18 @@ def _output_case(t: int, h: int, g: int, repeats: int, device, dtype) -> list[di
     rows = []
     for label, mask in (("none", None), ("causal bool mask", causal)):
         with torch.no_grad():
-            t_ref, t_ours = timed_pair(partial(sdpa, q, k, v, attn_mask=mask, enable_gqa=g != h),
-                                       partial(attention_output, q, k, v, mask=mask), repeats, device)
-        rows.append(dict(t=t, heads=h, kv_heads=g, mask=label, torch_s=t_ref, attnviz_s=t_ours,
-                         ratio=t_ours / t_ref))
-        print(f"  output-only t={t} h={h} g={g} mask={label}: sdpa {t_ref:.4f}s attnviz {t_ours:.4f}s "
-              f"ratio {t_ours / t_ref:.2f}", flush=True)
+            t_ref, t_ours = timed_pair(
+                partial(sdpa, q, k, v, attn_mask=mask, enable_gqa=g != h),
+                partial(attention_output, q, k, v, mask=mask),
+                repeats,
+                device,
+            )
+        rows.append(dict(t=t, heads=h, kv_heads=g, mask=label, torch_s=t_ref, attnviz_s=t_ours, ratio=t_ours / t_ref))
+        print(
+            f"  output-only t={t} h={h} g={g} mask={label}: sdpa {t_ref:.4f}s attnviz {t_ours:.4f}s "
+            f"ratio {t_ours / t_ref:.2f}",
+            flush=True,
+        )
     return rows
 
 
@@ -207,11 +241,22 @@ def bench_views(lengths, device):
         start = time.perf_counter()
         fig = lf.pooled_heads_figure(result)
         build_s = time.perf_counter() - start
-        rows.append(dict(t=t, heads=16, analyze_s=analyze_s, figure_s=build_s, payload_bytes=lf.figure_bytes(fig),
-                         pooled=f"{len(result.row_edges)}x{len(result.col_edges)}",
-                         probabilities_bytes=16 * t * t * 4))
-        print(f"  view t=s={t} 16 heads: analyze {analyze_s:.2f}s figure {build_s:.2f}s "
-              f"payload {format_bytes(rows[-1]['payload_bytes'])}", flush=True)
+        rows.append(
+            dict(
+                t=t,
+                heads=16,
+                analyze_s=analyze_s,
+                figure_s=build_s,
+                payload_bytes=lf.figure_bytes(fig),
+                pooled=f"{len(result.row_edges)}x{len(result.col_edges)}",
+                probabilities_bytes=16 * t * t * 4,
+            )
+        )
+        print(
+            f"  view t=s={t} 16 heads: analyze {analyze_s:.2f}s figure {build_s:.2f}s "
+            f"payload {format_bytes(rows[-1]['payload_bytes'])}",
+            flush=True,
+        )
     return rows
 
 
@@ -230,38 +275,68 @@ def bench_memory(cases, device, dtype):
             with PeakRSS(device) as fast:
                 attention_output(q, k, v, mask=M.causal())
         with PeakRSS(device) as view:
-            longseq.analyze(longseq.LongConfig(t=t, num_heads=h, num_kv_heads=g, head_dim=HEAD_DIM,
-                                               device=str(device)))
-        rows.append(dict(t=t, heads=h, kv_heads=g, probabilities_bytes=probs, scores_output_peak=full.bytes,
-                         output_only_peak=fast.bytes, streamed_view_peak=view.bytes))
-        print(f"  memory t={t} h={h} g={g}: probabilities {format_bytes(probs)}, attention peak "
-              f"{format_bytes(full.bytes)} ({full.bytes / probs:.2f}x), output-only {format_bytes(fast.bytes)}, "
-              f"streamed view {format_bytes(view.bytes)}", flush=True)
+            longseq.analyze(longseq.LongConfig(t=t, num_heads=h, num_kv_heads=g, head_dim=HEAD_DIM, device=str(device)))
+        rows.append(
+            dict(
+                t=t,
+                heads=h,
+                kv_heads=g,
+                probabilities_bytes=probs,
+                scores_output_peak=full.bytes,
+                output_only_peak=fast.bytes,
+                streamed_view_peak=view.bytes,
+            )
+        )
+        print(
+            f"  memory t={t} h={h} g={g}: probabilities {format_bytes(probs)}, attention peak "
+            f"{format_bytes(full.bytes)} ({full.bytes / probs:.2f}x), output-only {format_bytes(fast.bytes)}, "
+            f"streamed view {format_bytes(view.bytes)}",
+            flush=True,
+        )
     return rows
 
 
 def markdown(results) -> str:
-    out = [f"Device: {results['device']}; torch {results['torch']}; threads {results['threads']}; "
-           f"dtype {results['dtype']}; repeats {results['repeats']} (median)\n"]
-    out.append("| t | heads | kv heads | reference | torch (s) | attnviz full record (s) | ratio | "
-               "attnviz scores+output (s) | ratio |\n|---|---|---|---|---|---|---|---|---|")
-    out += [f"| {r['t']} | {r['heads']} | {r['kv_heads']} | {r['reference']} | {r['torch_s']:.4f} | "
-            f"{r['attnviz_s']:.4f} | {r['ratio']:.2f} | {r['attnviz_lean_s']:.4f} | **{r['lean_ratio']:.2f}** |"
-            for r in results["scores"]]
-    out.append("\n| t | heads | kv heads | mask | SDPA (s) | attnviz output-only (s) | ratio |\n"
-               "|---|---|---|---|---|---|---|")
-    out += [f"| {r['t']} | {r['heads']} | {r['kv_heads']} | {r['mask']} | {r['torch_s']:.4f} | "
-            f"{r['attnviz_s']:.4f} | **{r['ratio']:.2f}** |" for r in results["output"]]
-    out.append("\n| t = s | heads | probabilities | stream + pool (s) | figure (s) | pooled per head | payload |\n"
-               "|---|---|---|---|---|---|---|")
-    out += [f"| {r['t']} | {r['heads']} | {format_bytes(r['probabilities_bytes'])} | {r['analyze_s']:.2f} | "
-            f"{r['figure_s']:.2f} | {r['pooled']} | {format_bytes(r['payload_bytes'])} |" for r in results["views"]]
-    out.append("\n| t | heads | kv heads | probabilities | attention() peak | output-only peak | streamed view peak |\n"
-               "|---|---|---|---|---|---|---|")
-    out += [f"| {r['t']} | {r['heads']} | {r['kv_heads']} | {format_bytes(r['probabilities_bytes'])} | "
-            f"{format_bytes(r['scores_output_peak'])} ({r['scores_output_peak'] / r['probabilities_bytes']:.2f}x) | "
-            f"{format_bytes(r['output_only_peak'])} | {format_bytes(r['streamed_view_peak'])} |"
-            for r in results["memory"]]
+    out = [
+        f"Device: {results['device']}; torch {results['torch']}; threads {results['threads']}; "
+        f"dtype {results['dtype']}; repeats {results['repeats']} (median)\n"
+    ]
+    out.append(
+        "| t | heads | kv heads | reference | torch (s) | attnviz full record (s) | ratio | "
+        "attnviz scores+output (s) | ratio |\n|---|---|---|---|---|---|---|---|---|"
+    )
+    out += [
+        f"| {r['t']} | {r['heads']} | {r['kv_heads']} | {r['reference']} | {r['torch_s']:.4f} | "
+        f"{r['attnviz_s']:.4f} | {r['ratio']:.2f} | {r['attnviz_lean_s']:.4f} | **{r['lean_ratio']:.2f}** |"
+        for r in results["scores"]
+    ]
+    out.append(
+        "\n| t | heads | kv heads | mask | SDPA (s) | attnviz output-only (s) | ratio |\n|---|---|---|---|---|---|---|"
+    )
+    out += [
+        f"| {r['t']} | {r['heads']} | {r['kv_heads']} | {r['mask']} | {r['torch_s']:.4f} | "
+        f"{r['attnviz_s']:.4f} | **{r['ratio']:.2f}** |"
+        for r in results["output"]
+    ]
+    out.append(
+        "\n| t = s | heads | probabilities | stream + pool (s) | figure (s) | pooled per head | payload |\n"
+        "|---|---|---|---|---|---|---|"
+    )
+    out += [
+        f"| {r['t']} | {r['heads']} | {format_bytes(r['probabilities_bytes'])} | {r['analyze_s']:.2f} | "
+        f"{r['figure_s']:.2f} | {r['pooled']} | {format_bytes(r['payload_bytes'])} |"
+        for r in results["views"]
+    ]
+    out.append(
+        "\n| t | heads | kv heads | probabilities | attention() peak | output-only peak | streamed view peak |\n"
+        "|---|---|---|---|---|---|---|"
+    )
+    out += [
+        f"| {r['t']} | {r['heads']} | {r['kv_heads']} | {format_bytes(r['probabilities_bytes'])} | "
+        f"{format_bytes(r['scores_output_peak'])} ({r['scores_output_peak'] / r['probabilities_bytes']:.2f}x) | "
+        f"{format_bytes(r['output_only_peak'])} | {format_bytes(r['streamed_view_peak'])} |"
+        for r in results["memory"]
+    ]
     return "\n".join(out)
 
 
@@ -279,8 +354,17 @@ def main(argv=None) -> int:
     cases = QUICK if args.quick else FULL
     repeats = args.repeats or (2 if args.quick else 5)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    results = dict(device=name, torch=torch.__version__, threads=torch.get_num_threads(), dtype=args.dtype,
-                   repeats=repeats, scores=[], output=[], views=[], memory=[])
+    results = dict(
+        device=name,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        dtype=args.dtype,
+        repeats=repeats,
+        scores=[],
+        output=[],
+        views=[],
+        memory=[],
+    )
     sections = args.sections.split(",")
     if "scores" in sections:
         results["scores"] = bench_scores(cases["scores"], repeats, device, dtype)

@@ -1,6 +1,6 @@
 """Screenshot a page of the running app with Debian's Chromium (Playwright drives it; nothing is downloaded).
 
-    python scripts/screenshot.py http://localhost:8501/ out.png [--click-tab "Output projection"] [--width 1500]
+python scripts/screenshot.py http://localhost:8501/ out.png [--click-tab "Output projection"] [--width 1500]
 """
 
 from __future__ import annotations
@@ -10,16 +10,21 @@ import argparse
 from playwright.sync_api import sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
 
 def wait_idle(page, timeout_ms: int = 60_000) -> None:
     """Wait for Streamlit to finish running the script (no 'running' status widget) and a chart to appear."""
     page.wait_for_selector("[data-testid='stApp']", timeout=timeout_ms)
-    page.wait_for_function(
-        "() => !document.querySelector(\"[data-testid='stStatusWidget']\")", timeout=timeout_ms
-    )
+    page.wait_for_function("() => !document.querySelector(\"[data-testid='stStatusWidget']\")", timeout=timeout_ms)
     page.wait_for_timeout(1500)
 
 

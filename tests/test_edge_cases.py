@@ -19,8 +19,11 @@ from attnviz.engine import compute_logits
 
 def _qkv(b=1, h=2, t=4, s=5, d=3, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, h, t, d, generator=g), torch.randn(b, h, s, d, generator=g),
-            torch.randn(b, h, s, d, generator=g))
+    return (
+        torch.randn(b, h, t, d, generator=g),
+        torch.randn(b, h, s, d, generator=g),
+        torch.randn(b, h, s, d, generator=g),
+    )
 
 
 @pytest.mark.parametrize("policy,expected", [("zeros", 0.0), ("uniform", 1 / 5)])
@@ -38,8 +41,9 @@ def test_score_mod_that_kills_a_row_follows_the_policy(policy, expected):
 
 def test_score_mod_nan_policy_reports_the_row():
     q, k, v = _qkv()
-    rec = attnviz.attention(q, k, v, score_mod=lambda sc, b, h, qi, ki: sc.masked_fill(qi == 0, float("-inf")),
-                            masked_rows="nan")
+    rec = attnviz.attention(
+        q, k, v, score_mod=lambda sc, b, h, qi, ki: sc.masked_fill(qi == 0, float("-inf")), masked_rows="nan"
+    )
     assert rec.fully_masked_rows[0, :, 0].all()
     assert torch.isnan(rec.scores[0, :, 0]).all()
 
@@ -54,7 +58,7 @@ def test_alibi_matches_a_hand_computed_bias():
     q, k, v = _qkv(h=2, t=3, s=3)
     rec = attnviz.attention(q, k, v, score_mod=score_mods.alibi(2))
     plain = attnviz.attention(q, k, v)
-    slopes = torch.tensor([2 ** -4, 2 ** -8])
+    slopes = torch.tensor([2**-4, 2**-8])
     dist = torch.arange(3)[None, :] - torch.arange(3)[:, None]  # kv - q
     torch.testing.assert_close(rec.logits, plain.logits + slopes[None, :, None, None] * dist)
 
@@ -101,7 +105,9 @@ def test_causal_with_several_attention_axes_is_refused():
 def test_weight_copy_refuses_a_wrong_shape():
     mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
     mod = interop.from_torch(mha, device="cpu")
-    with pytest.raises(ValueError, match=r"query kernel: source weight has shape \(8, 8\), attnviz expects \(8, 2, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"query kernel: source weight has shape \(8, 8\), attnviz expects \(8, 2, 4\)"
+    ):
         interop._copy(mod.query_kernel, mha.in_proj_weight.detach()[:8], "query kernel")
 
 
@@ -118,8 +124,10 @@ def test_chunked_pairwise_scores_equal_the_dense_formula(mode):
     big_k = torch.randn(1, 1, 200, 64, generator=g)
     # 3000 * 200 * 64 pair features exceed one 16M-float block, so this goes through several blocks.
     blocked = compute_logits(big_t, big_k, score_mode=mode, scale=None)
-    ref = torch.cat([compute_logits(big_t[:, :, i : i + 500], big_k, score_mode=mode, scale=None)
-                     for i in range(0, 3000, 500)], dim=2)
+    ref = torch.cat(
+        [compute_logits(big_t[:, :, i : i + 500], big_k, score_mode=mode, scale=None) for i in range(0, 3000, 500)],
+        dim=2,
+    )
     torch.testing.assert_close(blocked, ref)
 
 
@@ -139,8 +147,16 @@ def test_bottom_right_causal_carries_window_and_prefix(t, s):
 
 
 def test_pairwise_work_cap_gives_a_message():
-    big = replace(playground.PRESETS[playground.DEFAULT_PRESET], score_mode="additive", batch=8, num_heads=32,
-                  num_kv_heads=0, t=128, s=128, key_dim=256)
+    big = replace(
+        playground.PRESETS[playground.DEFAULT_PRESET],
+        score_mode="additive",
+        batch=8,
+        num_heads=32,
+        num_kv_heads=0,
+        t=128,
+        s=128,
+        key_dim=256,
+    )
     with pytest.raises(ValueError, match=r"additive scores need b·h·t·s·key_dim = 1,073,741,824"):
         big.validate()
 

@@ -23,20 +23,33 @@ DEFAULT = pg.PRESETS[pg.DEFAULT_PRESET]
 # Every score mode, score modifier, masked-row policy, GQA/MQA, cross-attention, bias on/off, training dropout.
 TORCH_CASES = {
     **{name: cfg for name, cfg in pg.PRESETS.items()},
-    "alibi + padding, nan rows": replace(DEFAULT, score_mod="alibi", masked_rows="nan",
-                                         masks=pg.MaskSpec(causal="top_left", query_padding=2, key_padding=8)),
-    "softcap, uniform rows, value/output dims": replace(DEFAULT, score_mod="softcap", softcap=2.0, value_dim=3,
-                                                        output_dim=5, masked_rows="uniform", weight_scale=6.0,
-                                                        masks=pg.MaskSpec(key_padding=8)),
+    "alibi + padding, nan rows": replace(
+        DEFAULT,
+        score_mod="alibi",
+        masked_rows="nan",
+        masks=pg.MaskSpec(causal="top_left", query_padding=2, key_padding=8),
+    ),
+    "softcap, uniform rows, value/output dims": replace(
+        DEFAULT,
+        score_mod="softcap",
+        softcap=2.0,
+        value_dim=3,
+        output_dim=5,
+        masked_rows="uniform",
+        weight_scale=6.0,
+        masks=pg.MaskSpec(key_padding=8),
+    ),
     "concat scores, no bias": replace(DEFAULT, score_mode="concat", use_bias=False, num_kv_heads=4),
     "training dropout": replace(DEFAULT, dropout=0.4, training=True, seed=9),
 }
 KERAS_CASES = {
-    "MHA, value/output dims, padding": replace(DEFAULT, num_kv_heads=0, value_dim=3, output_dim=6, seed=4,
-                                               masks=pg.MaskSpec(causal="top_left", key_padding=2)),
+    "MHA, value/output dims, padding": replace(
+        DEFAULT, num_kv_heads=0, value_dim=3, output_dim=6, seed=4, masks=pg.MaskSpec(causal="top_left", key_padding=2)
+    ),
     "GQA preset": DEFAULT,
-    "cross, bottom-right causal, no bias": replace(pg.PRESETS["Cross-attention: 5 queries over 9 keys"],
-                                                   use_bias=False, masks=pg.MaskSpec(causal="bottom_right")),
+    "cross, bottom-right causal, no bias": replace(
+        pg.PRESETS["Cross-attention: 5 queries over 9 keys"], use_bias=False, masks=pg.MaskSpec(causal="bottom_right")
+    ),
 }
 
 
@@ -47,12 +60,20 @@ def run_snippets(codes: dict[str, str], tmp_path: Path, suffix: str, env=None) -
         src, out = tmp_path / f"snippet_{i}.py", tmp_path / f"out_{i}{suffix}"
         src.write_text(code)
         jobs.append((name, str(src), str(out)))
-    driver = ("import runpy, sys\n"
-              f"for name, src, out in {jobs!r}:\n"
-              "    sys.argv = [src, out]\n"
-              "    runpy.run_path(src, run_name='__main__')\n")
-    result = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=240,
-                            cwd=tmp_path, env={**os.environ, **(env or {})})
+    driver = (
+        "import runpy, sys\n"
+        f"for name, src, out in {jobs!r}:\n"
+        "    sys.argv = [src, out]\n"
+        "    runpy.run_path(src, run_name='__main__')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", driver],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+        env={**os.environ, **(env or {})},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "output" in result.stdout and "probabilities (batch 0, head 0)" in result.stdout
     return {name: Path(out) for name, _, out in jobs}
@@ -66,8 +87,11 @@ def test_pytorch_snippets_reproduce_the_engine(tmp_path):
     for name, path in outputs.items():
         got = torch.load(path, weights_only=True)
         record = pg.run(TORCH_CASES[name])
-        for key, expected in (("output", record.output), ("probabilities", record.scores_grid),
-                              ("head_outputs", record.head_outputs)):
+        for key, expected in (
+            ("output", record.output),
+            ("probabilities", record.scores_grid),
+            ("head_outputs", record.head_outputs),
+        ):
             diff = (got[key] - expected).abs()
             assert torch.equal(torch.isnan(got[key]), torch.isnan(expected)), (name, key)
             assert float(diff.nan_to_num(0.0).max()) <= 1e-5, (name, key, float(diff.nan_to_num(0.0).max()))
@@ -84,13 +108,16 @@ def test_keras_snippets_reproduce_the_engine(tmp_path):
         assert np.abs(got["probabilities"] - record.scores.numpy()).max() <= 1e-5, name
 
 
-@pytest.mark.parametrize("change, fragment", [
-    (dict(score_mode="dot"), "score_mode 'dot'"),
-    (dict(score_mod="alibi"), "score_mod 'alibi'"),
-    (dict(dropout=0.3, training=True), "dropout"),
-    (dict(masked_rows="nan"), "masked_rows 'nan'"),
-    (dict(value_dim=3), "GroupQueryAttention has neither"),
-])
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (dict(score_mode="dot"), "score_mode 'dot'"),
+        (dict(score_mod="alibi"), "score_mod 'alibi'"),
+        (dict(dropout=0.3, training=True), "dropout"),
+        (dict(masked_rows="nan"), "masked_rows 'nan'"),
+        (dict(value_dim=3), "GroupQueryAttention has neither"),
+    ],
+)
 def test_keras_snippet_refuses_what_keras_cannot_do(change, fragment):
     with pytest.raises(ValueError, match=fragment):
         exports.keras_snippet(replace(DEFAULT, **change))
@@ -99,8 +126,7 @@ def test_keras_snippet_refuses_what_keras_cannot_do(change, fragment):
 def test_snippets_refuse_half_precision_and_huge_weights():
     with pytest.raises(ValueError, match="float32"):
         exports.pytorch_snippet(replace(DEFAULT, dtype="bfloat16"))
-    big = replace(DEFAULT, model_dim=512, num_heads=32, num_kv_heads=0, key_dim=256, t=4, s=4, batch=1,
-                  source="random")
+    big = replace(DEFAULT, model_dim=512, num_heads=32, num_kv_heads=0, key_dim=256, t=4, s=4, batch=1, source="random")
     with pytest.raises(ValueError, match="too large"):
         exports.pytorch_snippet(big)
 
@@ -137,10 +163,22 @@ def test_csv_writes_nan_rows_as_nan():
 def test_record_npz_holds_every_tensor_without_pickle():
     record = pg.run(replace(DEFAULT, dtype="bfloat16"))
     with np.load(io.BytesIO(exports.record_npz(record)), allow_pickle=False) as npz:
-        for name in ("output", "scores", "logits", "head_outputs", "head_contributions", "query", "key", "value",
-                     "fully_masked_rows", "mask", "output_grid"):
-            expected = getattr(record, name).float() if getattr(record, name).is_floating_point() \
-                else getattr(record, name)
+        for name in (
+            "output",
+            "scores",
+            "logits",
+            "head_outputs",
+            "head_contributions",
+            "query",
+            "key",
+            "value",
+            "fully_masked_rows",
+            "mask",
+            "output_grid",
+        ):
+            expected = (
+                getattr(record, name).float() if getattr(record, name).is_floating_point() else getattr(record, name)
+            )
             np.testing.assert_array_equal(npz[name], expected.numpy(), err_msg=name)
         np.testing.assert_array_equal(npz["probabilities_grid"], record.scores_grid.float().numpy())
         np.testing.assert_array_equal(npz["mask_grid"], record.mask_grid.numpy())

@@ -101,7 +101,7 @@ def empty_slot_axes(fig):
     cells = set()
     for k in fig.layout:
         if k.startswith("xaxis") and fig.layout[k].visible is False:
-            y = fig.layout["yaxis" + k[len("xaxis"):]]
+            y = fig.layout["yaxis" + k[len("xaxis") :]]
             assert y.visible is False, k  # both axes of an empty slot are hidden
             cells.add((ydoms.index(tuple(y.domain)), xdoms.index(tuple(fig.layout[k].domain))))
     return cells
@@ -109,8 +109,9 @@ def empty_slot_axes(fig):
 
 def _mha_record(*, num_heads=3, num_kv_heads=None, t=5, s=None, seed=0, masked_rows="zeros", **call):
     s = t if s is None else s
-    layer = attnviz.MultiHeadAttention(num_heads=num_heads, key_dim=4, num_kv_heads=num_kv_heads, seed=seed,
-                                       device="cpu", masked_rows=masked_rows)
+    layer = attnviz.MultiHeadAttention(
+        num_heads=num_heads, key_dim=4, num_kv_heads=num_kv_heads, seed=seed, device="cpu", masked_rows=masked_rows
+    )
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(2, t, 6, generator=gen)
     v = q if s == t else torch.randn(2, s, 6, generator=gen)
@@ -189,8 +190,9 @@ def test_logits_view_uses_logits_with_a_symmetric_diverging_scale(records):
     assert fig.data[0].colorbar.title.text == "logit"
     # the probability view differs from the logits view
     p = figures.attention_heads_figure(rec, 1)
-    assert not np.allclose(np.nan_to_num(np.asarray(p.data[0].z, dtype=float)),
-                           np.nan_to_num(np.asarray(fig.data[0].z, dtype=float)))
+    assert not np.allclose(
+        np.nan_to_num(np.asarray(p.data[0].z, dtype=float)), np.nan_to_num(np.asarray(fig.data[0].z, dtype=float))
+    )
 
 
 def test_unknown_values_raises(records):
@@ -429,8 +431,11 @@ def test_uniform_policy_draws_fully_masked_rows_in_colour():
     zfig = figures.attention_heads_figure(zeros, 1)
     for tr in main_traces(zfig):
         assert np.isnan(np.asarray(tr.z, dtype=float)[3:]).all()
-    for a, b in zip(main_traces(figures.attention_heads_figure(rec, 0)),
-                    main_traces(figures.attention_heads_figure(zeros, 0))):
+    for a, b in zip(
+        main_traces(figures.attention_heads_figure(rec, 0)),
+        main_traces(figures.attention_heads_figure(zeros, 0)),
+        strict=True,
+    ):
         np.testing.assert_array_equal(np.asarray(a.z, dtype=float), np.asarray(b.z, dtype=float))
     # the logits view draws the same cells
     for tr in main_traces(figures.attention_heads_figure(rec, 1, values="logits")):
@@ -445,7 +450,7 @@ def test_functional_core_record_draws_heads():
     rec = attnviz.attention(q, k, v, mask=masks_lib.causal())
     fig = figures.attention_heads_figure(rec)
     assert [tr.name for tr in main_traces(fig)] == [f"head {u} · kv {u // 2}" for u in range(4)]
-    for u, tr in enumerate(main_traces(fig)):
+    for tr in main_traces(fig):
         np.testing.assert_array_equal(np.isnan(np.asarray(tr.z, dtype=float)), ~np.tril(np.ones((3, 3), dtype=bool)))
 
 
@@ -515,8 +520,7 @@ def _assert_wrapped_gqa(rec, cols, rows_per_group):
         k, j = divmod(u, group)  # kv head, position inside its group
         assert axis_cell(fig, tr) == (k * rows_per_group + j // cols, j % cols), u
     # the empty slots (end of each group's last row) have hidden axes and draw nothing
-    empty = {(k * rows_per_group + j // cols, j % cols)
-             for k in range(g) for j in range(group, rows_per_group * cols)}
+    empty = {(k * rows_per_group + j // cols, j % cols) for k in range(g) for j in range(group, rows_per_group * cols)}
     assert empty_slot_axes(fig) == empty
     assert not {axis_cell(fig, tr) for tr in fig.data} & empty
     # one visible row title per kv head, beside the first row of its group
@@ -570,8 +574,10 @@ def test_gqa_group_of_12_leaves_empty_slots():
     assert len(masked_traces(fig)) == 24  # causal: every head has an overlay, the empty slots none
     assert axis_cell(fig, main_traces(fig)[12]) == (2, 0)  # kv head 1 starts a new row
     # the per-head output figures use the same slots
-    for per_head, tensor in ((figures.head_outputs_figure, rec.head_outputs),
-                             (figures.head_contributions_figure, rec.head_contributions)):
+    for per_head, tensor in (
+        (figures.head_outputs_figure, rec.head_outputs),
+        (figures.head_contributions_figure, rec.head_contributions),
+    ):
         pfig = per_head(rec, 1)
         assert grid_size(pfig) == (4, 8)
         assert len(pfig.data) == 24
@@ -606,7 +612,10 @@ def test_heatmap_grid_none_panels_are_empty_slots():
     a, b = rng.normal(size=(2, 3)), rng.normal(size=(2, 3)) + 10.0
     fig = figures.heatmap_grid(
         [figures.Panel(title="a", values=a), None, figures.Panel(title="b", values=b), None],
-        cols=2, x_labels=["x0", "x1", "x2"], y_labels=["y0", "y1"], value_name="value",
+        cols=2,
+        x_labels=["x0", "x1", "x2"],
+        y_labels=["y0", "y1"],
+        value_name="value",
     )
     assert grid_size(fig) == (2, 2)
     assert [tr.name for tr in fig.data] == ["a", "b"]
@@ -630,7 +639,7 @@ def test_position_labels():
     assert figures.position_labels(3, "q") == ["q0", "q1", "q2"]
     labels = figures.position_labels(4, "k", ["the", "cat", "the", "cat"])
     assert len(set(labels)) == 4
-    assert all(tok in lab for lab, tok in zip(labels, ["the", "cat", "the", "cat"]))
+    assert all(tok in lab for lab, tok in zip(labels, ["the", "cat", "the", "cat"], strict=True))
     with pytest.raises(ValueError):
         figures.position_labels(3, "q", ["a", "b"])
 
@@ -642,7 +651,7 @@ def test_token_labels_keep_repeated_tokens_distinct(records):
     for tr in fig.data:
         assert len(tr.y) == 8 and len(set(tr.y)) == 8
         assert len(tr.x) == 8 and len(set(tr.x)) == 8
-        assert all(tok in lab for lab, tok in zip(tr.y, toks))
+        assert all(tok in lab for lab, tok in zip(tr.y, toks, strict=True))
     # the values are still those of the record, cell for cell, with token labels
     z = np.asarray(fig.data[0].z, dtype=float)
     keep = expected_keep(rec, 0)[0]
@@ -703,14 +712,14 @@ def test_contributions_sum_to_output(records, name):
     for b in range(rec.grid_shape[0]):
         contrib = figures.head_contributions_figure(rec, b)
         total = sum(np.asarray(tr.z, dtype=float) for tr in contrib.data) + bias.numpy()
-        np.testing.assert_allclose(total, np.asarray(figures.output_figure(rec, b).data[0].z, dtype=float),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            total, np.asarray(figures.output_figure(rec, b).data[0].z, dtype=float), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_contributions_sum_to_output_direct_layer():
     layer, rec = _mha_record(num_heads=4, num_kv_heads=2, use_causal_mask=True)
-    torch.testing.assert_close(rec.head_contributions.sum(1) + layer.output_bias, rec.output_grid,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rec.head_contributions.sum(1) + layer.output_bias, rec.output_grid, rtol=1e-5, atol=1e-5)
     # contributions are head output · W_o[head]
     w = layer.output_kernel.detach().reshape(4, layer.value_dim, -1)
     torch.testing.assert_close(rec.head_contributions, torch.einsum("bhtv,hvo->bhto", rec.head_outputs, w))
@@ -730,8 +739,9 @@ def test_contribution_norms_are_l2_norms(records, name):
             assert list(bar.x) == [f"q{i}" for i in range(t)]
             np.testing.assert_allclose(np.asarray(bar.y, dtype=float), norms[u], rtol=1e-5)
             for i in range(t):  # the definition, spelled out
-                assert bar.y[i] == pytest.approx(math.sqrt(sum(float(x) ** 2 for x in rec.head_contributions[b, u, i])),
-                                                 rel=1e-5)
+                assert bar.y[i] == pytest.approx(
+                    math.sqrt(sum(float(x) ** 2 for x in rec.head_contributions[b, u, i])), rel=1e-5
+                )
 
 
 def test_fully_masked_rows_zero_policy_contribution_is_zero():
@@ -770,7 +780,7 @@ def test_shapes_frame_default_preset(records):
         "head contributions (b, h, t, o)": "2 × 8 × 8 × 32",
         "output = Σ_h contributions + b_o": "2 × 8 × 32",
     }
-    assert dict(zip(df["stage"], df["shape"])) == expected
+    assert dict(zip(df["stage"], df["shape"], strict=True)) == expected
     assert list(df["stage"]) == list(expected)  # pipeline order
     assert list(df["stage"]) == [name for name, _ in rec.shapes]
 
@@ -779,7 +789,7 @@ def test_shapes_frame_default_preset(records):
 def test_shapes_frame_matches_tensors(records, name):
     rec = records(name)
     frame = figures.shapes_frame(rec)
-    df = dict(zip(frame["stage"], frame["shape"]))
+    df = dict(zip(frame["stage"], frame["shape"], strict=True))
     fmt = lambda x: " × ".join(map(str, x.shape))  # noqa: E731
     assert df["probabilities (b, h, t, s)"] == fmt(rec.scores_grid)
     assert df["logits (b, h, t, s)"] == fmt(rec.logits_grid)
@@ -792,7 +802,7 @@ def test_shapes_frame_matches_tensors(records, name):
 
 def test_shapes_frame_cross_attention_sizes(records):
     df = figures.shapes_frame(records(CROSS))  # b=1, t=5, s=9, h=4, d=4, model 16
-    shapes = dict(zip(df["stage"], df["shape"]))
+    shapes = dict(zip(df["stage"], df["shape"], strict=True))
     assert shapes["probabilities (b, h, t, s)"] == "1 × 4 × 5 × 9"
     assert shapes["key (b, g, s, d)"] == "1 × 4 × 9 × 4"
     assert shapes["mask (b|1, h|1, t, s)"] == "—"
@@ -817,7 +827,7 @@ def test_functional_core_record_has_no_output_figures():
     fig = figures.head_outputs_figure(rec)  # the per-head context vectors exist without a projection
     for u, tr in enumerate(fig.data):
         np.testing.assert_array_equal(np.asarray(tr.z, dtype=float), _np(rec.head_outputs[0, u]))
-    df = dict(zip(figures.shapes_frame(rec)["stage"], figures.shapes_frame(rec)["shape"]))
+    df = dict(zip(figures.shapes_frame(rec)["stage"], figures.shapes_frame(rec)["shape"], strict=True))
     assert df["probabilities (b, h, t, s)"] == "1 × 2 × 3 × 3"
     assert df["mask (b|1, h|1, t, s)"] == "—"
 
@@ -838,8 +848,11 @@ def _lab(name):
 
 def _dead_rects(fig, xaxis):
     """(first, last) query rows outlined in red on the subplot drawn on ``xaxis``."""
-    return sorted((round(sh.y0 + 0.5), round(sh.y1 - 0.5)) for sh in fig.layout.shapes
-                  if sh.xref == xaxis and sh.line.color == figures.DEAD_ROW_COLOR)
+    return sorted(
+        (round(sh.y0 + 0.5), round(sh.y1 - 0.5))
+        for sh in fig.layout.shapes
+        if sh.xref == xaxis and sh.line.color == figures.DEAD_ROW_COLOR
+    )
 
 
 def test_mask_figure_draws_the_mask_with_reasons_and_dead_rows():
@@ -933,13 +946,15 @@ def test_mask_effect_figure_pools_long_rows():
 
 # --- large grids go as images -------------------------------------------------------------------------------------
 
+
 def _big_record(heads: int, t: int):
     from dataclasses import replace as _replace
 
     from attnviz.playground import DEFAULT_PRESET, PRESETS, run
 
-    return run(_replace(PRESETS[DEFAULT_PRESET], batch=1, t=t, s=t, num_heads=heads, num_kv_heads=heads // 4,
-                        model_dim=64))
+    return run(
+        _replace(PRESETS[DEFAULT_PRESET], batch=1, t=t, s=t, num_heads=heads, num_kv_heads=heads // 4, model_dim=64)
+    )
 
 
 def test_heads_over_the_hover_budget_are_palette_pngs_equal_to_the_record():
@@ -960,7 +975,9 @@ def test_heads_over_the_hover_budget_are_palette_pngs_equal_to_the_record():
     assert (index[~keep] == figures.MASKED_INDEX).all()
     np.testing.assert_array_equal(index[keep], np.round(probs[keep] * (figures.MASKED_INDEX - 1)).astype(np.uint8))
     logits = figures.attention_heads_figure(rec, 0, values="logits")
-    assert "drawn as images" in logits.layout.title.text and logits.layout.coloraxis.cmin == -logits.layout.coloraxis.cmax
+    assert (
+        "drawn as images" in logits.layout.title.text and logits.layout.coloraxis.cmin == -logits.layout.coloraxis.cmax
+    )
 
 
 def test_heads_within_the_hover_budget_stay_hoverable_heatmaps():
@@ -972,5 +989,4 @@ def test_heads_within_the_hover_budget_stay_hoverable_heatmaps():
 
 def test_image_grid_rejects_an_unknown_scaling():
     with pytest.raises(ValueError, match="scaling must be one of"):
-        figures.image_grid([figures.Panel(title="x", values=np.zeros((2, 2)))], cols=1, value_name="p",
-                           scaling="cubic")
+        figures.image_grid([figures.Panel(title="x", values=np.zeros((2, 2)))], cols=1, value_name="p", scaling="cubic")

@@ -8,8 +8,10 @@ from test_browser import app_url, page, wait_idle  # noqa: F401  (fixtures: the 
 
 pytestmark = pytest.mark.browser
 
-IMAGES = "() => { const p = document.querySelector('.js-plotly-plot'); " \
-         "return p && p.data ? p.data.filter(t => t.type === 'image').length : -1; }"
+IMAGES = (
+    "() => { const p = document.querySelector('.js-plotly-plot'); "
+    "return p && p.data ? p.data.filter(t => t.type === 'image').length : -1; }"
+)
 
 
 def open_page(page) -> None:  # noqa: F811
@@ -34,8 +36,11 @@ def test_long_sequences_page_draws_every_head_and_reruns_from_the_form(page):  #
     assert page.locator("[data-testid='stException']").count() == 0
 
     page.get_by_role("tab", name="Zoom").click()
-    page.wait_for_function("() => { const p = document.querySelector('.js-plotly-plot'); "
-                           "return p && p.data && p.data[0].type === 'heatmap'; }", timeout=60_000)
+    page.wait_for_function(
+        "() => { const p = document.querySelector('.js-plotly-plot'); "
+        "return p && p.data && p.data[0].type === 'heatmap'; }",
+        timeout=60_000,
+    )
     wait_idle(page)
     assert page.locator(".js-plotly-plot .heatmaplayer image").count() >= 1
     assert page.locator("[data-testid='stException']").count() == 0

@@ -18,11 +18,31 @@ from attnviz.pooling import pool_by
 CONFIGS = {
     "self_gqa_causal": ls.LongConfig(t=300, num_heads=4, num_kv_heads=2, head_dim=16, model_dim=32, pixels=64),
     "cross_bottom_right_window_alibi": ls.LongConfig(
-        t=200, s=330, num_heads=4, num_kv_heads=1, head_dim=8, model_dim=16, causal="bottom_right",
-        sliding_window=40, score_mod="alibi", pixels=50, local_window=10, top_k=3),
+        t=200,
+        s=330,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=8,
+        model_dim=16,
+        causal="bottom_right",
+        sliding_window=40,
+        score_mod="alibi",
+        pixels=50,
+        local_window=10,
+        top_k=3,
+    ),
     "rows_fully_masked_uniform": ls.LongConfig(  # t > s bottom-right: the first t - s queries see no key
-        t=260, s=200, num_heads=2, num_kv_heads=2, head_dim=8, model_dim=16, causal="bottom_right",
-        masked_rows="uniform", pixels=30, source="random"),
+        t=260,
+        s=200,
+        num_heads=2,
+        num_kv_heads=2,
+        head_dim=8,
+        model_dim=16,
+        causal="bottom_right",
+        masked_rows="uniform",
+        pixels=30,
+        source="random",
+    ),
 }
 
 
@@ -114,15 +134,18 @@ def test_zoom_refuses_bad_regions():
         ls.zoom(big, 0, (0, 300), (0, 300))
 
 
-@pytest.mark.parametrize("change,message", [
-    (dict(num_heads=6, num_kv_heads=4), r"num_heads \(6\) must be divisible by num_kv_heads \(4\)"),
-    (dict(t=20000), r"t \(20000\) must be an integer in \[1, 16384\]"),
-    (dict(source="pictures"), r"source must be one of"),
-    (dict(top_k=12, t=10), r"top_k \(12\) cannot exceed the number of keys \(10\)"),
-    (dict(weight_scale=float("nan")), r"weight_scale \(nan\) must be in \(0, 100\]"),
-    (dict(sliding_window=-1), r"sliding_window \(-1\)"),
-    (dict(pixels=0), r"pixels \(0\)"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(num_heads=6, num_kv_heads=4), r"num_heads \(6\) must be divisible by num_kv_heads \(4\)"),
+        (dict(t=20000), r"t \(20000\) must be an integer in \[1, 16384\]"),
+        (dict(source="pictures"), r"source must be one of"),
+        (dict(top_k=12, t=10), r"top_k \(12\) cannot exceed the number of keys \(10\)"),
+        (dict(weight_scale=float("nan")), r"weight_scale \(nan\) must be in \(0, 100\]"),
+        (dict(sliding_window=-1), r"sliding_window \(-1\)"),
+        (dict(pixels=0), r"pixels \(0\)"),
+    ],
+)
 def test_invalid_configs_are_clear_errors(change, message):
     with pytest.raises(ValueError, match=message):
         ls.analyze(replace(ls.LongConfig(t=64), **change))
@@ -143,6 +166,7 @@ def test_summary_frame_and_description():
 
 
 # --- figures ---------------------------------------------------------------------------------------------------
+
 
 def _image_traces(fig: go.Figure) -> list:
     return [tr for tr in fig.data if isinstance(tr, go.Image)]
@@ -208,14 +232,16 @@ def test_zoom_and_row_summary_figures_carry_the_numbers():
     np.testing.assert_array_equal(np.asarray(heat.x), np.arange(150, 230))
     np.testing.assert_array_equal(np.asarray(heat.y), np.arange(100, 140))
     z = np.asarray(heat.z, dtype=np.float64)
-    np.testing.assert_allclose(z, np.where(region.keep.numpy(), region.probs.numpy(), np.nan), rtol=1e-6,
-                               equal_nan=True)
+    np.testing.assert_allclose(
+        z, np.where(region.keep.numpy(), region.probs.numpy(), np.nan), rtol=1e-6, equal_nan=True
+    )
     result = ls.analyze(config)
     rows = lf.row_summary_figure(result, 3, max_points=50)
     entropy = rows.data[0]
     assert len(entropy.x) == 50
-    np.testing.assert_allclose(np.asarray(entropy.y), result.entropy[3, np.asarray(entropy.x).astype(int)].numpy(),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(entropy.y), result.entropy[3, np.asarray(entropy.x).astype(int)].numpy(), rtol=1e-6
+    )
     with pytest.raises(ValueError, match=r"head \(4\) must be in \[0, 4\)"):
         lf.row_summary_figure(result, 4)
 

@@ -171,12 +171,15 @@ def test_and_or_not(combine, negate_all, negated):
     np.testing.assert_array_equal(dense(c), loop(c, rule))
 
 
-@pytest.mark.parametrize("formula,rule", [
-    ("(causal | window) & ~valid_lens", lambda c, w, v: (c or w) and not v),
-    ("causal and not (window or valid_lens)", lambda c, w, v: c and not (w or v)),
-    ("~causal | window & valid_lens", lambda c, w, v: (not c) or (w and v)),
-    ("!(!causal) && valid_lens || window", lambda c, w, v: (c and v) or w),
-])
+@pytest.mark.parametrize(
+    "formula,rule",
+    [
+        ("(causal | window) & ~valid_lens", lambda c, w, v: (c or w) and not v),
+        ("causal and not (window or valid_lens)", lambda c, w, v: c and not (w or v)),
+        ("~causal | window & valid_lens", lambda c, w, v: (not c) or (w and v)),
+        ("!(!causal) && valid_lens || window", lambda c, w, v: (c and v) or w),
+    ],
+)
 def test_formula(formula, rule):
     c = cfg(t=6, s=7, expression=formula, **COMBO)
     rules = _rules(6, 7)
@@ -188,16 +191,19 @@ def test_formula(formula, rule):
     np.testing.assert_array_equal(ns["keep"].numpy(), ref)
 
 
-@pytest.mark.parametrize("text,fragment", [
-    ("causal &", "expected a component name at position 8, found the end"),
-    ("causal & bogus", "unknown component 'bogus' at position 9"),
-    ("(causal | window", "expected ')'"),
-    ("causal window", "unexpected 'window' at position 7"),
-    ("causal + window", "unexpected character '+' at position 7"),
-    ("__import__('os')", "unexpected character \"'\" at position 11"),
-    ("__import__ & causal", "unknown component '__import__' at position 0"),
-    ("x" * 201, "at most 200"),
-])
+@pytest.mark.parametrize(
+    "text,fragment",
+    [
+        ("causal &", "expected a component name at position 8, found the end"),
+        ("causal & bogus", "unknown component 'bogus' at position 9"),
+        ("(causal | window", "expected ')'"),
+        ("causal window", "unexpected 'window' at position 7"),
+        ("causal + window", "unexpected character '+' at position 7"),
+        ("__import__('os')", 'unexpected character "\'" at position 11'),
+        ("__import__ & causal", "unknown component '__import__' at position 0"),
+        ("x" * 201, "at most 200"),
+    ],
+)
 def test_formula_errors_say_where(text, fragment):
     with pytest.raises(ValueError) as info:
         ml.parse_expression(text)
@@ -221,19 +227,22 @@ def test_nothing_on_is_full_and_negated_is_empty():
 # ---------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("config,fragment", [
-    (cfg(b=3, valid_lens=ValidLens(on=True, lens=((3, 2),))), "valid_lens has 2 entries but the batch size is 3"),
-    (cfg(valid_lens=ValidLens(on=True, lens=((9, 2),))), "valid_lens [9] exceed the key length s=7"),
-    (cfg(valid_lens=ValidLens(on=True, per_query=True, lens=((1, 2),))), "needs 2 rows (batch) of 5 lengths"),
-    (cfg(padding=Padding(on=True, query_lens=(5,))), "1 query lengths given but the batch size is 2"),
-    (cfg(document=Document(on=True, query_docs=((2, 2),))), "packed documents with t (5) != s (7)"),
-    (cfg(t=6, s=6, document=Document(on=True, query_docs=((2, 2),))), "sum to t=6, they sum to 4"),
-    (cfg(custom=Custom.from_array(np.ones((4, 4)))), "the custom grid is 4×4 (t×s) but the lab is 5×7"),
-    (cfg(custom=Custom(on=True)), "custom grid is switched on but empty"),
-    (cfg(t=5000), "t (5000) must be between 1 and 4096"),
-    (cfg(b=8, t=4096, s=4096, valid_lens=ValidLens(on=True, lens=((1,) * 8,))), "67,108,864"),
-    (cfg(window=Window(on=True, window=0)), "sliding window (0) must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "config,fragment",
+    [
+        (cfg(b=3, valid_lens=ValidLens(on=True, lens=((3, 2),))), "valid_lens has 2 entries but the batch size is 3"),
+        (cfg(valid_lens=ValidLens(on=True, lens=((9, 2),))), "valid_lens [9] exceed the key length s=7"),
+        (cfg(valid_lens=ValidLens(on=True, per_query=True, lens=((1, 2),))), "needs 2 rows (batch) of 5 lengths"),
+        (cfg(padding=Padding(on=True, query_lens=(5,))), "1 query lengths given but the batch size is 2"),
+        (cfg(document=Document(on=True, query_docs=((2, 2),))), "packed documents with t (5) != s (7)"),
+        (cfg(t=6, s=6, document=Document(on=True, query_docs=((2, 2),))), "sum to t=6, they sum to 4"),
+        (cfg(custom=Custom.from_array(np.ones((4, 4)))), "the custom grid is 4×4 (t×s) but the lab is 5×7"),
+        (cfg(custom=Custom(on=True)), "custom grid is switched on but empty"),
+        (cfg(t=5000), "t (5000) must be between 1 and 4096"),
+        (cfg(b=8, t=4096, s=4096, valid_lens=ValidLens(on=True, lens=((1,) * 8,))), "67,108,864"),
+        (cfg(window=Window(on=True, window=0)), "sliding window (0) must be at least 1"),
+    ],
+)
 def test_invalid_configs_raise_with_numbers(config, fragment):
     with pytest.raises(ValueError) as info:
         ml.build(config)
@@ -291,7 +300,7 @@ def test_pooled_blame_matches_loop():
     pooled = pooling.pool_mask(keep, 8, 8)
     blame = ml.pooled_blame(built.mask, 0, 0, 40, 50, pooled)
     fr, fc = pooled.factor_rows, pooled.factor_cols
-    for (bi, bj) in [(0, 5), (4, 0), (7, 7)]:
+    for bi, bj in [(0, 5), (4, 0), (7, 7)]:
         cells = [(i, j) for i in range(bi * fr, min(40, bi * fr + fr)) for j in range(bj * fc, min(50, bj * fc + fc))]
         causal_share = np.mean([j > i for i, j in cells])
         window_share = np.mean([abs(i - j) >= 7 for i, j in cells])
@@ -305,11 +314,18 @@ def test_pooled_blame_matches_loop():
 
 SNIPPET_CONFIGS = {
     **{name: p.config for name, p in ml.PRESETS.items() if p.config.t <= 64},
-    "custom 4-D": cfg(b=2, h=2, t=4, s=6, custom=Custom.from_array(np.random.default_rng(1).random((2, 2, 4, 6)) > .5)),
-    "custom packed": cfg(b=1, t=40, s=40, custom=Custom.from_array(np.random.default_rng(2).random((40, 40)) > .5)),
+    "custom 4-D": cfg(
+        b=2, h=2, t=4, s=6, custom=Custom.from_array(np.random.default_rng(1).random((2, 2, 4, 6)) > 0.5)
+    ),
+    "custom packed": cfg(b=1, t=40, s=40, custom=Custom.from_array(np.random.default_rng(2).random((40, 40)) > 0.5)),
     "formula": cfg(t=6, s=7, expression="~(causal | window) | valid_lens", **COMBO),
-    "bottom-right window + prefix": cfg(t=4, s=9, window=Window(on=True, window=3, align="bottom_right"),
-                                        prefix_lm=PrefixLM(on=True, prefix=2, align="bottom_right"), combine="or"),
+    "bottom-right window + prefix": cfg(
+        t=4,
+        s=9,
+        window=Window(on=True, window=3, align="bottom_right"),
+        prefix_lm=PrefixLM(on=True, prefix=2, align="bottom_right"),
+        combine="or",
+    ),
     "per-batch documents": cfg(t=6, s=6, document=Document(on=True, query_docs=((2, 4), (3, 3)))),
 }
 
@@ -325,8 +341,9 @@ def test_snippets_rebuild_the_exact_mask(name):
     ns = {}
     exec(sn.torch_mha, ns)  # noqa: S102
     torch_mask = ns["attn_mask"]  # True = masked, (t, s) or (b*h, t, s)
-    assert torch.equal(~torch_mask.reshape(-1, *expected.shape[2:]).expand(c.batch * c.heads, c.t, c.s),
-                       expected.reshape(-1, c.t, c.s))
+    assert torch.equal(
+        ~torch_mask.reshape(-1, *expected.shape[2:]).expand(c.batch * c.heads, c.t, c.s), expected.reshape(-1, c.t, c.s)
+    )
     ns = {}
     exec(sn.additive, ns)  # noqa: S102
     additive = ns["additive"]
@@ -368,23 +385,28 @@ def _npy(arr, allow_pickle=False) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("arr", [np.eye(3, 4, dtype=bool), np.eye(3, dtype=np.int64), np.ones((2, 3, 4), np.uint8),
-                                 np.zeros((1, 2, 3, 4), bool)])
+@pytest.mark.parametrize(
+    "arr",
+    [np.eye(3, 4, dtype=bool), np.eye(3, dtype=np.int64), np.ones((2, 3, 4), np.uint8), np.zeros((1, 2, 3, 4), bool)],
+)
 def test_load_npy_accepts_bool_and_01_ints(arr):
     got = ml.load_npy(_npy(arr))
     assert got.dtype == np.bool_ and got.shape == arr.shape
     np.testing.assert_array_equal(got, arr != 0)
 
 
-@pytest.mark.parametrize("data,fragment", [
-    (_npy(np.zeros((3, 3), np.float32)), "got dtype float32 (an additive 0/-inf float mask"),
-    (_npy(np.array([[0, 2]])), "only 0 and 1, found [0, 2]"),
-    (_npy(np.zeros(5, bool)), "got (5,)"),
-    (_npy(np.zeros((1, 1, 1, 2, 2), bool)), "got (1, 1, 1, 2, 2)"),
-    (_npy(np.array([{"a": 1}], dtype=object), allow_pickle=True), "not a readable .npy file"),
-    (b"not a numpy file", "not a readable .npy file"),
-    (_npy(np.zeros((2000, 2000), bool)), "uploads are limited to 1,000,000 bytes"),
-])
+@pytest.mark.parametrize(
+    "data,fragment",
+    [
+        (_npy(np.zeros((3, 3), np.float32)), "got dtype float32 (an additive 0/-inf float mask"),
+        (_npy(np.array([[0, 2]])), "only 0 and 1, found [0, 2]"),
+        (_npy(np.zeros(5, bool)), "got (5,)"),
+        (_npy(np.zeros((1, 1, 1, 2, 2), bool)), "got (1, 1, 1, 2, 2)"),
+        (_npy(np.array([{"a": 1}], dtype=object), allow_pickle=True), "not a readable .npy file"),
+        (b"not a numpy file", "not a readable .npy file"),
+        (_npy(np.zeros((2000, 2000), bool)), "uploads are limited to 1,000,000 bytes"),
+    ],
+)
 def test_load_npy_refuses_with_a_message(data, fragment):
     with pytest.raises(ValueError) as info:
         ml.load_npy(data, max_bytes=1_000_000)
@@ -409,19 +431,26 @@ def _loop_blocks(keep: np.ndarray, br: int, bc: int):
     states = np.zeros((b, h, nq, nk), dtype=int)
     for bi, hi, i, j in itertools.product(range(b), range(h), range(nq), range(nk)):
         block = np.zeros((br, bc), dtype=bool)  # padding counts as masked, as FlexAttention pads with False
-        real = keep[bi, hi, i * br:(i + 1) * br, j * bc:(j + 1) * bc]
-        block[:real.shape[0], :real.shape[1]] = real
+        real = keep[bi, hi, i * br : (i + 1) * br, j * bc : (j + 1) * bc]
+        block[: real.shape[0], : real.shape[1]] = real
         states[bi, hi, i, j] = 2 if block.all() else (0 if not block.any() else 1)
     return states
 
 
 BLOCK_CASES = {
     "causal 100x200": cfg(b=1, t=100, s=200, causal=Causal(on=True)),
-    "window+docs 96x96": cfg(b=1, t=96, s=96, causal=Causal(on=True), window=Window(on=True, window=20),
-                             document=Document(on=True, query_docs=((40, 56),))),
+    "window+docs 96x96": cfg(
+        b=1,
+        t=96,
+        s=96,
+        causal=Causal(on=True),
+        window=Window(on=True, window=20),
+        document=Document(on=True, query_docs=((40, 56),)),
+    ),
     "padding per batch 50x70": cfg(b=2, t=50, s=70, padding=Padding(on=True, query_lens=(50, 20), key_lens=(70, 33))),
-    "custom per head": cfg(b=1, h=2, t=33, s=47,
-                           custom=Custom.from_array(np.random.default_rng(5).random((1, 2, 33, 47)) > 0.02)),
+    "custom per head": cfg(
+        b=1, h=2, t=33, s=47, custom=Custom.from_array(np.random.default_rng(5).random((1, 2, 33, 47)) > 0.02)
+    ),
 }
 
 
@@ -510,8 +539,9 @@ def test_torch_mha_rows_against_torch(comparison):
         mha.in_proj_weight.copy_(torch.cat([torch.eye(e)] * 3))
         mha.out_proj.weight.copy_(torch.eye(e))
         tok = lambda x: x.permute(0, 2, 1, 3).reshape(b, x.shape[2], e)  # noqa: E731
-        out_w, weights = mha(tok(q), tok(k), tok(v), attn_mask=~keep.reshape(b * h, t, 8), need_weights=True,
-                             average_attn_weights=False)
+        out_w, weights = mha(
+            tok(q), tok(k), tok(v), attn_mask=~keep.reshape(b * h, t, 8), need_weights=True, average_attn_weights=False
+        )
         out_nw, _ = mha(tok(q), tok(k), tok(v), attn_mask=~keep.reshape(b * h, t, 8), need_weights=False)
     per_head = lambda o: o.reshape(b, t, h, d).permute(0, 2, 1, 3)  # noqa: E731
     run_w = _run(comparison, "torch MultiheadAttention (need_weights=True)")
@@ -540,8 +570,11 @@ def test_sdpa_rows_against_sdpa(comparison):
     bool_out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
     add_out = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(keep.shape).masked_fill(~keep, -math.inf))
     causal_out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    for name, ref in (("SDPA (bool mask)", bool_out), ("SDPA (additive 0/−inf mask)", add_out),
-                      ("SDPA (is_causal=True)", causal_out)):
+    for name, ref in (
+        ("SDPA (bool mask)", bool_out),
+        ("SDPA (additive 0/−inf mask)", add_out),
+        ("SDPA (is_causal=True)", causal_out),
+    ):
         run = _run(comparison, name)
         torch.testing.assert_close(run.output, ref)
     assert (bool_out[dead] == 0).all()  # torch 2.13 CPU: exact zeros for a fully-masked row

@@ -127,8 +127,10 @@ def test_switching_components_on_and_off_updates_the_mask(lab):
     assert_clean(lab)
     assert any("`window`" in c.value for c in lab.caption)
     assert not lab.warning  # nothing is fully masked any more
-    np.testing.assert_array_equal(drawn_keep(lab)[0], expected_panels(current(
-        causal=ml.Causal(), padding=ml.Padding(), window=ml.Window(on=True, window=4)))[0])
+    np.testing.assert_array_equal(
+        drawn_keep(lab)[0],
+        expected_panels(current(causal=ml.Causal(), padding=ml.Padding(), window=ml.Window(on=True, window=4)))[0],
+    )
 
 
 def test_not_and_or_and_formula(lab):
@@ -137,8 +139,9 @@ def test_not_and_or_and_formula(lab):
     assert any("`~causal & padding`" in c.value for c in lab.caption)
     set_value(lab, "ml_combine", "or")
     assert any("`~causal | padding`" in c.value for c in lab.caption)
-    for got, exp in zip(drawn_keep(lab), expected_panels(current(
-            causal=ml.Causal(on=True, negate=True), combine="or")), strict=True):
+    for got, exp in zip(
+        drawn_keep(lab), expected_panels(current(causal=ml.Causal(on=True, negate=True), combine="or")), strict=True
+    ):
         np.testing.assert_array_equal(got, exp)
     set_value(lab, "ml_causal.negate", False)
     set_value(lab, "ml_expression", "~(causal & padding)")
@@ -147,16 +150,19 @@ def test_not_and_or_and_formula(lab):
         np.testing.assert_array_equal(got, exp)
 
 
-@pytest.mark.parametrize("changes,fragments", [
-    ({"ml_valid_lens.on": True, "ml_valid_lens.lens": "3, 2, 1"}, ["valid_lens has 3 entries", "batch size is 2"]),
-    ({"ml_valid_lens.on": True, "ml_valid_lens.lens": "3, x"}, ["expected whole numbers"]),
-    ({"ml_document.on": True, "ml_document.query_docs": "3, 3"}, ["sum to t=8, they sum to 6"]),
-    ({"ml_expression": "causal & (padding"}, ["expected ')'"]),
-    ({"ml_expression": "causal & window"}, ["window, which is switched off"]),
-    ({"ml_expression": "causal; import os"}, ["unexpected character ';'"]),
-    ({"ml_padding.key_lens": "8, 9"}, ["key lengths [8, 9] exceed s=8"]),
-    ({"ml_custom.on": True, "ml_t": 40}, ["custom grid is switched on but empty"]),
-])
+@pytest.mark.parametrize(
+    "changes,fragments",
+    [
+        ({"ml_valid_lens.on": True, "ml_valid_lens.lens": "3, 2, 1"}, ["valid_lens has 3 entries", "batch size is 2"]),
+        ({"ml_valid_lens.on": True, "ml_valid_lens.lens": "3, x"}, ["expected whole numbers"]),
+        ({"ml_document.on": True, "ml_document.query_docs": "3, 3"}, ["sum to t=8, they sum to 6"]),
+        ({"ml_expression": "causal & (padding"}, ["expected ')'"]),
+        ({"ml_expression": "causal & window"}, ["window, which is switched off"]),
+        ({"ml_expression": "causal; import os"}, ["unexpected character ';'"]),
+        ({"ml_padding.key_lens": "8, 9"}, ["key lengths [8, 9] exceed s=8"]),
+        ({"ml_custom.on": True, "ml_t": 40}, ["custom grid is switched on but empty"]),
+    ],
+)
 def test_invalid_combinations_give_a_message(lab, changes, fragments):
     for key, value in changes.items():
         lab.session_state[key] = value
@@ -220,8 +226,7 @@ def test_effect_tab(lab):
     rec = ml.effect_record(keep, seed=0)
     (spec,) = charts(lab)
     probs = next(tr for tr in spec["data"] if tr["name"] == "probability")
-    np.testing.assert_allclose(_decode(probs["z"]), np.where(keep.numpy(), rec.scores[0, 0].numpy(), np.nan),
-                               rtol=1e-6)
+    np.testing.assert_allclose(_decode(probs["z"]), np.where(keep.numpy(), rec.scores[0, 0].numpy(), np.nan), rtol=1e-6)
     lab.selectbox(key="ml_fx_policy").select("uniform").run()
     assert_clean(lab)
     probs = next(tr for tr in charts(lab)[0]["data"] if tr["name"] == "probability")
@@ -231,8 +236,9 @@ def test_effect_tab(lab):
 def test_framework_comparison_tab(lab):
     open_tab(lab, "Framework comparison")
     summary, rows = lab.dataframe[0].value, lab.dataframe[1].value
-    direct = ml.compare_frameworks(ml.materialize(ml.PRESETS[ml.DEFAULT_PRESET].config).expand(2, 1, 8, 8),
-                                   head_dim=8, seed=0)
+    direct = ml.compare_frameworks(
+        ml.materialize(ml.PRESETS[ml.DEFAULT_PRESET].config).expand(2, 1, 8, 8), head_dim=8, seed=0
+    )
     assert summary["framework"].tolist() == direct.summary["framework"].tolist()
     assert summary["fully-masked rows"].tolist() == direct.summary["fully-masked rows"].tolist()
     by_name = summary.set_index("framework")
@@ -256,11 +262,14 @@ def test_sense_tab_code_and_downloads(lab):
     assert "create_block_mask(mask_mod, B=B, H=None" in codes[3]
     ns: dict = {}
     exec(codes[0], ns)  # noqa: S102 - the page's own snippet
-    np.testing.assert_array_equal(ns["keep"].numpy(), ml.materialize(ml.PRESETS[ml.DEFAULT_PRESET].config)
-                                  .expand(2, 1, 8, 8).numpy())
+    np.testing.assert_array_equal(
+        ns["keep"].numpy(), ml.materialize(ml.PRESETS[ml.DEFAULT_PRESET].config).expand(2, 1, 8, 8).numpy()
+    )
     labels = [d.label for d in lab.download_button]
-    assert labels == ["Download .npy — broadcast shape (2, 1, 8, 8)",
-                      "Download .npy — full (b, h, t, s) = (2, 1, 8, 8)"]
+    assert labels == [
+        "Download .npy — broadcast shape (2, 1, 8, 8)",
+        "Download .npy — full (b, h, t, s) = (2, 1, 8, 8)",
+    ]
     keep_table = lab.dataframe[0].value  # batch 1 preview (the one with dead rows)
     assert keep_table.loc["q6"].tolist() == ["F"] * 8
 
@@ -313,11 +322,14 @@ def test_upload_npy(lab):
     np.testing.assert_array_equal(drawn_keep(lab)[0], grid[0, 0] & np.tril(np.ones((6, 10), dtype=bool)))
 
 
-@pytest.mark.parametrize("arr,fragment", [
-    (np.zeros((4, 4), np.float32), "got dtype float32"),
-    (np.array([[0, 3]]), "only 0 and 1"),
-    (np.zeros(7, bool), "got (7,)"),
-])
+@pytest.mark.parametrize(
+    "arr,fragment",
+    [
+        (np.zeros((4, 4), np.float32), "got dtype float32"),
+        (np.array([[0, 3]]), "only 0 and 1"),
+        (np.zeros(7, bool), "got (7,)"),
+    ],
+)
 def test_bad_upload_gives_a_message(lab, arr, fragment):
     lab.file_uploader(key="ml_upload").upload("bad.npy", _npy(arr)).run()
     assert_error(lab, fragment)

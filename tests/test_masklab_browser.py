@@ -21,8 +21,15 @@ pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
 if not os.path.exists(CHROMIUM):
     pytest.skip("Debian's chromium is not installed (scripts/test.sh installs it)", allow_module_level=True)
@@ -39,9 +46,24 @@ def _free_port() -> int:
 def app_url():
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            str(ROOT / "app.py"),
+            "--server.headless",
+            "true",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -100,8 +122,10 @@ def panels(page):
 
 def sidebar_expander(page, title: str):
     exp = page.get_by_test_id("stSidebar").get_by_test_id("stExpander").filter(has_text=title)
-    if exp.locator("[data-testid='stExpanderDetails']").count() == 0 or \
-            not exp.locator("[data-testid='stExpanderDetails']").is_visible():
+    if (
+        exp.locator("[data-testid='stExpanderDetails']").count() == 0
+        or not exp.locator("[data-testid='stExpanderDetails']").is_visible()
+    ):
         exp.locator("summary").click()
     return exp
 
@@ -120,8 +144,7 @@ def test_mask_lab_renders_a_mask_heatmap(page):
 def test_switching_a_component_on_redraws_the_mask(page):
     exp = sidebar_expander(page, "Sliding window")
     exp.get_by_text("use", exact=True).click()
-    page.wait_for_function(f"() => {{ const p = ({MASK_PANELS})(); return p && p[0][1] !== 28; }}",
-                           timeout=90_000)
+    page.wait_for_function(f"() => {{ const p = ({MASK_PANELS})(); return p && p[0][1] !== 28; }}", timeout=90_000)
     wait_idle(page)
     # causal & window(4): query i sees keys i-3..i -> 8 * 8 - (1 + 2 + 3 + 4 * 5) = 38 masked cells in batch 0
     assert panels(page)[0] == ["batch 0", 64 - 26]
@@ -136,8 +159,10 @@ def test_upload_becomes_panels(page, tmp_path):
     np.save(path, grid)
     sidebar_expander(page, "Custom grid")
     page.get_by_test_id("stSidebar").locator("input[type='file']").set_input_files(str(path))
-    page.wait_for_function(f"() => {{ const p = ({MASK_PANELS})(); return p && p.length === 2 && "
-                           "p[1][0].startsWith('head 1'); }", timeout=90_000)
+    page.wait_for_function(
+        f"() => {{ const p = ({MASK_PANELS})(); return p && p.length === 2 && p[1][0].startsWith('head 1'); }}",
+        timeout=90_000,
+    )
     wait_idle(page)
     assert panels(page) == [["head 0", 0], ["head 1 — 1 fully-masked row", 6]]
     assert page.locator("[data-testid='stException']").count() == 0

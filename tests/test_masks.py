@@ -91,7 +91,7 @@ def ref_from_tensor(b, h, t, s, arr):
         return dense(b, h, t, s, cell)
 
     def cell4(bb, hh, i, j):
-        idx = [x if n > 1 else 0 for x, n in zip((bb, hh, i, j), arr.shape)]
+        idx = [x if n > 1 else 0 for x, n in zip((bb, hh, i, j), arr.shape, strict=True)]
         return arr[idx[0]][idx[1]][idx[2]][idx[3]]
 
     return dense(b, h, t, s, cell4)
@@ -161,9 +161,7 @@ def test_sliding_window_docstring_example():
 def test_valid_lens_1d_matches_reference(lens, h, t, s):
     b = len(lens)
     np.testing.assert_array_equal(got(M.valid_lens(lens), b, h, t, s), ref_valid_lens(b, h, t, s, lens))
-    np.testing.assert_array_equal(
-        got(M.valid_lens(torch.tensor(lens)), b, h, t, s), ref_valid_lens(b, h, t, s, lens)
-    )
+    np.testing.assert_array_equal(got(M.valid_lens(torch.tensor(lens)), b, h, t, s), ref_valid_lens(b, h, t, s, lens))
 
 
 @pytest.mark.parametrize(
@@ -662,7 +660,9 @@ def test_prefix_lm_negative():
         M.prefix_lm(-1)
 
 
-@pytest.mark.parametrize("bhts, label", [((0, 1, 2, 2), "b"), ((1, 0, 2, 2), "h"), ((1, 1, 0, 2), "t"), ((1, 1, 2, 0), "s")])
+@pytest.mark.parametrize(
+    "bhts, label", [((0, 1, 2, 2), "b"), ((1, 0, 2, 2), "h"), ((1, 1, 0, 2), "t"), ((1, 1, 2, 0), "s")]
+)
 def test_materialize_rejects_empty_sizes(bhts, label):
     with pytest.raises(ValueError, match=rf"{label} \(0\)"):
         M.causal().materialize(*bhts)

@@ -51,7 +51,7 @@ def _randn(rng: np.random.Generator, shape, scale: float = 1.0) -> np.ndarray:
 def _randomize_biases(layer, rng: np.random.Generator) -> None:
     """Keras initialises biases to zero; give them random values so they matter."""
     new = []
-    for var, arr in zip(layer.weights, layer.get_weights()):
+    for var, arr in zip(layer.weights, layer.get_weights(), strict=True):
         if var.path.endswith("bias"):
             arr = _randn(rng, arr.shape, 0.5)
         new.append(arr)
@@ -136,41 +136,54 @@ def _axes_1_mask(rng, qs, vs):
 
 MHA_CASES = {
     "docs_example_self_attention": dict(layer=dict(num_heads=2, key_dim=2), q=(2, 6, 8), masks=_none),
-    "cross_attention_t_ne_s": dict(layer=dict(num_heads=3, key_dim=4), q=(2, 4, 8), v=(2, 7, 10), k=(2, 7, 6),
-                                   masks=_none),
-    "value_dim_ne_key_dim": dict(layer=dict(num_heads=2, key_dim=3, value_dim=5), q=(2, 5, 8), v=(2, 6, 8),
-                                 masks=_attention_mask_bts),
-    "no_bias": dict(layer=dict(num_heads=2, key_dim=4, use_bias=False), q=(2, 5, 8), v=(2, 6, 8),
-                    masks=_attention_mask_bts),
+    "cross_attention_t_ne_s": dict(
+        layer=dict(num_heads=3, key_dim=4), q=(2, 4, 8), v=(2, 7, 10), k=(2, 7, 6), masks=_none
+    ),
+    "value_dim_ne_key_dim": dict(
+        layer=dict(num_heads=2, key_dim=3, value_dim=5), q=(2, 5, 8), v=(2, 6, 8), masks=_attention_mask_bts
+    ),
+    "no_bias": dict(
+        layer=dict(num_heads=2, key_dim=4, use_bias=False), q=(2, 5, 8), v=(2, 6, 8), masks=_attention_mask_bts
+    ),
     "output_shape_int": dict(layer=dict(num_heads=2, key_dim=4, output_shape=12), q=(2, 5, 8), masks=_none),
-    "output_shape_tuple": dict(layer=dict(num_heads=2, key_dim=4, output_shape=(2, 5)), q=(2, 5, 8),
-                               v=(2, 3, 8), masks=_none),
+    "output_shape_tuple": dict(
+        layer=dict(num_heads=2, key_dim=4, output_shape=(2, 5)), q=(2, 5, 8), v=(2, 3, 8), masks=_none
+    ),
     "use_causal_mask": dict(layer=dict(num_heads=2, key_dim=4), q=(2, 6, 8), masks=_causal),
     "use_causal_mask_t_lt_s": dict(layer=dict(num_heads=2, key_dim=4), q=(2, 4, 8), v=(2, 7, 8), masks=_causal),
-    "attention_mask_b_t_s": dict(layer=dict(num_heads=2, key_dim=4), q=(2, 5, 8), v=(2, 6, 8),
-                                 masks=_attention_mask_bts),
-    "attention_mask_t_s_broadcast": dict(layer=dict(num_heads=2, key_dim=4), q=(2, 5, 8), v=(2, 6, 8),
-                                         masks=_attention_mask_ts),
-    "attention_mask_b_h_t_s": dict(layer=dict(num_heads=2, key_dim=4), q=(2, 5, 8), v=(2, 6, 8),
-                                   masks=_attention_mask_bhts),
-    "attention_mask_and_causal": dict(layer=dict(num_heads=2, key_dim=4), q=(2, 6, 8),
-                                      masks=_attention_mask_and_causal),
-    "query_and_value_mask": dict(layer=dict(num_heads=2, key_dim=4), q=(2, 5, 8), v=(2, 6, 8),
-                                 masks=_query_and_value_mask),
-    "value_and_key_mask": dict(layer=dict(num_heads=2, key_dim=4), q=(2, 5, 8), v=(2, 6, 8), k=(2, 6, 6),
-                               masks=_value_and_key_mask),
+    "attention_mask_b_t_s": dict(
+        layer=dict(num_heads=2, key_dim=4), q=(2, 5, 8), v=(2, 6, 8), masks=_attention_mask_bts
+    ),
+    "attention_mask_t_s_broadcast": dict(
+        layer=dict(num_heads=2, key_dim=4), q=(2, 5, 8), v=(2, 6, 8), masks=_attention_mask_ts
+    ),
+    "attention_mask_b_h_t_s": dict(
+        layer=dict(num_heads=2, key_dim=4), q=(2, 5, 8), v=(2, 6, 8), masks=_attention_mask_bhts
+    ),
+    "attention_mask_and_causal": dict(
+        layer=dict(num_heads=2, key_dim=4), q=(2, 6, 8), masks=_attention_mask_and_causal
+    ),
+    "query_and_value_mask": dict(
+        layer=dict(num_heads=2, key_dim=4), q=(2, 5, 8), v=(2, 6, 8), masks=_query_and_value_mask
+    ),
+    "value_and_key_mask": dict(
+        layer=dict(num_heads=2, key_dim=4), q=(2, 5, 8), v=(2, 6, 8), k=(2, 6, 6), masks=_value_and_key_mask
+    ),
     "fully_masked_rows": dict(layer=dict(num_heads=2, key_dim=4), q=(2, 5, 8), v=(2, 6, 8), masks=_fully_masked_rows),
-    "fully_masked_batch_item": dict(layer=dict(num_heads=2, key_dim=4), q=(2, 5, 8), v=(2, 6, 8),
-                                    masks=_fully_masked_batch),
-    "attention_axes_2_3_on_5d": dict(layer=dict(num_heads=2, key_dim=4, attention_axes=(2, 3)), q=(2, 5, 3, 4, 16),
-                                     masks=_none),
-    "attention_axes_1_on_4d": dict(layer=dict(num_heads=2, key_dim=4, attention_axes=(1,)), q=(2, 5, 3, 8),
-                                   v=(2, 4, 3, 8), masks=_none),
-    "attention_axes_1_on_4d_with_mask": dict(layer=dict(num_heads=2, key_dim=4, attention_axes=(1,)),
-                                             q=(2, 5, 3, 8), v=(2, 4, 3, 8), masks=_axes_1_mask),
+    "fully_masked_batch_item": dict(
+        layer=dict(num_heads=2, key_dim=4), q=(2, 5, 8), v=(2, 6, 8), masks=_fully_masked_batch
+    ),
+    "attention_axes_2_3_on_5d": dict(
+        layer=dict(num_heads=2, key_dim=4, attention_axes=(2, 3)), q=(2, 5, 3, 4, 16), masks=_none
+    ),
+    "attention_axes_1_on_4d": dict(
+        layer=dict(num_heads=2, key_dim=4, attention_axes=(1,)), q=(2, 5, 3, 8), v=(2, 4, 3, 8), masks=_none
+    ),
+    "attention_axes_1_on_4d_with_mask": dict(
+        layer=dict(num_heads=2, key_dim=4, attention_axes=(1,)), q=(2, 5, 3, 8), v=(2, 4, 3, 8), masks=_axes_1_mask
+    ),
     "sliding_window": dict(layer=dict(num_heads=2, key_dim=4, sliding_window=2), q=(2, 7, 8), masks=_none),
-    "sliding_window_causal": dict(layer=dict(num_heads=2, key_dim=4, sliding_window=3), q=(2, 7, 8),
-                                  masks=_causal),
+    "sliding_window_causal": dict(layer=dict(num_heads=2, key_dim=4, sliding_window=3), q=(2, 7, 8), masks=_causal),
 }
 
 
@@ -272,19 +285,30 @@ def _gqa_padding(rng, qs, vs):
 
 GQA_CASES = {
     "gqa_8_2": dict(layer=dict(head_dim=4, num_query_heads=8, num_key_value_heads=2), q=(2, 5, 16), masks=_none),
-    "gqa_8_2_causal": dict(layer=dict(head_dim=4, num_query_heads=8, num_key_value_heads=2), q=(2, 6, 16),
-                           masks=_causal),
-    "mqa_8_1_causal": dict(layer=dict(head_dim=4, num_query_heads=8, num_key_value_heads=1), q=(2, 6, 16),
-                           masks=_causal),
-    "gqa_8_2_cross_padding": dict(layer=dict(head_dim=4, num_query_heads=8, num_key_value_heads=2), q=(2, 4, 16),
-                                  v=(2, 6, 12), masks=_gqa_padding),
-    "gqa_4_2_attention_mask": dict(layer=dict(head_dim=3, num_query_heads=4, num_key_value_heads=2), q=(2, 5, 8),
-                                   v=(2, 6, 8), masks=_attention_mask_bts),
+    "gqa_8_2_causal": dict(
+        layer=dict(head_dim=4, num_query_heads=8, num_key_value_heads=2), q=(2, 6, 16), masks=_causal
+    ),
+    "mqa_8_1_causal": dict(
+        layer=dict(head_dim=4, num_query_heads=8, num_key_value_heads=1), q=(2, 6, 16), masks=_causal
+    ),
+    "gqa_8_2_cross_padding": dict(
+        layer=dict(head_dim=4, num_query_heads=8, num_key_value_heads=2), q=(2, 4, 16), v=(2, 6, 12), masks=_gqa_padding
+    ),
+    "gqa_4_2_attention_mask": dict(
+        layer=dict(head_dim=3, num_query_heads=4, num_key_value_heads=2),
+        q=(2, 5, 8),
+        v=(2, 6, 8),
+        masks=_attention_mask_bts,
+    ),
     "gqa_8_2_sliding_window_causal": dict(
-        layer=dict(head_dim=4, num_query_heads=8, num_key_value_heads=2, sliding_window=2), q=(2, 6, 16),
-        masks=_causal),
-    "gqa_8_2_fully_masked_rows": dict(layer=dict(head_dim=4, num_query_heads=8, num_key_value_heads=2),
-                                      q=(2, 5, 16), v=(2, 6, 16), masks=_fully_masked_rows),
+        layer=dict(head_dim=4, num_query_heads=8, num_key_value_heads=2, sliding_window=2), q=(2, 6, 16), masks=_causal
+    ),
+    "gqa_8_2_fully_masked_rows": dict(
+        layer=dict(head_dim=4, num_query_heads=8, num_key_value_heads=2),
+        q=(2, 5, 16),
+        v=(2, 6, 16),
+        masks=_fully_masked_rows,
+    ),
 }
 
 
@@ -343,8 +367,15 @@ def _single_head_masks(kind: str):
     raise ValueError(kind)
 
 
-SINGLE_MASKS = ["none", "value_mask", "query_mask", "query_and_value_mask", "causal", "causal_and_value_mask",
-                "fully_masked"]
+SINGLE_MASKS = [
+    "none",
+    "value_mask",
+    "query_mask",
+    "query_and_value_mask",
+    "causal",
+    "causal_and_value_mask",
+    "fully_masked",
+]
 
 
 def _single_head_inputs(seed, with_key: bool):

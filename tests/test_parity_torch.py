@@ -167,7 +167,8 @@ def _fully_masked_rows_per_head(gen, b, h, t, s):
 
 
 @pytest.mark.parametrize(
-    "builder", [_fully_masked_rows_attn_mask, _fully_masked_rows_padding, _fully_masked_rows_per_head],
+    "builder",
+    [_fully_masked_rows_attn_mask, _fully_masked_rows_padding, _fully_masked_rows_per_head],
     ids=["attn_mask_row", "all_padding_batch", "per_head_row"],
 )
 def test_fully_masked_rows_are_nan_like_torch(builder):

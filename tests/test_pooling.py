@@ -22,8 +22,8 @@ def _loop_pool(values: np.ndarray, keep: np.ndarray | None, fr: int, fc: int, mo
     for idx in np.ndindex(*lead):
         for i in range(r):
             for j in range(c):
-                block = values[idx][i * fr:(i + 1) * fr, j * fc:(j + 1) * fc]
-                kept = keep[idx][i * fr:(i + 1) * fr, j * fc:(j + 1) * fc]
+                block = values[idx][i * fr : (i + 1) * fr, j * fc : (j + 1) * fc]
+                kept = keep[idx][i * fr : (i + 1) * fr, j * fc : (j + 1) * fc]
                 sel = block[kept]
                 any_[idx + (i, j)] = kept.any()
                 if mode == "sum":
@@ -52,8 +52,9 @@ def test_pool_by_matches_loop_reference(shape, mode, with_keep, factors):
     assert got.col_edges == tuple(range(0, shape[-1], factors[1]))
 
 
-@pytest.mark.parametrize("t,s,max_rows,max_cols", [(100, 37, 10, 10), (64, 64, 16, 8), (5, 1000, 256, 256),
-                                                   (257, 256, 256, 256)])
+@pytest.mark.parametrize(
+    "t,s,max_rows,max_cols", [(100, 37, 10, 10), (64, 64, 16, 8), (5, 1000, 256, 256), (257, 256, 256, 256)]
+)
 def test_pool_matrix_budget_and_labels(t, s, max_rows, max_cols):
     values = torch.arange(t * s, dtype=torch.float32).reshape(t, s)
     pooled = pool_matrix(values, max_rows, max_cols, mode="max")
@@ -142,12 +143,15 @@ def test_long_expanded_input_is_pooled_without_a_full_copy():
     torch.testing.assert_close(pooled.values[7], base[0].reshape(256, 16, 256, 16).amax(dim=(1, 3)))
 
 
-@pytest.mark.parametrize("bad", [
-    dict(values=torch.zeros(5), max_rows=2, max_cols=2),
-    dict(values=torch.zeros(4, 4), max_rows=0, max_cols=2),
-    dict(values=torch.zeros(4, 4), max_rows=2, max_cols=2, mode="median"),
-    dict(values=torch.zeros(4, 4), max_rows=2, max_cols=2, keep=torch.ones(3, 4, dtype=torch.bool)),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(values=torch.zeros(5), max_rows=2, max_cols=2),
+        dict(values=torch.zeros(4, 4), max_rows=0, max_cols=2),
+        dict(values=torch.zeros(4, 4), max_rows=2, max_cols=2, mode="median"),
+        dict(values=torch.zeros(4, 4), max_rows=2, max_cols=2, keep=torch.ones(3, 4, dtype=torch.bool)),
+    ],
+)
 def test_bad_arguments_raise_value_error(bad):
     with pytest.raises(ValueError):
         pool_matrix(**bad)

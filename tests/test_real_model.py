@@ -64,9 +64,16 @@ def build_tiny_llama(directory, *, num_kv_heads: int = 2, attention_bias: bool =
     wide enough (std 0.2) that heads attend unevenly."""
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=_vocab(), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=num_kv_heads, max_position_embeddings=128, initializer_range=0.2,
-        attention_bias=attention_bias, rope_theta=500.0,
+        vocab_size=_vocab(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        attention_bias=attention_bias,
+        rope_theta=500.0,
     )
     transformers.LlamaForCausalLM(config).save_pretrained(str(directory))
     save_tokenizer(directory)
@@ -77,8 +84,15 @@ def build_tiny_gpt2(directory, seed: int = 0):
     """A 2-layer GPT-2 whose attention scale also divides by (layer index + 1)."""
     torch.manual_seed(seed)
     config = transformers.GPT2Config(
-        vocab_size=_vocab(), n_embd=64, n_layer=2, n_head=4, n_positions=128, initializer_range=0.2,
-        scale_attn_by_inverse_layer_idx=True, bos_token_id=101, eos_token_id=102,
+        vocab_size=_vocab(),
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        initializer_range=0.2,
+        scale_attn_by_inverse_layer_idx=True,
+        bos_token_id=101,
+        eos_token_id=102,
     )
     transformers.GPT2LMHeadModel(config).save_pretrained(str(directory))
     save_tokenizer(directory)
@@ -88,8 +102,9 @@ def build_tiny_gpt2(directory, seed: int = 0):
 def build_tiny_distilbert(directory, seed: int = 0):
     """An encoder whose modules attnviz does not hook (DistilBERT: q_lin/k_lin/v_lin/out_lin)."""
     torch.manual_seed(seed)
-    config = transformers.DistilBertConfig(vocab_size=_vocab(), dim=64, hidden_dim=128, n_layers=2, n_heads=4,
-                                           max_position_embeddings=128)
+    config = transformers.DistilBertConfig(
+        vocab_size=_vocab(), dim=64, hidden_dim=128, n_layers=2, n_heads=4, max_position_embeddings=128
+    )
     transformers.DistilBertModel(config).save_pretrained(str(directory))
     save_tokenizer(directory)
     return directory
@@ -195,6 +210,7 @@ def test_llama_gqa_cross_check_with_rope(tiny_llama):
 
 def test_llama_cross_check_has_teeth(tiny_llama, monkeypatch):
     """Without RoPE the engine's numbers are far from the model's: the check detects a wrong recomputation."""
+
     def no_rotation(config, head_dim, t, device):
         return torch.ones(t, head_dim, device=device), torch.zeros(t, head_dim, device=device)
 
@@ -235,12 +251,13 @@ def test_all_heads_of_a_layer_zeroed_equals_zeroing_the_output_projection(minilm
     with torch.no_grad():
         model.encoder.layer[layer].attention.output.dense.weight.zero_()
     ref = reference_outputs(minilm, TEXT, model=model)
-    torch.testing.assert_close(ablated.hidden_states, torch.stack([h[0] for h in ref.hidden_states]),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ablated.hidden_states, torch.stack([h[0] for h in ref.hidden_states]), rtol=1e-5, atol=1e-5
+    )
     effect = models.ablation_effect(clean, ablated)
     # hidden states up to the ablated layer's input are untouched; every later one changes
     np.testing.assert_array_equal(effect.layer_change[: layer + 1], 0.0)
-    assert (effect.layer_change[layer + 1:] > 1e-2).all(), effect.layer_change
+    assert (effect.layer_change[layer + 1 :] > 1e-2).all(), effect.layer_change
     assert effect.embedding_cosine < 0.999
 
 
@@ -260,10 +277,11 @@ def test_zero_ablation_of_some_heads_equals_zeroed_weight_columns(minilm):
     d = minilm.info.head_dim
     with torch.no_grad():
         for layer, head in heads:
-            model.encoder.layer[layer].attention.output.dense.weight[:, head * d:(head + 1) * d] = 0.0
+            model.encoder.layer[layer].attention.output.dense.weight[:, head * d : (head + 1) * d] = 0.0
     ref = reference_outputs(minilm, TEXT, model=model)
-    torch.testing.assert_close(ablated.hidden_states, torch.stack([h[0] for h in ref.hidden_states]),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ablated.hidden_states, torch.stack([h[0] for h in ref.hidden_states]), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_mean_ablation_equals_a_bias_holding_the_mean_head_output(minilm):
@@ -288,8 +306,9 @@ def test_mean_ablation_equals_a_bias_holding_the_mean_head_output(minilm):
             ref_dense.weight[:, cols] = 0.0
     ref = reference_outputs(minilm, TEXT, model=model)
     ablated = models.run_text(minilm, TEXT, ablate=[(layer, u) for u in heads], mode="mean")
-    torch.testing.assert_close(ablated.hidden_states, torch.stack([h[0] for h in ref.hidden_states]),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ablated.hidden_states, torch.stack([h[0] for h in ref.hidden_states]), rtol=1e-5, atol=1e-5
+    )
     assert ablated.mode == "mean"
 
 
@@ -308,8 +327,7 @@ def test_llama_ablation_and_next_token_probabilities(tiny_llama):
     with torch.no_grad():
         model.model.layers[0].self_attn.o_proj.weight.zero_()
     ref_abl = reference_outputs(tiny_llama, TEXT, model=model)
-    torch.testing.assert_close(ablated.next_token_probs, torch.softmax(ref_abl.logits[0, -1], -1), rtol=1e-5,
-                               atol=1e-7)
+    torch.testing.assert_close(ablated.next_token_probs, torch.softmax(ref_abl.logits[0, -1], -1), rtol=1e-5, atol=1e-7)
     effect = models.ablation_effect(clean, ablated, tiny_llama.tokenizer, top_k=5)
     assert effect.kl_divergence > 0 and effect.embedding_cosine is None
     assert 5 <= len(effect.top_tokens) <= 10
@@ -451,7 +469,7 @@ def test_thumbnail_grid_mosaic_overlay_and_selection():
     for layer in range(2):
         for u in range(3):
             r0, c0 = layer * (5 + gap), u * (5 + gap)
-            block = mosaic[r0:r0 + 5, c0:c0 + 5]
+            block = mosaic[r0 : r0 + 5, c0 : c0 + 5]
             np.testing.assert_allclose(block[keep], attn[layer, u][keep], atol=1e-7)
             assert np.isnan(block[~keep]).all()  # masked cells are not coloured...
     masked = fig.data[1]
@@ -483,7 +501,10 @@ def test_head_and_layer_figures_show_tokens_and_mask():
     names = [tr.name for tr in layer.data if not tr.name.endswith("(masked)")]
     assert names == ["L3 head 0 · kv 0", "L3 head 1 · kv 0", "L3 head 2 · kv 1", "L3 head 3 · kv 1"]
     assert model_figures.gqa_slots(8, 2, max_cols=3) == (
-        [0, 1, 2, 3, None, None, 4, 5, 6, 7, None, None], 3, ["kv head 0", "", "kv head 1", ""])
+        [0, 1, 2, 3, None, None, 4, 5, 6, 7, None, None],
+        3,
+        ["kv head 0", "", "kv head 1", ""],
+    )
 
 
 def test_effect_and_check_figures_carry_the_numbers():
@@ -495,8 +516,10 @@ def test_effect_and_check_figures_carry_the_numbers():
     change = np.array([0.0, 0.0, 0.3, 0.4])
     bars = model_figures.layer_change_figure(change, np.array([1, 1, 0.9, 0.8]), ablated_layers=[1])
     np.testing.assert_array_equal(bars.data[0].y, change)
-    assert list(bars.data[0].marker.color) == [model_figures.CLEAN_COLOR] * 2 + [model_figures.ABLATED_COLOR,
-                                                                                  model_figures.CLEAN_COLOR]
+    assert list(bars.data[0].marker.color) == [model_figures.CLEAN_COLOR] * 2 + [
+        model_figures.ABLATED_COLOR,
+        model_figures.CLEAN_COLOR,
+    ]
     tokens = model_figures.next_token_figure([("cat", 0.5, 0.1), ("dog", 0.2, 0.6)])
     assert list(tokens.data[0].x) == [0.5, 0.2] and list(tokens.data[1].x) == [0.1, 0.6]
     check = model_figures.cross_check_figure(np.array([0.0, 3e-7, 2e-5]), 1e-5)

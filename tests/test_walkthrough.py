@@ -15,13 +15,24 @@ from attnviz import walkthrough as wt
 
 CONFIGS = {
     **wt.PRESETS,
-    "bias, value_dim 3, MQA": wt.WalkthroughConfig(t=5, model_dim=3, num_heads=3, num_kv_heads=1, key_dim=4,
-                                                   value_dim=3, use_bias=True, source="random", seed=11),
+    "bias, value_dim 3, MQA": wt.WalkthroughConfig(
+        t=5, model_dim=3, num_heads=3, num_kv_heads=1, key_dim=4, value_dim=3, use_bias=True, source="random", seed=11
+    ),
     "every key padded, nan policy": wt.WalkthroughConfig(t=3, key_padding=3, masked_rows="nan", source="random"),
     "every key padded, uniform policy": wt.WalkthroughConfig(t=3, key_padding=3, masked_rows="uniform"),
-    "causal + padding, dropout": wt.WalkthroughConfig(t=8, model_dim=8, num_heads=4, num_kv_heads=2, key_dim=4,
-                                                      causal=True, key_padding=2, dropout=0.3, training=True,
-                                                      source="repeated", seed=5),
+    "causal + padding, dropout": wt.WalkthroughConfig(
+        t=8,
+        model_dim=8,
+        num_heads=4,
+        num_kv_heads=2,
+        key_dim=4,
+        causal=True,
+        key_padding=2,
+        dropout=0.3,
+        training=True,
+        source="repeated",
+        seed=5,
+    ),
 }
 
 
@@ -72,10 +83,16 @@ def test_gqa_sharing_is_shown_and_matches_the_record():
     for j, heads in wt.kv_sharing(4, 2).items():
         assert all(record.kv_head_of(u) == j for u in heads)
     stages = {s.key: s for s in wt.stages(config)}
-    assert [m.title for m in stages["key"].matrices] == ["K kv head 0 → query heads 0, 1",
-                                                         "K kv head 1 → query heads 2, 3"]
-    assert [m.title for m in stages["scores"].matrices] == ["head 0 · kv 0", "head 1 · kv 0", "head 2 · kv 1",
-                                                            "head 3 · kv 1"]
+    assert [m.title for m in stages["key"].matrices] == [
+        "K kv head 0 → query heads 0, 1",
+        "K kv head 1 → query heads 2, 3",
+    ]
+    assert [m.title for m in stages["scores"].matrices] == [
+        "head 0 · kv 0",
+        "head 1 · kv 0",
+        "head 2 · kv 1",
+        "head 3 · kv 1",
+    ]
     assert "kv head 1 serves query heads 2, 3" in stages["weights"].explanation
 
 
@@ -84,8 +101,11 @@ def test_every_stage_has_a_formula_a_shape_and_matrices_that_match_its_tensor():
     for stage in wt.stages(config):
         assert stage.formula and stage.latex and "=" in stage.shape
         assert not stage.tensor.requires_grad
-        numbers = tuple(int(n) for n in stage.shape.split("=")[-1].strip(" ()").split(",")) if ";" not in \
-            stage.shape else None
+        numbers = (
+            tuple(int(n) for n in stage.shape.split("=")[-1].strip(" ()").split(","))
+            if ";" not in stage.shape
+            else None
+        )
         if numbers is not None:
             assert numbers == tuple(stage.tensor.shape), (stage.key, stage.shape)
         for m in stage.matrices:
@@ -101,12 +121,15 @@ def test_mask_stage_keeps_the_causal_cells():
     assert bool((probs.triu(1) == 0).all())
 
 
-@pytest.mark.parametrize("bad, fragment", [
-    (dict(t=9), "t (9) must be between 1 and 8"),
-    (dict(num_heads=3, num_kv_heads=2), "num_heads (3) must be divisible by num_kv_heads (2)"),
-    (dict(key_padding=5), "key_padding (5)"),
-    (dict(source="evil"), "source must be one of"),
-])
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        (dict(t=9), "t (9) must be between 1 and 8"),
+        (dict(num_heads=3, num_kv_heads=2), "num_heads (3) must be divisible by num_kv_heads (2)"),
+        (dict(key_padding=5), "key_padding (5)"),
+        (dict(source="evil"), "source must be one of"),
+    ],
+)
 def test_bad_configs_raise_value_errors_with_numbers(bad, fragment):
     with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         wt.stages(replace(wt.WalkthroughConfig(), **bad))
@@ -130,8 +153,9 @@ def test_stage_figure_prints_the_numbers_and_greys_masked_cells():
 
 
 def test_cell_text():
-    np.testing.assert_array_equal(cf.cell_text(np.array([[0.123456, -1234.5, np.nan, -np.inf]])),
-                                  [["0.12", "-1.23e+03", "NaN", "−∞"]])
+    np.testing.assert_array_equal(
+        cf.cell_text(np.array([[0.123456, -1234.5, np.nan, -np.inf]])), [["0.12", "-1.23e+03", "NaN", "−∞"]]
+    )
 
 
 def test_url_round_trip_and_tampering():
