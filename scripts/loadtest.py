@@ -17,8 +17,10 @@ Each action is timed from the input to "the Plotly figure has the new data and S
 exception box ([data-testid='stException']), or an st.error where none is expected; after an error the session
 reloads the root URL and carries on. The server's RSS is read from /proc/<pid>/status every second.
 
-Printed at the end (and written with --json): p50 / p95 / max per action, errors, RSS at start, after the warm-up
-and at the end. The server and the browser are stopped on exit, on an error and on Ctrl-C.
+Printed at the end (and written with --json): p50 / p95 / max per action (all, and after the warm-up), errors,
+RSS when idle, when the students join, after the warm-up and at the end, and the CPU seconds the server and the
+browsers used while the students ran (on one machine they compete for the same cores). The server and the
+browser are stopped on exit, on an error, on Ctrl-C and on SIGTERM.
 """
 
 from __future__ import annotations
@@ -90,6 +92,46 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids) -> float:
+    """User + system CPU seconds used so far by these processes (from /proc/<pid>/stat; gone ones count 0)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def descendants(root: int, exclude_group: int | None = None) -> list[int]:
+    """Every live process below ``root`` (the browser and its renderers are children of Playwright's driver,
+    which is our child), leaving out the server's process group."""
+    parents: dict[int, list[int]] = {}
+    groups: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(entry))
+        groups[int(entry)] = int(fields[2])
+    out, todo = [], [root]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            if exclude_group is None or groups.get(child) != exclude_group:
+                out.append(child)
+                todo.append(child)
+    return out
+
+
 class Server:
     """The app started as a user starts it, in its own process group so every child goes with it."""
 
@@ -144,6 +186,7 @@ class Results:
     cold: dict[str, float] = field(default_factory=dict)  # the untimed pre-warm pass, per action
     prewarm_errors: dict[str, int] = field(default_factory=dict)
     run_start: float = 0.0  # seconds after the sampler started when the students joined
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds during the students' run: server, browser
 
     def error(self, kind: str, detail: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -296,11 +339,22 @@ async def drive(url: str, pid: int | None, args) -> Results:
                 stop_at = time.monotonic() + args.duration
                 steady_from = time.monotonic() + args.warmup
                 results.run_start = time.monotonic() - t0
+                # Who used the CPU while the students ran: the server, or the browsers that stand in for them.
+                browser_pids = descendants(os.getpid(), exclude_group=pid)
+                cpu0 = {"server": cpu_seconds([pid]) if pid else 0.0, "browser": cpu_seconds(browser_pids)}
                 tasks = []
                 for i in range(args.sessions):
                     tasks.append(asyncio.create_task(student(i, browser, url, results, stop_at, args, steady_from)))
                     await asyncio.sleep(args.ramp / max(1, args.sessions))  # students arrive over `ramp` seconds
                 await asyncio.gather(*tasks)
+                browser_pids = set(browser_pids) | set(descendants(os.getpid(), exclude_group=pid))
+                results.cpu = {
+                    "server_s": round((cpu_seconds([pid]) if pid else 0.0) - cpu0["server"], 1),
+                    "browser_s": round(cpu_seconds(browser_pids) - cpu0["browser"], 1),
+                    "wall_s": round(time.monotonic() - t0 - results.run_start, 1),
+                    "cores": os.cpu_count(),
+                    "loadavg_end": os.getloadavg()[0],
+                }
             finally:
                 await browser.close()
     finally:
@@ -340,6 +394,7 @@ def summarize(results: Results, args, wall: float) -> dict:
         "all_actions": _row(sum(results.timings.values(), [])),
         "steady_actions": _table(results.steady),
         "steady_all": _row(sum(results.steady.values(), [])),
+        "cpu": results.cpu,
         "errors": dict(results.errors), "error_count": sum(results.errors.values()),
         "error_samples": results.error_samples,
         "rss_mb": {
@@ -370,6 +425,10 @@ def report(summary: dict) -> str:
     for sample in summary["error_samples"][:5]:
         lines.append(f"  {sample}")
     r = summary["rss_mb"]
+    c = summary["cpu"]
+    if c:
+        lines.append(f"CPU seconds while the students ran ({c['wall_s']} s wall, {c['cores']} cores, load average "
+                     f"{c['loadavg_end']:.1f} at the end): server {c['server_s']}, browsers {c['browser_s']}")
     lines.append(f"server RSS MiB: idle {r['server_idle']}, start {r['start']}, "
                  f"after warm-up ({summary['warmup_s']} s) {r['after_warmup']}, "
                  f"end {r['end']}, peak {r['peak']}, growth after warm-up {r['growth_after_warmup']}")
