@@ -38,18 +38,27 @@ view = view_ui(config)
 heads_tab, output_tab, shapes_tab = st.tabs(["Heads", "Output projection", "Shapes"], key="pg_tab", on_change="rerun")
 if heads_tab.open:
     with heads_tab:
-        sharing.chart(figures.attention_heads_figure(record, view.batch_index, values=view.values), key="pg_heads",
-                      file_name=f"attention_heads_b{view.batch_index}_{view.values}")
+        sharing.chart(
+            figures.attention_heads_figure(record, view.batch_index, values=view.values),
+            key="pg_heads",
+            file_name=f"attention_heads_b{view.batch_index}_{view.values}",
+        )
         counts = mask_summary(record, view.batch_index)
-        uniform_note = (" Under the 'uniform' policy, fully-masked rows are drawn with their 1/s probabilities."
-                        if record.masked_rows == "uniform" and counts["fully_masked_rows"] else "")
-        st.caption(f"Batch item {view.batch_index}: {counts['kept']} of {counts['cells']} cells may attend; masked "
-                   f"cells are grey (hover one to see which mask rule masked it).{uniform_note}")
+        uniform_note = (
+            " Under the 'uniform' policy, fully-masked rows are drawn with their 1/s probabilities."
+            if record.masked_rows == "uniform" and counts["fully_masked_rows"]
+            else ""
+        )
+        st.caption(
+            f"Batch item {view.batch_index}: {counts['kept']} of {counts['cells']} cells may attend; masked "
+            f"cells are grey (hover one to see which mask rule masked it).{uniform_note}"
+        )
 if output_tab.open:
     with output_tab:
         st.markdown("**Output** = Σ over heads of (head output · W_o[head]) + output bias")
-        sharing.chart(figures.output_figure(record, view.batch_index), key="pg_output", file_name="output",
-                      width="stretch")
+        sharing.chart(
+            figures.output_figure(record, view.batch_index), key="pg_output", file_name="output", width="stretch"
+        )
         st.markdown("**Each head's contribution** (head output · W_o[head]) and its size per query")
         st.plotly_chart(figures.contribution_norms_figure(record, view.batch_index))
         st.plotly_chart(figures.head_contributions_figure(record, view.batch_index))
@@ -60,12 +69,23 @@ if shapes_tab.open:
         shapes = figures.shapes_frame(record)
         st.dataframe(shapes, hide_index=True, height=36 * (len(shapes) + 1) + 4)
 with st.expander("Export & share: CSV, .npz, PyTorch / Keras code, link"):
-        st.markdown("**Numbers and code** for exactly this configuration (same seed, same numbers). Each figure "
-                    "has its own offline-HTML download; its toolbar's camera button saves SVG.")
-        sharing.data_downloads(record, key="pg_export", batch_index=view.batch_index, head=0,
-                               num_heads=record.num_heads, snippet_config=snippet_config_for(config))
-        if uploaded_in_use():
-            st.info("Uploaded tensors do not travel in links or code snippets: the link below opens this "
-                    "configuration with the generated inputs. Share the file itself (and the CSV / .npz above) "
-                    "for these numbers.", icon="📎")
-        sharing.share_link(to_url(config), what="the Playground with this configuration")
+    st.markdown(
+        "**Numbers and code** for exactly this configuration (same seed, same numbers). Each figure "
+        "has its own offline-HTML download; its toolbar's camera button saves SVG."
+    )
+    sharing.data_downloads(
+        record,
+        key="pg_export",
+        batch_index=view.batch_index,
+        head=0,
+        num_heads=record.num_heads,
+        snippet_config=snippet_config_for(config),
+    )
+    if uploaded_in_use():
+        st.info(
+            "Uploaded tensors do not travel in links or code snippets: the link below opens this "
+            "configuration with the generated inputs. Share the file itself (and the CSV / .npz above) "
+            "for these numbers.",
+            icon="📎",
+        )
+    sharing.share_link(to_url(config), what="the Playground with this configuration")

@@ -55,9 +55,9 @@ class MaskSpec:
         """The composed Mask, or None when no component is on. Raises ValueError for impossible settings."""
         parts: list[masks_lib.Mask] = []
         # Window and prefix follow the causal alignment, so bottom-right decoding keeps its band on the last keys.
-        align = self.causal if self.causal != "off" else "top_left"
+        align: masks_lib.Align = "bottom_right" if self.causal == "bottom_right" else "top_left"
         if self.causal != "off":
-            parts.append(masks_lib.causal(self.causal))
+            parts.append(masks_lib.causal(align))
         if self.sliding_window:
             parts.append(masks_lib.sliding_window(self.sliding_window, align))
         if self.valid_lens:
@@ -146,37 +146,93 @@ class PlaygroundConfig:
         if not 0.0 < self.weight_scale <= 100.0:
             raise ValueError(f"weight_scale ({self.weight_scale}) must be in (0, 100]")
         if self.masks.causal not in CAUSAL_CHOICES or self.masks.combine not in ("and", "or"):
-            raise ValueError(f"mask settings not understood: causal={self.masks.causal!r}, "
-                             f"combine={self.masks.combine!r}")
+            raise ValueError(
+                f"mask settings not understood: causal={self.masks.causal!r}, combine={self.masks.combine!r}"
+            )
 
 
 PRESETS: dict[str, PlaygroundConfig] = {
     "GQA: 8 query / 2 kv heads, causal": PlaygroundConfig(
-        t=8, s=8, model_dim=32, num_heads=8, num_kv_heads=2, key_dim=4, source="random", weight_scale=3.0,
+        t=8,
+        s=8,
+        model_dim=32,
+        num_heads=8,
+        num_kv_heads=2,
+        key_dim=4,
+        source="random",
+        weight_scale=3.0,
         masks=MaskSpec(causal="top_left"),
     ),
     "Keras docs: (None, 6, 8) self-attention, 2 heads": PlaygroundConfig(
-        batch=1, t=6, s=6, model_dim=8, num_heads=2, key_dim=2, source="random",
+        batch=1,
+        t=6,
+        s=6,
+        model_dim=8,
+        num_heads=2,
+        key_dim=2,
+        source="random",
     ),
     "d2l 10.5: 100 hiddens, 5 heads, valid_lens [3, 2]": PlaygroundConfig(
-        batch=2, t=4, s=6, model_dim=100, num_heads=5, key_dim=20, use_bias=False, attention="cross",
-        source="ones", dropout=0.5, masks=MaskSpec(valid_lens=(3, 2)),
+        batch=2,
+        t=4,
+        s=6,
+        model_dim=100,
+        num_heads=5,
+        key_dim=20,
+        use_bias=False,
+        attention="cross",
+        source="ones",
+        dropout=0.5,
+        masks=MaskSpec(valid_lens=(3, 2)),
     ),
     "MQA: 4 query heads share 1 kv head": PlaygroundConfig(
-        t=8, s=8, model_dim=32, num_heads=4, num_kv_heads=1, key_dim=8, source="repeated",
+        t=8,
+        s=8,
+        model_dim=32,
+        num_heads=4,
+        num_kv_heads=1,
+        key_dim=8,
+        source="repeated",
         masks=MaskSpec(causal="top_left"),
     ),
     "Luong dot (unscaled), 1 head": PlaygroundConfig(
-        batch=1, t=6, s=6, model_dim=16, num_heads=1, key_dim=16, score_mode="dot", source="repeated",
+        batch=1,
+        t=6,
+        s=6,
+        model_dim=16,
+        num_heads=1,
+        key_dim=16,
+        score_mode="dot",
+        source="repeated",
     ),
     "Bahdanau additive, 1 head": PlaygroundConfig(
-        batch=1, t=6, s=6, model_dim=16, num_heads=1, key_dim=16, score_mode="additive", source="random",
+        batch=1,
+        t=6,
+        s=6,
+        model_dim=16,
+        num_heads=1,
+        key_dim=16,
+        score_mode="additive",
+        source="random",
     ),
     "Cross-attention: 5 queries over 9 keys": PlaygroundConfig(
-        batch=1, t=5, s=9, model_dim=16, num_heads=4, key_dim=4, attention="cross", source="random",
+        batch=1,
+        t=5,
+        s=9,
+        model_dim=16,
+        num_heads=4,
+        key_dim=4,
+        attention="cross",
+        source="random",
     ),
     "Sliding window (3) + causal, packed documents": PlaygroundConfig(
-        batch=1, t=10, s=10, model_dim=16, num_heads=4, key_dim=4, source="sinusoidal",
+        batch=1,
+        t=10,
+        s=10,
+        model_dim=16,
+        num_heads=4,
+        key_dim=4,
+        source="sinusoidal",
         masks=MaskSpec(causal="top_left", sliding_window=3, documents=(4, 6)),
     ),
 }
@@ -277,9 +333,11 @@ def run_with_inputs(config: PlaygroundConfig, query_input, value_input, key_inpu
             continue
         tensor = given if isinstance(given, Tensor) else torch.from_numpy(np.ascontiguousarray(given))
         if tuple(tensor.shape) != need[name]:
-            raise ValueError(f"{name} input has shape {tuple(tensor.shape)} but the configuration needs {need[name]} "
-                             f"(batch={config.batch}, {'t' if name == 'query' else 's'}="
-                             f"{config.t if name == 'query' else config.s}, model_dim={config.model_dim})")
+            raise ValueError(
+                f"{name} input has shape {tuple(tensor.shape)} but the configuration needs {need[name]} "
+                f"(batch={config.batch}, {'t' if name == 'query' else 's'}="
+                f"{config.t if name == 'query' else config.s}, model_dim={config.model_dim})"
+            )
         tensors[name] = tensor.to(torch.float32)
     mask = config.masks.build(config.batch, config.t, config.s)
     layer = build_layer(config)
@@ -287,8 +345,19 @@ def run_with_inputs(config: PlaygroundConfig, query_input, value_input, key_inpu
 
 
 # Names an uploaded tensor may have -> the input it is ("x" = self-attention: query = key = value).
-INPUT_ALIASES = {"x": "x", "array": "x", "tensor": "x", "input": "x", "inputs": "x",
-                 "q": "query", "query": "query", "k": "key", "key": "key", "v": "value", "value": "value"}
+INPUT_ALIASES = {
+    "x": "x",
+    "array": "x",
+    "tensor": "x",
+    "input": "x",
+    "inputs": "x",
+    "q": "query",
+    "query": "query",
+    "k": "key",
+    "key": "key",
+    "v": "value",
+    "value": "value",
+}
 
 
 def _as_sequence_batch(label: str, arr: np.ndarray) -> np.ndarray:
@@ -298,8 +367,10 @@ def _as_sequence_batch(label: str, arr: np.ndarray) -> np.ndarray:
     if arr.ndim == 2:
         return arr[None]
     if arr.ndim != 3:
-        raise ValueError(f"{label}: shape {arr.shape} has {arr.ndim} axes; inputs are (positions, features) or "
-                         "(batch, positions, features)")
+        raise ValueError(
+            f"{label}: shape {arr.shape} has {arr.ndim} axes; inputs are (positions, features) or "
+            "(batch, positions, features)"
+        )
     return arr
 
 
@@ -316,8 +387,9 @@ def inputs_from_upload(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.n
         if name is None and len(arrays) == 1:
             name = "x"  # one tensor under any name is X
         if name is None:
-            raise ValueError(f"tensor {raw_name!r} is not one of x, query, key, value (or q, k, v); "
-                             f"the file holds {sorted(arrays)}")
+            raise ValueError(
+                f"tensor {raw_name!r} is not one of x, query, key, value (or q, k, v); the file holds {sorted(arrays)}"
+            )
         if name in named:
             raise ValueError(f"the file holds two tensors for {name!r}; keep one")
         named[name] = _as_sequence_batch(raw_name, np.asarray(arr, dtype=np.float32))
@@ -335,13 +407,17 @@ def inputs_from_upload(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.n
         for name, arr in named.items():
             need = (b, t, m) if name == "query" else (b, s, m)
             if arr.shape != need:
-                raise ValueError(f"{name} has shape {arr.shape}; with query {named['query'].shape} and value "
-                                 f"{named['value'].shape} it must be {need} (same batch and features)")
+                raise ValueError(
+                    f"{name} has shape {arr.shape}; with query {named['query'].shape} and value "
+                    f"{named['value'].shape} it must be {need} (same batch and features)"
+                )
     for name in ("batch", "t", "s", "model_dim"):
         if sizes[name] > LIMITS[name]:
-            raise ValueError(f"the upload's {name} is {sizes[name]}, over the Playground's limit of {LIMITS[name]} "
-                             f"(limits: batch ≤ {LIMITS['batch']}, t and s ≤ {LIMITS['t']}, "
-                             f"features ≤ {LIMITS['model_dim']})")
+            raise ValueError(
+                f"the upload's {name} is {sizes[name]}, over the Playground's limit of {LIMITS[name]} "
+                f"(limits: batch ≤ {LIMITS['batch']}, t and s ≤ {LIMITS['t']}, "
+                f"features ≤ {LIMITS['model_dim']})"
+            )
     return named, sizes
 
 
@@ -487,13 +563,27 @@ def _url_rules() -> dict[str, urlstate.Rule]:
     R = urlstate.Rule
     rules = {name: R(0 if name == "value_dim" else 1, hi) for name, hi in LIMITS.items()}
     rules.update(
-        num_kv_heads=R(0, LIMITS["num_heads"]), output_dim=R(0, LIMITS["model_dim"]),
-        softcap=R(0.1, 1000.0), weight_scale=R(0.25, 10.0), dropout=R(0.0, 0.9), seed=R(0, 2**31 - 1),
-        sliding_window=R(0, 4096), key_padding=R(0, LIMITS["s"]), query_padding=R(0, LIMITS["t"]),
-        prefix_lm=R(0, LIMITS["s"]), valid_lens=R(0, 1_000_000), documents=R(0, 1_000_000),
-        score_mode=R(choices=SCORE_MODES), score_mod=R(choices=SCORE_MODS), source=R(choices=tuple(SOURCES)),
-        attention=R(choices=("self", "cross")), causal=R(choices=CAUSAL_CHOICES), combine=R(choices=("and", "or")),
-        masked_rows=R(choices=MASKED_ROW_POLICIES), device=R(choices=("cpu", "cuda")), dtype=R(choices=tuple(DTYPES)),
+        num_kv_heads=R(0, LIMITS["num_heads"]),
+        output_dim=R(0, LIMITS["model_dim"]),
+        softcap=R(0.1, 1000.0),
+        weight_scale=R(0.25, 10.0),
+        dropout=R(0.0, 0.9),
+        seed=R(0, 2**31 - 1),
+        sliding_window=R(0, 4096),
+        key_padding=R(0, LIMITS["s"]),
+        query_padding=R(0, LIMITS["t"]),
+        prefix_lm=R(0, LIMITS["s"]),
+        valid_lens=R(0, 1_000_000),
+        documents=R(0, 1_000_000),
+        score_mode=R(choices=SCORE_MODES),
+        score_mod=R(choices=SCORE_MODS),
+        source=R(choices=tuple(SOURCES)),
+        attention=R(choices=("self", "cross")),
+        causal=R(choices=CAUSAL_CHOICES),
+        combine=R(choices=("and", "or")),
+        masked_rows=R(choices=MASKED_ROW_POLICIES),
+        device=R(choices=("cpu", "cuda")),
+        dtype=R(choices=tuple(DTYPES)),
     )
     return rules
 
@@ -512,8 +602,9 @@ def to_url(config: PlaygroundConfig) -> dict[str, str]:
 
 def from_url(params) -> urlstate.Decoded:
     """The Playground config a link describes (defaults, with notices, for anything invalid); never raises."""
-    return urlstate.decode(params, PRESETS[DEFAULT_PRESET], prefix=URL_PREFIX, rules=_url_rules(),
-                           fix=_self_attention_fix)
+    return urlstate.decode(
+        params, PRESETS[DEFAULT_PRESET], prefix=URL_PREFIX, rules=_url_rules(), fix=_self_attention_fix
+    )
 
 
 def describe(config: PlaygroundConfig, record: AttentionResult) -> str:

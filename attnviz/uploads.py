@@ -49,11 +49,26 @@ SUFFIXES = (".npy", ".npz", ".safetensors", ".pt", ".pth")
 
 # safetensors dtype codes we accept (real floats and integers) -> numpy dtype
 _SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
 }
-_TORCH_OK = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-             torch.int8, torch.uint8)
+_TORCH_OK = (
+    torch.float64,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+)
 
 
 def _suffix(name: str) -> str:
@@ -80,11 +95,15 @@ def check_array(name: str, arr: np.ndarray, *, max_elements: int = MAX_ELEMENTS)
         bad = np.argwhere(~finite)[0]
         nan = int(np.isnan(out).sum())
         inf = int((~finite).sum()) - nan
-        raise ValueError(f"{name}: {nan} NaN and {inf} infinite values (first at index {tuple(int(i) for i in bad)});"
-                         " every value must be finite")
+        raise ValueError(
+            f"{name}: {nan} NaN and {inf} infinite values (first at index {tuple(int(i) for i in bad)});"
+            " every value must be finite"
+        )
     if arr.dtype.kind == "f" and np.abs(out).max() > 1e6:
-        raise ValueError(f"{name}: values up to {float(np.abs(out).max()):.3g}; keep |x| <= 1e6 so softmax and "
-                         "float32 stay meaningful")
+        raise ValueError(
+            f"{name}: values up to {float(np.abs(out).max()):.3g}; keep |x| <= 1e6 so softmax and "
+            "float32 stay meaningful"
+        )
     return out
 
 
@@ -125,8 +144,10 @@ def _npz(name: str, data: bytes) -> dict[str, np.ndarray]:
             # Sizes come from the zip directory, before any decompression.
             ratio = info.file_size / max(info.compress_size, 1)
             if ratio > MAX_COMPRESSION_RATIO:
-                raise ValueError(f"{name}: member {info.filename!r} would inflate {ratio:,.0f}× "
-                                 f"({info.compress_size:,} -> {info.file_size:,} bytes); refused as a zip bomb")
+                raise ValueError(
+                    f"{name}: member {info.filename!r} would inflate {ratio:,.0f}× "
+                    f"({info.compress_size:,} -> {info.file_size:,} bytes); refused as a zip bomb"
+                )
             total += info.file_size
             if info.file_size > MAX_FILE_BYTES or total > MAX_FILE_BYTES:
                 raise ValueError(f"{name}: members unpack to {total:,} bytes, over the limit of {MAX_FILE_BYTES:,}")
@@ -164,8 +185,10 @@ def _safetensors(name: str, data: bytes) -> dict[str, np.ndarray]:
             raise ValueError(f"{name}: tensor {key!r} has a malformed header entry")
         dtype = _SAFETENSORS_DTYPES.get(spec["dtype"])
         if dtype is None:
-            raise ValueError(f"{name}: tensor {key!r} has dtype {spec['dtype']}; only real floats and integers "
-                             f"({', '.join(_SAFETENSORS_DTYPES)}) are accepted")
+            raise ValueError(
+                f"{name}: tensor {key!r} has dtype {spec['dtype']}; only real floats and integers "
+                f"({', '.join(_SAFETENSORS_DTYPES)}) are accepted"
+            )
         shape, offsets = spec["shape"], spec["data_offsets"]
         if not (isinstance(shape, list) and all(isinstance(x, int) and x >= 0 for x in shape)):
             raise ValueError(f"{name}: tensor {key!r} has a malformed shape {shape!r}")
@@ -177,8 +200,10 @@ def _safetensors(name: str, data: bytes) -> dict[str, np.ndarray]:
         start, stop = offsets
         itemsize = np.dtype(dtype).itemsize
         if not 0 <= start <= stop <= len(body) or stop - start != count * itemsize:
-            raise ValueError(f"{name}: tensor {key!r} claims bytes {start}..{stop} for {count} × {itemsize} bytes "
-                             f"in a {len(body)}-byte body")
+            raise ValueError(
+                f"{name}: tensor {key!r} claims bytes {start}..{stop} for {count} × {itemsize} bytes "
+                f"in a {len(body)}-byte body"
+            )
         arrays[key] = np.frombuffer(body[start:stop], dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
     return arrays
 
@@ -187,8 +212,16 @@ def _pt(name: str, data: bytes) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - the restricted unpickler raises several types; all mean "refused"
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{name}: refused by torch.load(weights_only=True): {first[:300]}") from None
+        # torch's own message advises weights_only=False, i.e. running the file's code: not advice for this app.
+        detail = (
+            "it holds Python objects (a pickled model or class), not just tensors"
+            if "Unsupported global" in str(err) or "weights_only" in str(err)
+            else f"it is not a torch tensor file ({type(err).__name__})"
+        )
+        raise ValueError(
+            f"{name}: refused — {detail}. Save plain tensors instead, e.g. torch.save({{'x': x}}, path) "
+            "or numpy.save; files are never unpickled here."
+        ) from None
     if isinstance(obj, torch.Tensor):
         items = {"tensor": obj}
     elif isinstance(obj, Mapping):
@@ -236,8 +269,10 @@ def load_tensor(name: str, data: bytes, shape: tuple[int, ...] | None = None) ->
     """
     arrays = load_arrays(name, data)
     if len(arrays) != 1:
-        raise ValueError(f"{name}: holds {len(arrays)} tensors ({', '.join(arrays)}); upload one, or use names "
-                         "x / query / key / value in one file")
+        raise ValueError(
+            f"{name}: holds {len(arrays)} tensors ({', '.join(arrays)}); upload one, or use names "
+            "x / query / key / value in one file"
+        )
     arr = next(iter(arrays.values()))
     return arr if shape is None else _fit(name, arr, shape)
 
@@ -279,8 +314,10 @@ def inputs_from_arrays(arrays: Mapping[str, np.ndarray], batch: int, t: int, s: 
         named = {"x": next(iter(named.values()))}
     if "x" in named:
         if t != s:
-            raise ValueError(f"one input x means self-attention (t = s), but the configuration has t={t}, s={s}; "
-                             "upload query and value separately")
+            raise ValueError(
+                f"one input x means self-attention (t = s), but the configuration has t={t}, s={s}; "
+                "upload query and value separately"
+            )
         x = _fit("x", named["x"], need["query"])
         return UploadedInputs(x, x, x)
     if "query" not in named or "value" not in named:

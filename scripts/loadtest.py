@@ -44,8 +44,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-dev-shm-usage",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 ACTIONS = ("open", "heads", "mask", "mask_lab", "back")
 
 # In the page: a fingerprint of the first Plotly figure's data (trace names, sizes and a weighted sum of every z
@@ -142,11 +150,22 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90.0) -> None:
-        cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.headless", "true",
-               "--server.port", str(self.port), "--server.address", "127.0.0.1",
-               "--browser.gatherUsageStats", "false"]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            str(ROOT / "app.py"),
+            "--server.headless",
+            "true",
+            "--server.port",
+            str(self.port),
+            "--server.address",
+            "127.0.0.1",
+            "--browser.gatherUsageStats",
+            "false",
+        ]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -225,8 +244,16 @@ async def set_number(page, label: str, value: int) -> None:
     await box.press("Enter")
 
 
-async def student(index: int, browser, url: str, results: Results, stop_at: float, args,
-                  steady_from: float = 0.0, max_scenarios: int | None = None) -> None:
+async def student(
+    index: int,
+    browser,
+    url: str,
+    results: Results,
+    stop_at: float,
+    args,
+    steady_from: float = 0.0,
+    max_scenarios: int | None = None,
+) -> None:
     """One browser context running the classroom scenario until stop_at (or max_scenarios full passes)."""
     rng = random.Random(index)
     context = await browser.new_context(viewport={"width": 1400, "height": 1000})
@@ -255,8 +282,12 @@ async def student(index: int, browser, url: str, results: Results, stop_at: floa
         while time.monotonic() < stop_at:
             try:
                 if need_open:
-                    state = await timed("open", open_root, lambda s: s["heads"] > 0 and "Playground" in s["title"],
-                                        "open the Playground")
+                    state = await timed(
+                        "open",
+                        open_root,
+                        lambda s: s["heads"] > 0 and "Playground" in s["title"],
+                        "open the Playground",
+                    )
                     window_on = False
                     need_open = False
                     await think()
@@ -266,28 +297,41 @@ async def student(index: int, browser, url: str, results: Results, stop_at: floa
                 state = await page.evaluate(FIGURE_STATE)
                 current = state["heads"] if state else 0
                 heads = rng.choice([h for h in (2, 4, 6, 8) if h != current])
-                await timed("heads", lambda h=heads: set_number(page, "Heads h", h),
-                            lambda s, h=heads: s["heads"] == h, f"set heads to {heads}")
+                await timed(
+                    "heads",
+                    lambda h=heads: set_number(page, "Heads h", h),
+                    lambda s, h=heads: s["heads"] == h,
+                    f"set heads to {heads}",
+                )
                 await think()
                 if time.monotonic() >= stop_at:
                     break
                 before = (await page.evaluate(FIGURE_STATE))["key"]
                 window_on = not window_on
-                await timed("mask", lambda w=3 if window_on else 0: set_number(page, "Sliding window w (0 = off)", w),
-                            lambda s, b=before: s["key"] != b and s["heads"] > 0,
-                            f"sliding window {'on' if window_on else 'off'}")
+                await timed(
+                    "mask",
+                    lambda w=3 if window_on else 0: set_number(page, "Sliding window w (0 = off)", w),
+                    lambda s, b=before: s["key"] != b and s["heads"] > 0,
+                    f"sliding window {'on' if window_on else 'off'}",
+                )
                 await think()
                 if time.monotonic() >= stop_at:
                     break
-                await timed("mask_lab", lambda: page.locator("[data-testid='stSidebarNavLink']",
-                                                             has_text="Mask Lab").click(),
-                            lambda s: "Mask Lab" in s["title"] and s["heads"] > 0, "switch to the Mask Lab")
+                await timed(
+                    "mask_lab",
+                    lambda: page.locator("[data-testid='stSidebarNavLink']", has_text="Mask Lab").click(),
+                    lambda s: "Mask Lab" in s["title"] and s["heads"] > 0,
+                    "switch to the Mask Lab",
+                )
                 await think()
                 if time.monotonic() >= stop_at:
                     break
-                await timed("back", lambda: page.locator("[data-testid='stSidebarNavLink']",
-                                                         has_text="Playground").click(),
-                            lambda s: "Playground" in s["title"] and s["heads"] > 0, "back to the Playground")
+                await timed(
+                    "back",
+                    lambda: page.locator("[data-testid='stSidebarNavLink']", has_text="Playground").click(),
+                    lambda s: "Playground" in s["title"] and s["heads"] > 0,
+                    "back to the Playground",
+                )
                 window_on = False  # a page switch drops the Playground's widget state: the window is 0 again
                 results.scenarios += 1
                 if max_scenarios is not None and results.scenarios >= max_scenarios:
@@ -332,8 +376,9 @@ async def drive(url: str, pid: int | None, args) -> Results:
                     # so the students' numbers are the warm server's (cold-start costs are printed separately).
                     warm = Results()
                     once = argparse.Namespace(**{**vars(args), "think": 0.0})
-                    await student(-1, browser, url, warm, time.monotonic() + 4 * args.action_timeout, once,
-                                  max_scenarios=1)
+                    await student(
+                        -1, browser, url, warm, time.monotonic() + 4 * args.action_timeout, once, max_scenarios=1
+                    )
                     results.cold = {a: round(v[0], 3) for a, v in warm.timings.items() if v}
                     results.prewarm_errors = dict(warm.errors)
                 stop_at = time.monotonic() + args.duration
@@ -373,9 +418,13 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def _row(v: list[float]) -> dict:
-    return {"count": len(v), "p50_s": round(percentile(v, 0.5), 3), "p95_s": round(percentile(v, 0.95), 3),
-            "max_s": round(max(v), 3) if v else float("nan"),
-            "mean_s": round(statistics.fmean(v), 3) if v else float("nan")}
+    return {
+        "count": len(v),
+        "p50_s": round(percentile(v, 0.5), 3),
+        "p95_s": round(percentile(v, 0.95), 3),
+        "max_s": round(max(v), 3) if v else float("nan"),
+        "mean_s": round(statistics.fmean(v), 3) if v else float("nan"),
+    }
 
 
 def _table(timings: dict[str, list[float]]) -> dict:
@@ -387,15 +436,21 @@ def summarize(results: Results, args, wall: float) -> dict:
     warm = [v for t, v in rss if t >= results.run_start + args.warmup]
     at_start = [v for t, v in rss if t >= results.run_start]
     summary = {
-        "sessions": args.sessions, "duration_s": args.duration, "wall_s": round(wall, 1),
-        "think_s": args.think, "warmup_s": args.warmup, "scenarios_completed": results.scenarios,
-        "cold_start_s": results.cold, "prewarm_errors": results.prewarm_errors,
+        "sessions": args.sessions,
+        "duration_s": args.duration,
+        "wall_s": round(wall, 1),
+        "think_s": args.think,
+        "warmup_s": args.warmup,
+        "scenarios_completed": results.scenarios,
+        "cold_start_s": results.cold,
+        "prewarm_errors": results.prewarm_errors,
         "actions": _table(results.timings),
         "all_actions": _row(sum(results.timings.values(), [])),
         "steady_actions": _table(results.steady),
         "steady_all": _row(sum(results.steady.values(), [])),
         "cpu": results.cpu,
-        "errors": dict(results.errors), "error_count": sum(results.errors.values()),
+        "errors": dict(results.errors),
+        "error_count": sum(results.errors.values()),
         "error_samples": results.error_samples,
         "rss_mb": {
             "server_idle": round(rss[0][1], 1) if rss else None,
@@ -411,27 +466,35 @@ def summarize(results: Results, args, wall: float) -> dict:
 
 
 def report(summary: dict) -> str:
-    lines = [f"attnviz load test: {summary['sessions']} sessions for {summary['duration_s']} s "
-             f"(think time {summary['think_s']} s, {summary['scenarios_completed']} full scenarios)",
-             f"cold start (untimed pre-warm pass): {summary['cold_start_s'] or 'skipped'}",
-             f"{'action':<10} {'count':>6} {'p50 s':>8} {'p95 s':>8} {'max s':>8}   after warm-up: "
-             f"{'count':>6} {'p50 s':>8} {'p95 s':>8}"]
+    lines = [
+        f"attnviz load test: {summary['sessions']} sessions for {summary['duration_s']} s "
+        f"(think time {summary['think_s']} s, {summary['scenarios_completed']} full scenarios)",
+        f"cold start (untimed pre-warm pass): {summary['cold_start_s'] or 'skipped'}",
+        f"{'action':<10} {'count':>6} {'p50 s':>8} {'p95 s':>8} {'max s':>8}   after warm-up: "
+        f"{'count':>6} {'p50 s':>8} {'p95 s':>8}",
+    ]
     rows = list(summary["actions"].items()) + [("all", summary["all_actions"])]
     steady = list(summary["steady_actions"].values()) + [summary["steady_all"]]
     for (action, row), st in zip(rows, steady, strict=True):
-        lines.append(f"{action:<10} {row['count']:>6} {row['p50_s']:>8.3f} {row['p95_s']:>8.3f} {row['max_s']:>8.3f}"
-                     f"   {'':>14}{st['count']:>6} {st['p50_s']:>8.3f} {st['p95_s']:>8.3f}")
+        lines.append(
+            f"{action:<10} {row['count']:>6} {row['p50_s']:>8.3f} {row['p95_s']:>8.3f} {row['max_s']:>8.3f}"
+            f"   {'':>14}{st['count']:>6} {st['p50_s']:>8.3f} {st['p95_s']:>8.3f}"
+        )
     lines.append(f"errors: {summary['error_count']} {summary['errors'] or ''}")
     for sample in summary["error_samples"][:5]:
         lines.append(f"  {sample}")
     r = summary["rss_mb"]
     c = summary["cpu"]
     if c:
-        lines.append(f"CPU seconds while the students ran ({c['wall_s']} s wall, {c['cores']} cores, load average "
-                     f"{c['loadavg_end']:.1f} at the end): server {c['server_s']}, browsers {c['browser_s']}")
-    lines.append(f"server RSS MiB: idle {r['server_idle']}, start {r['start']}, "
-                 f"after warm-up ({summary['warmup_s']} s) {r['after_warmup']}, "
-                 f"end {r['end']}, peak {r['peak']}, growth after warm-up {r['growth_after_warmup']}")
+        lines.append(
+            f"CPU seconds while the students ran ({c['wall_s']} s wall, {c['cores']} cores, load average "
+            f"{c['loadavg_end']:.1f} at the end): server {c['server_s']}, browsers {c['browser_s']}"
+        )
+    lines.append(
+        f"server RSS MiB: idle {r['server_idle']}, start {r['start']}, "
+        f"after warm-up ({summary['warmup_s']} s) {r['after_warmup']}, "
+        f"end {r['end']}, peak {r['peak']}, growth after warm-up {r['growth_after_warmup']}"
+    )
     return "\n".join(lines)
 
 
@@ -439,14 +502,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=10, help="concurrent browser sessions (students)")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds the scenario runs")
-    parser.add_argument("--warmup", type=float, default=None,
-                        help="seconds counted as warm-up for the RSS figure (default: a fifth of the duration)")
-    parser.add_argument("--think", type=float, default=1.0,
-                        help="mean pause between a student's actions, in seconds (0.5x to 1.5x, seeded)")
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="seconds counted as warm-up for the RSS figure (default: a fifth of the duration)",
+    )
+    parser.add_argument(
+        "--think",
+        type=float,
+        default=1.0,
+        help="mean pause between a student's actions, in seconds (0.5x to 1.5x, seeded)",
+    )
     parser.add_argument("--ramp", type=float, default=5.0, help="seconds over which the sessions join")
     parser.add_argument("--action-timeout", type=float, default=60.0, help="seconds before an action is an error")
-    parser.add_argument("--no-prewarm", dest="prewarm", action="store_false",
-                        help="skip the untimed pass that loads imports and caches before the students join")
+    parser.add_argument(
+        "--no-prewarm",
+        dest="prewarm",
+        action="store_false",
+        help="skip the untimed pass that loads imports and caches before the students join",
+    )
     parser.add_argument("--url", default=None, help="drive an already running app instead of starting one")
     parser.add_argument("--server-pid", type=int, default=None, help="with --url: the server's pid, for RSS")
     parser.add_argument("--json", default=None, help="write the summary (and RSS samples) to this file")

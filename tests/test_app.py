@@ -198,10 +198,15 @@ def heads_caption(at) -> str:
 
 def expected_heads_caption(record, batch_index: int) -> str:
     counts = mask_summary(record, batch_index)
-    note = (" Under the 'uniform' policy, fully-masked rows are drawn with their 1/s probabilities."
-            if record.masked_rows == "uniform" and counts["fully_masked_rows"] else "")
-    return (f"Batch item {batch_index}: {counts['kept']} of {counts['cells']} cells may attend; masked cells are "
-            f"grey (hover one to see which mask rule masked it).{note}")
+    note = (
+        " Under the 'uniform' policy, fully-masked rows are drawn with their 1/s probabilities."
+        if record.masked_rows == "uniform" and counts["fully_masked_rows"]
+        else ""
+    )
+    return (
+        f"Batch item {batch_index}: {counts['kept']} of {counts['cells']} cells may attend; masked cells are "
+        f"grey (hover one to see which mask rule masked it).{note}"
+    )
 
 
 def spec_grid(spec: dict) -> tuple[int, int]:
@@ -272,7 +277,7 @@ def test_default_page_renders(app):
     expected = figures.shapes_frame(record)
     assert list(shown["stage"]) == list(expected["stage"])
     assert list(shown["shape"]) == list(expected["shape"])
-    assert dict(zip(shown["stage"], shown["shape"]))["probabilities (b, h, t, s)"] == "2 × 8 × 8 × 8"
+    assert dict(zip(shown["stage"], shown["shape"], strict=True))["probabilities (b, h, t, s)"] == "2 × 8 × 8 × 8"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -333,7 +338,7 @@ def test_open_tab_survives_a_config_change(app):
     assert_clean(at)
     assert at.session_state["pg_tab"] == "Shapes"
     assert not at.get("plotly_chart")
-    shapes = dict(zip(at.dataframe[0].value["stage"], at.dataframe[0].value["shape"]))
+    shapes = dict(zip(at.dataframe[0].value["stage"], at.dataframe[0].value["shape"], strict=True))
     assert shapes["probabilities (b, h, t, s)"] == "2 × 6 × 8 × 5"
 
 
@@ -375,8 +380,21 @@ def test_preset_selection_loads_its_values(app, name):
         assert at.session_state[f"pg_{key}"] == value, key
     # the rendered widgets show the preset (every control stays editable)
     sb = at.sidebar
-    for key in ("batch", "t", "model_dim", "num_heads", "num_kv_heads", "key_dim", "value_dim", "output_dim",
-                "sliding_window", "key_padding", "query_padding", "prefix_lm", "seed"):
+    for key in (
+        "batch",
+        "t",
+        "model_dim",
+        "num_heads",
+        "num_kv_heads",
+        "key_dim",
+        "value_dim",
+        "output_dim",
+        "sliding_window",
+        "key_padding",
+        "query_padding",
+        "prefix_lm",
+        "seed",
+    ):
         assert sb.number_input(key=f"pg_{key}").value == values[key], key
     for key in ("source", "score_mode", "score_mod", "causal", "masked_rows", "dtype"):
         assert sb.selectbox(key=f"pg_{key}").value == values[key], key
@@ -633,7 +651,7 @@ def test_cross_attention_and_s(app):
     assert [len(tr["y"]) for tr in head_panels(at)] == [8] * 8
     assert_heads_chart_is(at, run(replace(DEFAULT, attention="cross", s=5)))
     shown = shapes_table(at)
-    shapes = dict(zip(shown["stage"], shown["shape"]))
+    shapes = dict(zip(shown["stage"], shown["shape"], strict=True))
     assert shapes["probabilities (b, h, t, s)"] == "2 × 8 × 8 × 5"
     assert_output_tab_is(at, run(replace(DEFAULT, attention="cross", s=5)))
     open_tab(at, "Heads")
@@ -771,7 +789,9 @@ def test_gqa_32_heads_wrap_at_8_columns(app):
     assert_clean(at)
     assert "multi-query" in caption(at)
     assert figures.head_layout(run(replace(DEFAULT, num_heads=32, num_kv_heads=1)))[1:] == (
-        8, ["kv head 0", "", "", ""])
+        8,
+        ["kv head 0", "", "", ""],
+    )
     _assert_wrapped_heads(at, 32, 1, rows_per_group=4)
     assert_heads_chart_is(at, run(replace(DEFAULT, num_heads=32, num_kv_heads=1)))
 

@@ -39,8 +39,7 @@ from attnviz.layers import MultiHeadAttention
 
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 settings.register_profile("ci", deadline=None, print_blob=True, suppress_health_check=_HEALTH, derandomize=False)
-settings.register_profile("thorough", deadline=None, print_blob=True, suppress_health_check=_HEALTH,
-                          max_examples=1000)
+settings.register_profile("thorough", deadline=None, print_blob=True, suppress_health_check=_HEALTH, max_examples=1000)
 PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 if PROFILE not in ("ci", "thorough"):
     PROFILE = "ci"
@@ -72,8 +71,12 @@ class Invalid(Exception):
 
 
 def _grids(b, h, t, s):
-    return (np.arange(b).reshape(b, 1, 1, 1), np.arange(h).reshape(1, h, 1, 1),
-            np.arange(t).reshape(1, 1, t, 1), np.arange(s).reshape(1, 1, 1, s))
+    return (
+        np.arange(b).reshape(b, 1, 1, 1),
+        np.arange(h).reshape(1, h, 1, 1),
+        np.arange(t).reshape(1, 1, t, 1),
+        np.arange(s).reshape(1, 1, 1, s),
+    )
 
 
 def _offset(align, t, s):
@@ -97,24 +100,46 @@ class Spec:
 @st.composite
 def leaf_specs(draw, b, h, t, s):
     """One library leaf mask, sized for (b, h, t, s) most of the time and deliberately mis-sized sometimes."""
-    kind = draw(st.sampled_from(["causal", "window", "prefix", "valid_lens", "valid_lens_2d", "padding",
-                                 "document", "tensor", "callable", "full"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "causal",
+                "window",
+                "prefix",
+                "valid_lens",
+                "valid_lens_2d",
+                "padding",
+                "document",
+                "tensor",
+                "callable",
+                "full",
+            ]
+        )
+    )
     align = draw(st.sampled_from(["top_left", "bottom_right"]))
     wrong = draw(st.integers(0, 9)) == 0  # 1 in 10 data-carrying masks gets the wrong size
     rb = b + 1 if wrong else b
 
     if kind == "causal":
-        return Spec(f"causal({align})", masks.causal(align),
-                    lambda B, H, T, S: _g(B, H, T, S, lambda bb, hh, q, kv: kv <= q + _offset(align, T, S)))
+        return Spec(
+            f"causal({align})",
+            masks.causal(align),
+            lambda B, H, T, S: _g(B, H, T, S, lambda bb, hh, q, kv: kv <= q + _offset(align, T, S)),
+        )
     if kind == "window":
         w = draw(st.integers(1, max(t, s) + 1))
-        return Spec(f"sliding_window({w}, {align})", masks.sliding_window(w, align),
-                    lambda B, H, T, S: _g(B, H, T, S, lambda bb, hh, q, kv: np.abs(q + _offset(align, T, S) - kv) < w))
+        return Spec(
+            f"sliding_window({w}, {align})",
+            masks.sliding_window(w, align),
+            lambda B, H, T, S: _g(B, H, T, S, lambda bb, hh, q, kv: np.abs(q + _offset(align, T, S) - kv) < w),
+        )
     if kind == "prefix":
         n = draw(st.integers(0, s + 1))
-        return Spec(f"prefix_lm({n}, {align})", masks.prefix_lm(n, align),
-                    lambda B, H, T, S: _g(B, H, T, S,
-                                          lambda bb, hh, q, kv: (kv < n) | (kv <= q + _offset(align, T, S))))
+        return Spec(
+            f"prefix_lm({n}, {align})",
+            masks.prefix_lm(n, align),
+            lambda B, H, T, S: _g(B, H, T, S, lambda bb, hh, q, kv: (kv < n) | (kv <= q + _offset(align, T, S))),
+        )
     if kind == "valid_lens":
         lens = np.array(draw(st.lists(st.integers(0, s + 1), min_size=rb, max_size=rb)))
 
@@ -125,8 +150,7 @@ def leaf_specs(draw, b, h, t, s):
 
         return Spec(f"valid_lens({lens.tolist()})", masks.valid_lens(lens.tolist()), dense)
     if kind == "valid_lens_2d":
-        lens = np.array(draw(st.lists(st.lists(st.integers(0, s), min_size=t, max_size=t), min_size=rb,
-                                      max_size=rb)))
+        lens = np.array(draw(st.lists(st.lists(st.integers(0, s), min_size=t, max_size=t), min_size=rb, max_size=rb)))
 
         def dense(B, H, T, S):
             if lens.shape != (B, T):
@@ -154,8 +178,11 @@ def leaf_specs(draw, b, h, t, s):
         return Spec(f"padding({which})", masks.padding(qv_arg, kv_arg), dense)
     if kind == "document":
         ids = np.array(draw(st.lists(st.integers(0, 2), min_size=t, max_size=t)))
-        kv_ids = None if t == s and draw(st.booleans()) else np.array(
-            draw(st.lists(st.integers(0, 2), min_size=s + wrong, max_size=s + wrong)))
+        kv_ids = (
+            None
+            if t == s and draw(st.booleans())
+            else np.array(draw(st.lists(st.integers(0, 2), min_size=s + wrong, max_size=s + wrong)))
+        )
 
         def dense(B, H, T, S):
             k = ids if kv_ids is None else kv_ids
@@ -163,20 +190,27 @@ def leaf_specs(draw, b, h, t, s):
                 raise Invalid
             return _g(B, H, T, S, lambda bb, hh, q, kv: ids[q] == k[kv])
 
-        return Spec(f"document({ids.tolist()}, {None if kv_ids is None else kv_ids.tolist()})",
-                    masks.document(ids, kv_ids), dense)
+        return Spec(
+            f"document({ids.tolist()}, {None if kv_ids is None else kv_ids.tolist()})",
+            masks.document(ids, kv_ids),
+            dense,
+        )
     if kind == "tensor":
         return draw(tensor_specs(b, h, t, s, wrap=True, allow_float=False))
     if kind == "callable":
         k = draw(st.integers(2, 4))
-        return Spec(f"callable((q + kv + h) % {k} != 0)", _mod_fn(k),
-                    lambda B, H, T, S: _g(B, H, T, S, lambda bb, hh, q, kv: (q + kv + hh) % k != 0))
+        return Spec(
+            f"callable((q + kv + h) % {k} != 0)",
+            _mod_fn(k),
+            lambda B, H, T, S: _g(B, H, T, S, lambda bb, hh, q, kv: (q + kv + hh) % k != 0),
+        )
     return Spec("full()", masks.full(), lambda B, H, T, S: np.ones((1, 1, T, S), dtype=bool))
 
 
 def _mod_fn(k):
     def q_plus_kv_plus_h(b, h, q_idx, kv_idx):  # a plain FlexAttention-style callable
         return (q_idx + kv_idx + h) % k != 0
+
     return q_plus_kv_plus_h
 
 
@@ -222,8 +256,9 @@ def tensor_specs(draw, b, h, t, s, wrap=False, allow_float=True):
 def mask_specs(draw, b, h, t, s, depth=2):
     """A mask for (b, h, t, s): None, a leaf, a raw tensor / callable, or a composition with &, | and ~.
     A float tensor (refused by the engine) only appears at the top, where nothing composes it."""
-    choice = draw(st.sampled_from(["none", "leaf", "leaf", "tensor", "and", "or", "not"] if depth else
-                                  ["leaf", "tensor"]))
+    choice = draw(
+        st.sampled_from(["none", "leaf", "leaf", "tensor", "and", "or", "not"] if depth else ["leaf", "tensor"])
+    )
     if choice == "none":
         return None
     if choice == "leaf":
@@ -264,12 +299,23 @@ def core_problems(draw):
     v = draw(st.integers(1, 5))
     # An ALiBi built for another head count (h + 1) must be refused, one head included.
     mods = ["none", "alibi", "softcap", "alibi_wrong"]
-    return dict(b=b, g=g, h=h, t=t, s=s, d=d, v=v, seed=draw(st.integers(0, 2**16)),
-                dtype=draw(st.sampled_from(DTYPES)), mask=draw(mask_specs(b, h, t, s)),
-                score_mode=draw(st.sampled_from(engine.SCORE_MODES)),
-                masked_rows=draw(st.sampled_from(engine.MASKED_ROW_POLICIES)),
-                score_mod=draw(st.sampled_from(mods)),
-                cap=draw(st.floats(0.5, 20.0)), scale=draw(st.sampled_from([None, 0.5, 2.0])))
+    return dict(
+        b=b,
+        g=g,
+        h=h,
+        t=t,
+        s=s,
+        d=d,
+        v=v,
+        seed=draw(st.integers(0, 2**16)),
+        dtype=draw(st.sampled_from(DTYPES)),
+        mask=draw(mask_specs(b, h, t, s)),
+        score_mode=draw(st.sampled_from(engine.SCORE_MODES)),
+        masked_rows=draw(st.sampled_from(engine.MASKED_ROW_POLICIES)),
+        score_mod=draw(st.sampled_from(mods)),
+        cap=draw(st.floats(0.5, 20.0)),
+        scale=draw(st.sampled_from([None, 0.5, 2.0])),
+    )
 
 
 def qkv(p, dk=None):
@@ -329,8 +375,9 @@ def check_policy_rows(probs, head_out, v_rep, dead, policy, tol):
         assert torch.equal(p_dead, torch.zeros_like(p_dead))
         assert torch.equal(o_dead, torch.zeros_like(o_dead))
     elif policy == "uniform":
-        torch.testing.assert_close(p_dead.double(), torch.full(p_dead.shape, 1.0 / s, dtype=torch.float64),
-                                   atol=tol, rtol=0)
+        torch.testing.assert_close(
+            p_dead.double(), torch.full(p_dead.shape, 1.0 / s, dtype=torch.float64), atol=tol, rtol=0
+        )
         mean_v = v_rep.double().mean(dim=2, keepdim=True).expand(*v_rep.shape[:2], dead.shape[-1], -1)[dead]
         torch.testing.assert_close(o_dead.double(), mean_v, atol=max(tol, 1e-6) * 10, rtol=max(tol, 1e-6) * 10)
     else:
@@ -351,8 +398,16 @@ def test_attention_invariants_or_value_error(p):
         keep, expect_error = None, True
     mask = None if p["mask"] is None else p["mask"].obj
     try:
-        rec = attention(q, k, v, mask=mask, scale=p["scale"], score_mode=p["score_mode"],
-                        score_mod=make_score_mod(p), masked_rows=p["masked_rows"])
+        rec = attention(
+            q,
+            k,
+            v,
+            mask=mask,
+            scale=p["scale"],
+            score_mode=p["score_mode"],
+            score_mod=make_score_mod(p),
+            masked_rows=p["masked_rows"],
+        )
     except ValueError as err:
         assert_message(err)
         assert expect_error, f"refused a valid configuration: {err}"
@@ -462,11 +517,17 @@ def test_output_only_path_equals_sdpa_and_the_explicit_path(p):
     torch.testing.assert_close(fast.double(), explicit.double(), atol=tol, rtol=tol, equal_nan=True)
     # The reference: torch's SDPA on float64 inputs, live rows only (its fully-masked rows differ by backend).
     group = p["h"] // p["g"]
-    scale = p["scale"] if p["scale"] is not None else (1 / math.sqrt(p["d"]) if p["score_mode"] == "scaled_dot"
-                                                          else 1.0)
+    scale = (
+        p["scale"] if p["scale"] is not None else (1 / math.sqrt(p["d"]) if p["score_mode"] == "scaled_dot" else 1.0)
+    )
     keep_t = None if keep is None else torch.from_numpy(keep)
-    ref = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(group, 1),
-                                         v.double().repeat_interleave(group, 1), attn_mask=keep_t, scale=scale)
+    ref = F.scaled_dot_product_attention(
+        q.double(),
+        k.double().repeat_interleave(group, 1),
+        v.double().repeat_interleave(group, 1),
+        attn_mask=keep_t,
+        scale=scale,
+    )
     live = torch.ones(fast.shape[:3], dtype=torch.bool) if keep_t is None else keep_t.any(-1)
     torch.testing.assert_close(fast.double()[live], ref[live], atol=tol, rtol=tol)
 
@@ -498,8 +559,9 @@ def test_tiles_cover_the_matrix_and_small_tiles_change_nothing(p, tile_elements,
     stop = data.draw(st.integers(first + 1, t), label="stop")
     covered = torch.zeros(b, h, t, dtype=torch.bool)
     work = q.dtype
-    for tile in probability_tiles(q.to(work), k.to(work), tile_elements=tile_elements, heads=heads,
-                                  rows=(first, stop), **kw):
+    for tile in probability_tiles(
+        q.to(work), k.to(work), tile_elements=tile_elements, heads=heads, rows=(first, stop), **kw
+    ):
         here = (tile.b, tile.h, tile.rows)
         assert not bool(covered[here].any()), "tiles overlap"
         covered[here] = True
@@ -530,8 +592,11 @@ def test_malformed_calls_are_value_errors(data):
     b, g, t, s, d = (data.draw(st.integers(1, 3)) for _ in range(5))
     h = g * data.draw(st.integers(1, 3))
     q, k, v = torch.randn(b, h, t, d), torch.randn(b, g, s, d), torch.randn(b, g, s, d)
-    breakage = data.draw(st.sampled_from(["rank", "batch", "heads", "dim", "empty", "mode", "policy", "dropout",
-                                          "value_len", "not_tensor"]))
+    breakage = data.draw(
+        st.sampled_from(
+            ["rank", "batch", "heads", "dim", "empty", "mode", "policy", "dropout", "value_len", "not_tensor"]
+        )
+    )
     kw = {}
     if breakage == "rank":
         q = q[0]
@@ -572,31 +637,59 @@ def layer_problems(draw):
     positions = draw(st.lists(st.integers(1, 4), min_size=rank - 2, max_size=rank - 2))
     kv_positions = [draw(st.integers(1, 4)) for _ in positions]
     # Negative axes count from the input rank as Keras does: a -> rank + a.
-    axes = draw(st.sampled_from([None] + [tuple(a) for a in ([(1,), (2,), (1, 2), (-2,), (-3,), (-3, -2)]
-                                                              if rank == 4 else [(1,), (-2,)])]))
+    axes = draw(
+        st.sampled_from(
+            [None] + [tuple(a) for a in ([(1,), (2,), (1, 2), (-2,), (-3,), (-3, -2)] if rank == 4 else [(1,), (-2,)])]
+        )
+    )
     if axes is not None and rank == 4:
         attended = {a if a > 0 else rank + a for a in axes}
         for a in range(1, rank - 1):
             if a not in attended:
                 kv_positions[a - 1] = positions[a - 1]  # non-attended axes must match between query and value
     return dict(
-        b=draw(st.integers(1, 2)), h=h, g=g, rank=rank, positions=positions, kv_positions=kv_positions, axes=axes,
-        features=draw(st.integers(1, 6)), kv_features=draw(st.integers(1, 6)), key_dim=draw(st.integers(1, 4)),
-        value_dim=draw(st.sampled_from([None, 1, 3])), output_shape=draw(st.sampled_from([None, 2, (2, 3)])),
-        use_bias=draw(st.booleans()), score_mode=draw(st.sampled_from(engine.SCORE_MODES)),
-        causal=draw(st.booleans()), window=draw(st.sampled_from([None, 1, 2, 3])),
+        b=draw(st.integers(1, 2)),
+        h=h,
+        g=g,
+        rank=rank,
+        positions=positions,
+        kv_positions=kv_positions,
+        axes=axes,
+        features=draw(st.integers(1, 6)),
+        kv_features=draw(st.integers(1, 6)),
+        key_dim=draw(st.integers(1, 4)),
+        value_dim=draw(st.sampled_from([None, 1, 3])),
+        output_shape=draw(st.sampled_from([None, 2, (2, 3)])),
+        use_bias=draw(st.booleans()),
+        score_mode=draw(st.sampled_from(engine.SCORE_MODES)),
+        causal=draw(st.booleans()),
+        window=draw(st.sampled_from([None, 1, 2, 3])),
         masked_rows=draw(st.sampled_from(engine.MASKED_ROW_POLICIES)),
         dtype=draw(st.sampled_from(["float32", "float16", "bfloat16", "float64"])),
-        dropout=draw(st.sampled_from([0.0, 0.0, 0.3])), training=draw(st.booleans()),
-        seed=draw(st.integers(0, 2**16)), attention_mask=draw(st.booleans()),
+        dropout=draw(st.sampled_from([0.0, 0.0, 0.3])),
+        training=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+        attention_mask=draw(st.booleans()),
     )
 
 
 def _layer(p, **over):
-    args = dict(num_heads=p["h"], key_dim=p["key_dim"], value_dim=p["value_dim"], num_kv_heads=p["g"],
-                dropout=p["dropout"], use_bias=p["use_bias"], output_shape=p["output_shape"],
-                attention_axes=p["axes"], score_mode=p["score_mode"], sliding_window=p["window"], seed=p["seed"],
-                masked_rows=p["masked_rows"], device="cpu", dtype=p["dtype"])
+    args = dict(
+        num_heads=p["h"],
+        key_dim=p["key_dim"],
+        value_dim=p["value_dim"],
+        num_kv_heads=p["g"],
+        dropout=p["dropout"],
+        use_bias=p["use_bias"],
+        output_shape=p["output_shape"],
+        attention_axes=p["axes"],
+        score_mode=p["score_mode"],
+        sliding_window=p["window"],
+        seed=p["seed"],
+        masked_rows=p["masked_rows"],
+        device="cpu",
+        dtype=p["dtype"],
+    )
     args.update(over)
     return MultiHeadAttention(**args)
 
@@ -637,8 +730,7 @@ def test_layer_shapes_contributions_and_seeds(p):
     other = layer._other_axes
     t_pos = tuple(query.shape[a] for a in axes)
     s_pos = tuple(value.shape[a] for a in axes)
-    out_feats = (p["output_shape"],) if isinstance(p["output_shape"], int) else (p["output_shape"] or
-                                                                                 (p["features"],))
+    out_feats = (p["output_shape"],) if isinstance(p["output_shape"], int) else (p["output_shape"] or (p["features"],))
     assert tuple(rec.output.shape) == (b, *query.shape[1:-1], *out_feats)
     assert tuple(rec.scores.shape) == (b, *[query.shape[a] for a in other], h, *t_pos, *s_pos)
     b_grid = b * math.prod(query.shape[a] for a in other)
@@ -669,8 +761,15 @@ def test_layer_shapes_contributions_and_seeds(p):
 def test_gqa_layer_equals_mha_layer_with_repeated_kv_kernels(p):
     """A GQA layer equals an MHA layer whose key/value kernels and biases are the GQA ones repeated per query
     head (repeat_interleave order), and num_kv_heads = num_heads equals num_kv_heads=None."""
-    p = dict(p, dtype="float32", dropout=0.0, axes=None, rank=3, positions=p["positions"][:1],
-             kv_positions=p["kv_positions"][:1])
+    p = dict(
+        p,
+        dtype="float32",
+        dropout=0.0,
+        axes=None,
+        rank=3,
+        positions=p["positions"][:1],
+        kv_positions=p["kv_positions"][:1],
+    )
     query, value = _layer_inputs(p)
     gqa = _layer(p)
     try:
@@ -777,15 +876,27 @@ def playground_configs(draw):
         invert=draw(st.booleans()),
     )
     return pg.PlaygroundConfig(
-        batch=batch, t=t, s=s, model_dim=draw(_maybe_out_of_range(st.integers(1, 24), st.sampled_from([0, 513]))),
-        num_heads=heads, num_kv_heads=draw(st.sampled_from([0, 0, 1, 2, 3, 4])),
-        key_dim=draw(st.integers(1, 6)), value_dim=draw(st.sampled_from([0, 0, 2, 5])),
-        score_mode=draw(st.sampled_from(engine.SCORE_MODES)), score_mod=draw(st.sampled_from(pg.SCORE_MODS)),
-        softcap=draw(st.sampled_from([0.5, 5.0, 30.0])), use_bias=draw(st.booleans()),
-        weight_scale=draw(st.sampled_from([0.25, 1.0, 3.0, 10.0])), output_dim=draw(st.sampled_from([0, 0, 3])),
-        attention=attention_kind, source=draw(st.sampled_from(list(pg.SOURCES))), masks=spec,
-        dropout=draw(st.sampled_from([0.0, 0.0, 0.5])), training=draw(st.booleans()),
-        seed=draw(st.integers(0, 2**31 - 1)), masked_rows=draw(st.sampled_from(engine.MASKED_ROW_POLICIES)),
+        batch=batch,
+        t=t,
+        s=s,
+        model_dim=draw(_maybe_out_of_range(st.integers(1, 24), st.sampled_from([0, 513]))),
+        num_heads=heads,
+        num_kv_heads=draw(st.sampled_from([0, 0, 1, 2, 3, 4])),
+        key_dim=draw(st.integers(1, 6)),
+        value_dim=draw(st.sampled_from([0, 0, 2, 5])),
+        score_mode=draw(st.sampled_from(engine.SCORE_MODES)),
+        score_mod=draw(st.sampled_from(pg.SCORE_MODS)),
+        softcap=draw(st.sampled_from([0.5, 5.0, 30.0])),
+        use_bias=draw(st.booleans()),
+        weight_scale=draw(st.sampled_from([0.25, 1.0, 3.0, 10.0])),
+        output_dim=draw(st.sampled_from([0, 0, 3])),
+        attention=attention_kind,
+        source=draw(st.sampled_from(list(pg.SOURCES))),
+        masks=spec,
+        dropout=draw(st.sampled_from([0.0, 0.0, 0.5])),
+        training=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**31 - 1)),
+        masked_rows=draw(st.sampled_from(engine.MASKED_ROW_POLICIES)),
         dtype=draw(st.sampled_from(list(engine.DTYPES))),
     )
 
@@ -805,8 +916,9 @@ def test_playground_run_invariants_or_value_error(config):
     assert tuple(rec.output.shape) == (b, t, config.output_dim or config.model_dim)
     assert rec.num_kv_heads == (config.num_kv_heads or h)
     mask = config.masks.build(b, t, s)
-    expected = torch.ones(b, h, t, s, dtype=torch.bool) if mask is None else mask.materialize(b, h, t, s).expand(
-        b, h, t, s)
+    expected = (
+        torch.ones(b, h, t, s, dtype=torch.bool) if mask is None else mask.materialize(b, h, t, s).expand(b, h, t, s)
+    )
     assert torch.equal(rec.mask_grid, expected)
     probs, dead = rec.scores_grid, rec.fully_masked_rows
     assert torch.equal(dead, ~expected.any(-1))
@@ -843,29 +955,43 @@ def masklab_configs(draw):
     on = lambda: draw(st.booleans())  # noqa: E731
     neg = lambda: draw(st.integers(0, 4)) == 0  # noqa: E731
     per_query = draw(st.booleans())
-    lens = (tuple(tuple(draw(st.lists(st.integers(0, s + 1), min_size=t, max_size=t))) for _ in range(b))
-            if per_query else (tuple(draw(st.lists(st.integers(0, s), min_size=b, max_size=b + (neg())))),))
+    lens = (
+        tuple(tuple(draw(st.lists(st.integers(0, s + 1), min_size=t, max_size=t))) for _ in range(b))
+        if per_query
+        else (tuple(draw(st.lists(st.integers(0, s), min_size=b, max_size=b + (neg())))),)
+    )
     custom = masklab.Custom()
     if draw(st.integers(0, 3)) == 0:
         shape = draw(st.sampled_from([(t, s), (b, t, s), (1, h, t, s), (t, s + 1)]))
-        custom = masklab.Custom.from_array(np.random.default_rng(draw(st.integers(0, 99))).random(shape) < 0.6,
-                                           negate=neg())
+        custom = masklab.Custom.from_array(
+            np.random.default_rng(draw(st.integers(0, 99))).random(shape) < 0.6, negate=neg()
+        )
     doc_rows = draw(st.sampled_from([1, b]))
     config = masklab.MaskLabConfig(
-        batch=b, heads=h, t=t, s=s,
+        batch=b,
+        heads=h,
+        t=t,
+        s=s,
         causal=masklab.Causal(on=on(), negate=neg(), align=draw(st.sampled_from(masklab.ALIGNS))),
-        window=masklab.Window(on=on(), negate=neg(), window=draw(st.integers(0, 6)),
-                              align=draw(st.sampled_from(masklab.ALIGNS))),
+        window=masklab.Window(
+            on=on(), negate=neg(), window=draw(st.integers(0, 6)), align=draw(st.sampled_from(masklab.ALIGNS))
+        ),
         valid_lens=masklab.ValidLens(on=on(), negate=neg(), lens=lens, per_query=per_query),
-        padding=masklab.Padding(on=on(), negate=neg(),
-                                query_lens=tuple(draw(st.lists(st.integers(0, t), min_size=b, max_size=b)))
-                                if draw(st.booleans()) else (),
-                                key_lens=tuple(draw(st.lists(st.integers(0, s), min_size=b, max_size=b)))),
-        prefix_lm=masklab.PrefixLM(on=on(), negate=neg(), prefix=draw(st.integers(0, s)),
-                                   align=draw(st.sampled_from(masklab.ALIGNS))),
-        document=masklab.Document(on=on(), negate=neg(), query_docs=tuple(_docs(draw, t) for _ in range(doc_rows)),
-                                  key_docs=() if (t == s and draw(st.booleans())) else
-                                  tuple(_docs(draw, s) for _ in range(doc_rows))),
+        padding=masklab.Padding(
+            on=on(),
+            negate=neg(),
+            query_lens=tuple(draw(st.lists(st.integers(0, t), min_size=b, max_size=b))) if draw(st.booleans()) else (),
+            key_lens=tuple(draw(st.lists(st.integers(0, s), min_size=b, max_size=b))),
+        ),
+        prefix_lm=masklab.PrefixLM(
+            on=on(), negate=neg(), prefix=draw(st.integers(0, s)), align=draw(st.sampled_from(masklab.ALIGNS))
+        ),
+        document=masklab.Document(
+            on=on(),
+            negate=neg(),
+            query_docs=tuple(_docs(draw, t) for _ in range(doc_rows)),
+            key_docs=() if (t == s and draw(st.booleans())) else tuple(_docs(draw, s) for _ in range(doc_rows)),
+        ),
         custom=custom,
         combine=draw(st.sampled_from(masklab.COMBINES)),
         negate_all=neg(),
@@ -880,8 +1006,9 @@ def masklab_configs(draw):
         expr = " ".join(tokens)
         if draw(st.integers(0, 5)) == 0:
             expr = draw(st.sampled_from(["(" + expr, expr + " )", expr + " & __import__", "1 + 1", "causal ^ x"]))
-        config = masklab.MaskLabConfig(**{**{f: getattr(config, f) for f in config.__dataclass_fields__},
-                                          "expression": expr})
+        config = masklab.MaskLabConfig(
+            **{**{f: getattr(config, f) for f in config.__dataclass_fields__}, "expression": expr}
+        )
     return config
 
 
@@ -904,8 +1031,7 @@ def test_masklab_build_explain_and_block_sparsity(config, data):
     env = {"torch": torch, "np": np}
     for line in composed.setup:
         exec(line, env)  # noqa: S102 -- our own generated code, never user text
-    bb, hh, qq, kk = (torch.arange(n).view(*[n if i == j else 1 for i in range(4)]) for j, n in
-                      enumerate((b, h, t, s)))
+    bb, hh, qq, kk = (torch.arange(n).view(*[n if i == j else 1 for i in range(4)]) for j, n in enumerate((b, h, t, s)))
     env.update(b=bb, h=hh, q_idx=qq, kv_idx=kk)
     from_code = torch.broadcast_to(eval(composed.expression, env), (b, h, t, s))  # noqa: S307 -- generated code
     assert torch.equal(from_code, keep.expand(b, h, t, s))
@@ -917,8 +1043,8 @@ def test_masklab_build_explain_and_block_sparsity(config, data):
     assert row["may attend"].tolist() == keep[kb, kh, qi].tolist()
     size = data.draw(st.integers(1, 5))
     sparsity = masklab.block_sparsity(keep, size)
-    for (i, j) in [(0, 0), (sparsity.states.shape[-2] - 1, sparsity.states.shape[-1] - 1)]:
-        block = keep[kb, kh, i * size:(i + 1) * size, j * size:(j + 1) * size]
+    for i, j in [(0, 0), (sparsity.states.shape[-2] - 1, sparsity.states.shape[-1] - 1)]:
+        block = keep[kb, kh, i * size : (i + 1) * size, j * size : (j + 1) * size]
         kept = int(block.sum())
         assert int(sparsity.kept[kb, kh, i, j]) == kept
         expected_state = 0 if kept == 0 else (2 if kept == size * size else 1)
@@ -961,14 +1087,24 @@ def long_configs(draw):
     s = draw(st.sampled_from([0, 0, draw(st.integers(1, 48))]))
     g = draw(st.integers(1, 2))
     return longseq.LongConfig(
-        t=t, s=s, num_heads=g * draw(st.integers(1, 2)), num_kv_heads=draw(st.sampled_from([0, g])),
-        head_dim=draw(st.integers(1, 8)), model_dim=draw(st.integers(1, 16)),
-        source=draw(st.sampled_from(list(pg.SOURCES))), weight_scale=draw(st.sampled_from([0.5, 2.0, 8.0])),
+        t=t,
+        s=s,
+        num_heads=g * draw(st.integers(1, 2)),
+        num_kv_heads=draw(st.sampled_from([0, g])),
+        head_dim=draw(st.integers(1, 8)),
+        model_dim=draw(st.integers(1, 16)),
+        source=draw(st.sampled_from(list(pg.SOURCES))),
+        weight_scale=draw(st.sampled_from([0.5, 2.0, 8.0])),
         causal=draw(st.sampled_from(["off", "top_left", "bottom_right"])),
-        sliding_window=draw(st.sampled_from([0, 1, 3, 60])), score_mod=draw(st.sampled_from(longseq.SCORE_MODS)),
-        masked_rows=draw(st.sampled_from(engine.MASKED_ROW_POLICIES)), pixels=draw(st.integers(1, 20)),
-        local_window=draw(st.integers(1, 8)), top_k=draw(st.integers(1, 5)), seed=draw(st.integers(0, 999)),
-        device="cpu", dtype=draw(st.sampled_from(list(engine.DTYPES))),
+        sliding_window=draw(st.sampled_from([0, 1, 3, 60])),
+        score_mod=draw(st.sampled_from(longseq.SCORE_MODS)),
+        masked_rows=draw(st.sampled_from(engine.MASKED_ROW_POLICIES)),
+        pixels=draw(st.integers(1, 20)),
+        local_window=draw(st.integers(1, 8)),
+        top_k=draw(st.integers(1, 5)),
+        seed=draw(st.integers(0, 999)),
+        device="cpu",
+        dtype=draw(st.sampled_from(list(engine.DTYPES))),
     )
 
 
@@ -996,8 +1132,9 @@ def test_longseq_analyze_agrees_with_a_full_resolution_zoom(config):
         probs = zoomed.probs.double()  # (t, s)
         live = ~result.fully_masked[head]
         assert torch.equal(result.fully_masked[head], ~zoomed.keep.any(-1))
-        torch.testing.assert_close(probs[live].sum(-1), torch.ones(int(live.sum()), dtype=torch.float64),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            probs[live].sum(-1), torch.ones(int(live.sum()), dtype=torch.float64), atol=1e-5, rtol=0
+        )
         assert bool((probs[~zoomed.keep & live[:, None]] == 0).all())
         entropy = torch.special.entr(probs).sum(-1)
         torch.testing.assert_close(result.entropy[head].double()[live], entropy[live], atol=1e-5, rtol=1e-5)
@@ -1019,12 +1156,38 @@ def test_longseq_analyze_agrees_with_a_full_resolution_zoom(config):
 @fuzz(20)
 @given(st.data())
 def test_longseq_bad_configs_are_value_errors(data):
-    field = data.draw(st.sampled_from(["t", "num_heads", "head_dim", "pixels", "top_k", "source", "causal",
-                                       "masked_rows", "weight_scale", "sliding_window", "num_kv_heads", "dtype"]))
-    bad = {"t": data.draw(st.sampled_from([0, -1, 16385])), "num_heads": 0, "head_dim": 257, "pixels": 0,
-           "top_k": 99, "source": "noise", "causal": "on", "masked_rows": "drop",
-           "weight_scale": data.draw(st.sampled_from([0.0, -2.0, float("nan"), float("inf")])),
-           "sliding_window": 10**6, "num_kv_heads": 3, "dtype": "float64"}[field]
+    field = data.draw(
+        st.sampled_from(
+            [
+                "t",
+                "num_heads",
+                "head_dim",
+                "pixels",
+                "top_k",
+                "source",
+                "causal",
+                "masked_rows",
+                "weight_scale",
+                "sliding_window",
+                "num_kv_heads",
+                "dtype",
+            ]
+        )
+    )
+    bad = {
+        "t": data.draw(st.sampled_from([0, -1, 16385])),
+        "num_heads": 0,
+        "head_dim": 257,
+        "pixels": 0,
+        "top_k": 99,
+        "source": "noise",
+        "causal": "on",
+        "masked_rows": "drop",
+        "weight_scale": data.draw(st.sampled_from([0.0, -2.0, float("nan"), float("inf")])),
+        "sliding_window": 10**6,
+        "num_kv_heads": 3,
+        "dtype": "float64",
+    }[field]
     base = dict(t=32, num_heads=4, num_kv_heads=2, head_dim=8, model_dim=8, top_k=4, device="cpu")
     config = longseq.LongConfig(**{**base, field: bad})
     with pytest.raises(ValueError) as info:
@@ -1046,8 +1209,8 @@ def _pool_reference(values: np.ndarray, fr: int, fc: int, mode: str, keep: np.nd
     k_full = np.ones(values.shape, dtype=bool) if keep is None else np.broadcast_to(keep, values.shape)
     for i in range(r):
         for j in range(c):
-            block = values[..., i * fr:(i + 1) * fr, j * fc:(j + 1) * fc].reshape(*lead, -1)
-            kb = k_full[..., i * fr:(i + 1) * fr, j * fc:(j + 1) * fc].reshape(*lead, -1)
+            block = values[..., i * fr : (i + 1) * fr, j * fc : (j + 1) * fc].reshape(*lead, -1)
+            kb = k_full[..., i * fr : (i + 1) * fr, j * fc : (j + 1) * fc].reshape(*lead, -1)
             with np.errstate(invalid="ignore"):
                 sel = np.where(kb, block, np.nan)
                 count = kb.sum(-1)
@@ -1075,8 +1238,11 @@ def test_pool_matrix_equals_a_block_by_block_reference(data):
     values = rng.standard_normal((*lead, t, s)).astype(np.float32)
     keep_kind = data.draw(st.sampled_from(["none", "full", "broadcast", "int"]), label="keep")
     keep = None if keep_kind == "none" else rng.random((*lead, t, s) if keep_kind != "broadcast" else (t, s)) < 0.5
-    keep_arg = None if keep is None else (torch.from_numpy(keep.astype(np.int64)) if keep_kind == "int"
-                                          else torch.from_numpy(keep))
+    keep_arg = (
+        None
+        if keep is None
+        else (torch.from_numpy(keep.astype(np.int64)) if keep_kind == "int" else torch.from_numpy(keep))
+    )
     values_t = torch.from_numpy(values)
     try:
         pooled = pooling.pool_matrix(values_t, max_rows, max_cols, mode=mode, keep=keep_arg)
@@ -1123,8 +1289,7 @@ def test_half_precision_matches_float32_within_the_cast(p):
     full = attention(q.float(), k.float(), v.float(), **kw)
     tol = TOL[half] * 4
     torch.testing.assert_close(low.scores.float(), full.scores.to(half).float(), atol=tol, rtol=tol, equal_nan=True)
-    torch.testing.assert_close(low.output.float(), full.output.to(half).float(), atol=tol, rtol=tol,
-                               equal_nan=True)
+    torch.testing.assert_close(low.output.float(), full.output.to(half).float(), atol=tol, rtol=tol, equal_nan=True)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1173,8 +1338,19 @@ def test_negative_attention_axes_follow_keras():
 
 
 def test_longseq_zoom_uses_the_same_inputs_as_analyze():
-    config = longseq.LongConfig(t=16, num_heads=1, num_kv_heads=1, head_dim=8, model_dim=8, source="random",
-                                causal="off", pixels=16, top_k=1, device="cpu", dtype="bfloat16")
+    config = longseq.LongConfig(
+        t=16,
+        num_heads=1,
+        num_kv_heads=1,
+        head_dim=8,
+        model_dim=8,
+        source="random",
+        causal="off",
+        pixels=16,
+        top_k=1,
+        device="cpu",
+        dtype="bfloat16",
+    )
     result = longseq.analyze(config)
     zoomed = longseq.zoom(config, 0, (0, 16), (0, 16))
     torch.testing.assert_close(result.pooled_max[0], zoomed.probs, atol=1e-6, rtol=1e-5)  # pixels = t: unpooled

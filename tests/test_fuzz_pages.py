@@ -28,8 +28,12 @@ THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
 
 
 def fuzz(ci_examples: int):
-    return settings(max_examples=100 if THOROUGH else ci_examples, deadline=None, print_blob=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=100 if THOROUGH else ci_examples,
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 def _app(page: str | None, **state):
@@ -60,8 +64,7 @@ def assert_figures_or_message(at) -> None:
 def list_text(max_value: int, sensible_weight: int = 1):
     sensible = st.lists(st.integers(0, max_value), max_size=4).map(lambda xs: ", ".join(map(str, xs)))
     noise = st.text(alphabet="0123456789 ,;-x[]().e+", max_size=12)
-    return st.one_of(st.just(""), st.just(""), st.just(""), *[sensible] * sensible_weight, noise,
-                     st.text(max_size=8))
+    return st.one_of(st.just(""), st.just(""), st.just(""), *[sensible] * sensible_weight, noise, st.text(max_size=8))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -126,18 +129,32 @@ def mask_lab():
 @st.composite
 def masklab_values(draw):
     values = {
-        "ml_t": draw(st.integers(1, 24)), "ml_s": draw(st.integers(1, 24)),
-        "ml_batch": draw(st.integers(1, 3)), "ml_heads": draw(st.integers(1, 2)),
-        "ml_window.window": draw(st.integers(1, 8)), "ml_prefix_lm.prefix": draw(st.integers(0, 8)),
-        "ml_valid_lens.per_query": draw(st.booleans()), "ml_valid_lens.lens": draw(list_text(24, 4)),
-        "ml_padding.query_lens": draw(list_text(24, 4)), "ml_padding.key_lens": draw(list_text(24, 4)),
-        "ml_document.query_docs": draw(list_text(12, 4)), "ml_document.key_docs": draw(list_text(12, 4)),
-        "ml_combine": draw(st.sampled_from(masklab.COMBINES)), "ml_negate_all": draw(st.booleans()),
-        "ml_expression": draw(st.one_of(st.just(""), st.just(""), st.just(""), st.text(
-            alphabet="causl_windopref&|~!() ", max_size=30), st.sampled_from(["causal & ~window", "(causal | ",
-                                                                              "__import__('os')", "1/0"]))),
-        "ml_tab": draw(st.sampled_from(["Mask", "Mask", "Block sparsity", "Logits → probabilities",
-                                        "Mask sense & export"])),
+        "ml_t": draw(st.integers(1, 24)),
+        "ml_s": draw(st.integers(1, 24)),
+        "ml_batch": draw(st.integers(1, 3)),
+        "ml_heads": draw(st.integers(1, 2)),
+        "ml_window.window": draw(st.integers(1, 8)),
+        "ml_prefix_lm.prefix": draw(st.integers(0, 8)),
+        "ml_valid_lens.per_query": draw(st.booleans()),
+        "ml_valid_lens.lens": draw(list_text(24, 4)),
+        "ml_padding.query_lens": draw(list_text(24, 4)),
+        "ml_padding.key_lens": draw(list_text(24, 4)),
+        "ml_document.query_docs": draw(list_text(12, 4)),
+        "ml_document.key_docs": draw(list_text(12, 4)),
+        "ml_combine": draw(st.sampled_from(masklab.COMBINES)),
+        "ml_negate_all": draw(st.booleans()),
+        "ml_expression": draw(
+            st.one_of(
+                st.just(""),
+                st.just(""),
+                st.just(""),
+                st.text(alphabet="causl_windopref&|~!() ", max_size=30),
+                st.sampled_from(["causal & ~window", "(causal | ", "__import__('os')", "1/0"]),
+            )
+        ),
+        "ml_tab": draw(
+            st.sampled_from(["Mask", "Mask", "Block sparsity", "Logits → probabilities", "Mask sense & export"])
+        ),
     }
     for key in ("causal", "window", "valid_lens", "padding", "prefix_lm", "document"):
         # Components that read typed lists are switched on less often, so both outcomes stay common.
@@ -173,11 +190,16 @@ def long_page():
 @st.composite
 def long_values(draw):
     numbers = {
-        "ls_t": draw(st.sampled_from([1, 7, 64, 256])), "ls_s": draw(st.sampled_from([0, 0, 5, 128])),
-        "ls_num_heads": draw(st.integers(1, 6)), "ls_num_kv_heads": draw(st.sampled_from([0, 0, 1, 3])),
-        "ls_head_dim": draw(st.integers(1, 16)), "ls_sliding_window": draw(st.sampled_from([0, 0, 3, 300])),
-        "ls_pixels": draw(st.integers(16, 64)), "ls_local_window": draw(st.integers(1, 32)),
-        "ls_top_k": draw(st.sampled_from([1, 4, 16])), "ls_seed": draw(st.integers(0, 9)),
+        "ls_t": draw(st.sampled_from([1, 7, 64, 256])),
+        "ls_s": draw(st.sampled_from([0, 0, 5, 128])),
+        "ls_num_heads": draw(st.integers(1, 6)),
+        "ls_num_kv_heads": draw(st.sampled_from([0, 0, 1, 3])),
+        "ls_head_dim": draw(st.integers(1, 16)),
+        "ls_sliding_window": draw(st.sampled_from([0, 0, 3, 300])),
+        "ls_pixels": draw(st.integers(16, 64)),
+        "ls_local_window": draw(st.integers(1, 32)),
+        "ls_top_k": draw(st.sampled_from([1, 4, 16])),
+        "ls_seed": draw(st.integers(0, 9)),
     }
     selects = {
         "ls_source": draw(st.sampled_from(list(pg.SOURCES))),

@@ -25,9 +25,25 @@ def test_three_sessions_for_thirty_seconds_without_errors(tmp_path):
     out = tmp_path / "load.json"
     # A generous per-action timeout: CI machines are shared, and a slow action is reported, not an error here.
     # No pre-warm pass, to keep CI short: the sessions' first open pays the cold start.
-    cmd = [sys.executable, str(ROOT / "scripts" / "loadtest.py"), "--sessions", "3", "--duration", "30",
-           "--warmup", "5", "--ramp", "2", "--think", "0.2", "--action-timeout", "120", "--no-prewarm",
-           "--json", str(out)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "loadtest.py"),
+        "--sessions",
+        "3",
+        "--duration",
+        "30",
+        "--warmup",
+        "5",
+        "--ramp",
+        "2",
+        "--think",
+        "0.2",
+        "--action-timeout",
+        "120",
+        "--no-prewarm",
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.exists(), proc.stdout + proc.stderr
     summary = json.loads(out.read_text())

@@ -113,8 +113,9 @@ def _ensure_defaults() -> None:
 
 
 def _number(label: str, name: str, lo: int, hi: int, disabled: bool = False, note: str = "") -> int:
-    return st.number_input(label, min_value=lo, max_value=hi, step=1, key=_key(name), help=HELP[name] + note,
-                           disabled=disabled)
+    return st.number_input(
+        label, min_value=lo, max_value=hi, step=1, key=_key(name), help=HELP[name] + note, disabled=disabled
+    )
 
 
 def config_ui() -> pg.PlaygroundConfig:
@@ -133,8 +134,14 @@ def config_ui() -> pg.PlaygroundConfig:
     lock_note = " (set by the uploaded inputs; go back to generated inputs to change it)" if locked else ""
 
     with sb.expander("Sequences", expanded=True):
-        values["attention"] = st.radio("Attention", ["self", "cross"], key=_key("attention"), horizontal=True,
-                                       help=HELP["attention"] + lock_note, disabled=locked)
+        values["attention"] = st.radio(
+            "Attention",
+            ["self", "cross"],
+            key=_key("attention"),
+            horizontal=True,
+            help=HELP["attention"] + lock_note,
+            disabled=locked,
+        )
         values["batch"] = _number("Batch size b", "batch", 1, limits["batch"], locked, lock_note)
         values["t"] = _number("Query length t", "t", 1, limits["t"], locked, lock_note)
         # The s box is always drawn (a hidden widget drops its value and a stale one comes back); under
@@ -142,13 +149,26 @@ def config_ui() -> pg.PlaygroundConfig:
         is_self = values["attention"] == "self"
         if is_self:
             st.session_state[_key("s")] = values["t"]
-        values["s"] = st.number_input("Key/value length s", min_value=1, max_value=limits["s"], step=1,
-                                      key=_key("s"), help=HELP["s"] + lock_note, disabled=is_self or locked)
+        values["s"] = st.number_input(
+            "Key/value length s",
+            min_value=1,
+            max_value=limits["s"],
+            step=1,
+            key=_key("s"),
+            help=HELP["s"] + lock_note,
+            disabled=is_self or locked,
+        )
         values["model_dim"] = _number("Model dim", "model_dim", 1, limits["model_dim"], locked, lock_note)
-        values["source"] = st.selectbox("Q/K/V source", list(pg.SOURCES), key=_key("source"), help=HELP["source"]
-                                        + " " + " · ".join(f"{k}: {v}" for k, v in pg.SOURCES.items())
-                                        + (" Not used while uploaded inputs are in use." if locked else ""),
-                                        disabled=locked)
+        values["source"] = st.selectbox(
+            "Q/K/V source",
+            list(pg.SOURCES),
+            key=_key("source"),
+            help=HELP["source"]
+            + " "
+            + " · ".join(f"{k}: {v}" for k, v in pg.SOURCES.items())
+            + (" Not used while uploaded inputs are in use." if locked else ""),
+            disabled=locked,
+        )
 
     with sb.expander("Heads", expanded=True):
         values["num_heads"] = _number("Heads h", "num_heads", 1, limits["num_heads"])
@@ -157,31 +177,44 @@ def config_ui() -> pg.PlaygroundConfig:
         values["value_dim"] = _number("value_dim v (0 = d)", "value_dim", 0, limits["value_dim"])
         values["output_dim"] = _number("output_shape o (0 = model dim)", "output_dim", 0, limits["model_dim"])
         values["use_bias"] = st.checkbox("use_bias", key=_key("use_bias"), help=HELP["use_bias"])
-        values["weight_scale"] = st.slider("Q/K weight scale", 0.25, 10.0, step=0.25, key=_key("weight_scale"),
-                                           help=HELP["weight_scale"])
+        values["weight_scale"] = st.slider(
+            "Q/K weight scale", 0.25, 10.0, step=0.25, key=_key("weight_scale"), help=HELP["weight_scale"]
+        )
 
     with sb.expander("Scores and masks", expanded=True):
-        values["score_mode"] = st.selectbox("Score mode", list(SCORE_MODES), key=_key("score_mode"),
-                                            help=HELP["score_mode"])
-        values["score_mod"] = st.selectbox("Score modifier", list(pg.SCORE_MODS), key=_key("score_mod"),
-                                           help=HELP["score_mod"])
-        values["softcap"] = st.number_input("Soft-cap value", min_value=0.1, max_value=1000.0, step=1.0,
-                                            key=_key("softcap"), help=HELP["softcap"],
-                                            disabled=values["score_mod"] != "softcap")
+        values["score_mode"] = st.selectbox(
+            "Score mode", list(SCORE_MODES), key=_key("score_mode"), help=HELP["score_mode"]
+        )
+        values["score_mod"] = st.selectbox(
+            "Score modifier", list(pg.SCORE_MODS), key=_key("score_mod"), help=HELP["score_mod"]
+        )
+        values["softcap"] = st.number_input(
+            "Soft-cap value",
+            min_value=0.1,
+            max_value=1000.0,
+            step=1.0,
+            key=_key("softcap"),
+            help=HELP["softcap"],
+            disabled=values["score_mod"] != "softcap",
+        )
         values["causal"] = st.selectbox("Causal", list(pg.CAUSAL_CHOICES), key=_key("causal"), help=HELP["causal"])
         values["sliding_window"] = _number("Sliding window w (0 = off)", "sliding_window", 0, 4096)
-        values["valid_lens"] = st.text_input("valid_lens (d2l)", key=_key("valid_lens"), help=HELP["valid_lens"],
-                                             placeholder="e.g. 3, 2")
+        values["valid_lens"] = st.text_input(
+            "valid_lens (d2l)", key=_key("valid_lens"), help=HELP["valid_lens"], placeholder="e.g. 3, 2"
+        )
         values["key_padding"] = _number("Padded keys at the end", "key_padding", 0, limits["s"])
         values["query_padding"] = _number("Padded queries at the end", "query_padding", 0, limits["t"])
         values["prefix_lm"] = _number("Prefix-LM prefix (0 = off)", "prefix_lm", 0, limits["s"])
-        values["documents"] = st.text_input("Packed document lengths", key=_key("documents"), help=HELP["documents"],
-                                            placeholder="e.g. 4, 6")
-        values["combine"] = st.radio("Combine masks with", ["and", "or"], key=_key("combine"), horizontal=True,
-                                     help=HELP["combine"])
+        values["documents"] = st.text_input(
+            "Packed document lengths", key=_key("documents"), help=HELP["documents"], placeholder="e.g. 4, 6"
+        )
+        values["combine"] = st.radio(
+            "Combine masks with", ["and", "or"], key=_key("combine"), horizontal=True, help=HELP["combine"]
+        )
         values["invert"] = st.checkbox("Invert (NOT)", key=_key("invert"), help=HELP["invert"])
-        values["masked_rows"] = st.selectbox("Fully-masked rows", list(MASKED_ROW_POLICIES), key=_key("masked_rows"),
-                                             help=HELP["masked_rows"])
+        values["masked_rows"] = st.selectbox(
+            "Fully-masked rows", list(MASKED_ROW_POLICIES), key=_key("masked_rows"), help=HELP["masked_rows"]
+        )
 
     with sb.expander("Dropout and numerics"):
         values["dropout"] = st.slider("Dropout", 0.0, 0.9, step=0.05, key=_key("dropout"), help=HELP["dropout"])
@@ -205,12 +238,22 @@ class ViewOptions:
 def view_ui(config: pg.PlaygroundConfig) -> ViewOptions:
     """View controls above the heatmaps; changing them never reruns the engine (the run is cached)."""
     left, right = st.columns([1, 2])
-    batch_index = left.selectbox(
-        "Batch item", list(range(config.batch)), key=_key("view_batch"),
-        help="Which sequence of the batch to draw.",
-    ) if config.batch > 1 else 0
+    batch_index = (
+        left.selectbox(
+            "Batch item",
+            list(range(config.batch)),
+            key=_key("view_batch"),
+            help="Which sequence of the batch to draw.",
+        )
+        if config.batch > 1
+        else 0
+    )
     values = right.segmented_control(
-        "Show", ["probabilities", "logits"], default="probabilities", key=_key("view_values"), required=True,
+        "Show",
+        ["probabilities", "logits"],
+        default="probabilities",
+        key=_key("view_values"),
+        required=True,
         help="Probabilities: softmax of the masked logits (what the values are averaged with). "
         "Logits: the scaled scores before masking and softmax.",
     )
@@ -222,8 +265,12 @@ def _config_key(config: pg.PlaygroundConfig) -> str:
 
 
 # Shared by every session; bounded because one large record can hold a few hundred MB of tensors.
-@st.cache_resource(max_entries=16, ttl=3600, show_spinner="Running the attention engine…",
-                   hash_funcs={pg.PlaygroundConfig: _config_key})
+@st.cache_resource(
+    max_entries=16,
+    ttl=3600,
+    show_spinner="Running the attention engine…",
+    hash_funcs={pg.PlaygroundConfig: _config_key},
+)
 def cached_run(config: pg.PlaygroundConfig) -> AttentionResult:
     """One engine run per distinct config, shared by every session (records are frozen and never mutated)."""
     return pg.run(config)
@@ -286,8 +333,9 @@ def accept_upload(name: str, data: bytes) -> bool:
         st.session_state[UPLOAD_ERROR] = str(err)
         return False
     digest = pg.inputs_digest(tensors)
-    st.session_state[UPLOAD] = Upload(name=name, original=tensors, tensors=tensors, sizes=sizes, sha256=digest,
-                                      source_sha256=digest)
+    st.session_state[UPLOAD] = Upload(
+        name=name, original=tensors, tensors=tensors, sizes=sizes, sha256=digest, source_sha256=digest
+    )
     st.session_state[USE_UPLOAD] = True
     st.session_state.pop(UPLOAD_ERROR, None)
     _apply_upload_sizes(st.session_state[UPLOAD])
@@ -334,18 +382,28 @@ def upload_ui() -> None:
     upload = st.session_state.get(UPLOAD)
     in_use = uploaded_in_use() is not None
     with st.sidebar.expander("Upload inputs", expanded=in_use or UPLOAD_ERROR in st.session_state):
-        st.file_uploader("Q/K/V or X tensors", type=["npy", "npz", "safetensors", "pt", "pth"],
-                         key=_key("upload_file"), on_change=_on_file_change,
-                         help="Run the layer on your own inputs instead of the generated ones. " + UPLOAD_HELP)
-        st.caption(f"npy · npz · safetensors · pt — up to {uploads.MAX_FILE_BYTES // 2**20} MiB; hover the ? for "
-                   "what a file must hold.")
+        st.file_uploader(
+            "Q/K/V or X tensors",
+            type=["npy", "npz", "safetensors", "pt", "pth"],
+            key=_key("upload_file"),
+            on_change=_on_file_change,
+            help="Run the layer on your own inputs instead of the generated ones. " + UPLOAD_HELP,
+        )
+        st.caption(
+            f"npy · npz · safetensors · pt — up to {uploads.MAX_FILE_BYTES // 2**20} MiB; hover the ? for "
+            "what a file must hold."
+        )
         error = st.session_state.get(UPLOAD_ERROR)
         if error:
             st.error(f"**Upload refused:** {error}", icon="⚠️")
-        if in_use:
+        if in_use and upload is not None:
             st.success(f"Using uploaded inputs — {upload.describe()}", icon="📎")
-            st.button("↩ Back to generated inputs", key=_key("upload_back"), on_click=_use_generated,
-                      help="Run on the generated source again (the upload is kept; you can switch back).")
+            st.button(
+                "↩ Back to generated inputs",
+                key=_key("upload_back"),
+                on_click=_use_generated,
+                help="Run on the generated source again (the upload is kept; you can switch back).",
+            )
         else:
             st.caption("In use: generated inputs (the **Q/K/V source** setting).")
             if upload is not None:
@@ -375,8 +433,9 @@ def _commit_edit(upload: Upload, name: str, batch_index: int, table: pd.DataFram
 
 def _undo_edits() -> None:
     upload = st.session_state[UPLOAD]
-    st.session_state[UPLOAD] = replace(upload, tensors=upload.original, sha256=upload.source_sha256,
-                                       edit_generation=upload.edit_generation + 1)
+    st.session_state[UPLOAD] = replace(
+        upload, tensors=upload.original, sha256=upload.source_sha256, edit_generation=upload.edit_generation + 1
+    )
 
 
 def inputs_editor_ui() -> None:
@@ -390,23 +449,35 @@ def inputs_editor_ui() -> None:
     with st.expander("✏️ Uploaded inputs (table)", expanded=False):
         if not editable:
             sizes = ", ".join(f"{k}: {v.shape[1]} × {v.shape[2]}" for k, v in upload.tensors.items())
-            st.caption(f"Per batch item the tensors are {sizes}; tables are editable up to {EDITABLE_MAX} × "
-                       f"{EDITABLE_MAX}. The figures use the uploaded values as they are.")
+            st.caption(
+                f"Per batch item the tensors are {sizes}; tables are editable up to {EDITABLE_MAX} × "
+                f"{EDITABLE_MAX}. The figures use the uploaded values as they are."
+            )
             return
         cols = st.columns(2)
-        name = cols[0].selectbox("Tensor", list(upload.tensors), key=_key("edit_tensor")) \
-            if len(upload.tensors) > 1 else next(iter(upload.tensors))
-        batch_index = cols[1].selectbox("Batch item", list(range(b)), key=_key("edit_batch")) if b > 1 else 0
+        name = (
+            cols[0].selectbox("Tensor", list(upload.tensors), key=_key("edit_tensor"))
+            if len(upload.tensors) > 1
+            else next(iter(upload.tensors))
+        )
+        picked = cols[1].selectbox("Batch item", list(range(b)), key=_key("edit_batch")) if b > 1 else 0
+        batch_index = picked if picked is not None else 0  # Streamlit types a selectbox as T | None
         tensor = upload.tensors[name]
-        table = pd.DataFrame(tensor[batch_index].astype(np.float64),
-                             index=[f"pos {i}" for i in range(tensor.shape[1])],
-                             columns=[f"f{j}" for j in range(tensor.shape[2])])
-        st.caption(f"{name}[{batch_index}]: rows are positions, columns features. Edit a cell and the figures "
-                   "follow; every cell must be a finite number.")
+        table = pd.DataFrame(
+            tensor[batch_index].astype(np.float64),
+            index=[f"pos {i}" for i in range(tensor.shape[1])],
+            columns=[f"f{j}" for j in range(tensor.shape[2])],
+        )
+        st.caption(
+            f"{name}[{batch_index}]: rows are positions, columns features. Edit a cell and the figures "
+            "follow; every cell must be a finite number."
+        )
         edited = st.data_editor(
             # One table per (upload, tensor, batch item); its edits persist while the values underneath change.
-            table, key=f"{_key('edit')}_{upload.source_sha256[:16]}_{upload.edit_generation}_{name}_{batch_index}",
-            num_rows="fixed", width="stretch",
+            table,
+            key=f"{_key('edit')}_{upload.source_sha256[:16]}_{upload.edit_generation}_{name}_{batch_index}",
+            num_rows="fixed",
+            width="stretch",
         )
         try:
             upload = _commit_edit(upload, name, batch_index, edited)
@@ -429,8 +500,12 @@ def run_ui(config: pg.PlaygroundConfig) -> AttentionResult:
     return cached_run_uploaded(config, upload.sha256, upload.tensors)
 
 
-@st.cache_resource(max_entries=16, ttl=3600, show_spinner="Running the attention engine on the uploaded inputs…",
-                   hash_funcs={pg.PlaygroundConfig: _config_key})
+@st.cache_resource(
+    max_entries=16,
+    ttl=3600,
+    show_spinner="Running the attention engine on the uploaded inputs…",
+    hash_funcs={pg.PlaygroundConfig: _config_key},
+)
 def cached_run_uploaded(config: pg.PlaygroundConfig, inputs_sha256: str, _tensors: dict) -> AttentionResult:
     """One run per (config, SHA-256 of the inputs): the tensors themselves are not hashed (leading underscore),
     so equal-looking arrays can never share a stale entry; the digest covers every byte."""
