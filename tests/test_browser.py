@@ -86,7 +86,7 @@ def page(app_url):
         browser.close()
 
 
-def wait_idle(page, timeout_ms: int = 60_000) -> None:
+def wait_idle(page, timeout_ms: int = 120_000) -> None:
     """As Streamlit's own e2e tests do: the app is idle once the 'running' status widget is gone."""
     page.wait_for_selector("[data-testid='stApp']", timeout=timeout_ms)
     page.wait_for_function("() => !document.querySelector(\"[data-testid='stStatusWidget']\")", timeout=timeout_ms)
