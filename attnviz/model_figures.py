@@ -342,6 +342,20 @@ def layer_figure(
     return fig
 
 
+def _layer_head_layout(fig: go.Figure, shape: tuple[int, ...]) -> go.Figure:
+    """Layers down, heads across (labels on top), cells sized so every number printed in them stays legible."""
+    layers, heads = shape[0], shape[1]
+    fig.update_yaxes(autorange="reversed", title_text="layer")
+    fig.update_xaxes(side="top", title_text="head")
+    fig.update_layout(
+        width=int(120 + 52 * heads),
+        height=int(110 + 40 * layers),
+        margin=dict(l=60, r=30, t=70, b=20),
+        template="plotly_white",
+    )
+    return fig
+
+
 def metric_heatmap(metrics: pd.DataFrame, metric: str) -> go.Figure:
     """A layers × heads heatmap of one column of ``head_metrics``' table."""
     if metric not in METRICS:
@@ -363,15 +377,7 @@ def metric_heatmap(metrics: pd.DataFrame, metric: str) -> go.Figure:
             colorbar=dict(title=dict(text=metric), thickness=12),
         )
     )
-    fig.update_yaxes(autorange="reversed", title_text="layer")
-    fig.update_xaxes(side="top", title_text="head")
-    fig.update_layout(
-        width=int(120 + 52 * z.shape[1]),
-        height=int(110 + 40 * z.shape[0]),
-        margin=dict(l=60, r=30, t=70, b=20),
-        template="plotly_white",
-    )
-    return fig
+    return _layer_head_layout(fig, z.shape)
 
 
 def layer_change_figure(
@@ -460,15 +466,7 @@ def ablation_scan_figure(values: np.ndarray, metric: str) -> go.Figure:
             colorbar=dict(title=dict(text="effect"), thickness=12),
         )
     )
-    fig.update_yaxes(autorange="reversed", title_text="layer")
-    fig.update_xaxes(side="top", title_text="head")
-    fig.update_layout(
-        width=int(120 + 52 * z.shape[1]),
-        height=int(110 + 40 * z.shape[0]),
-        margin=dict(l=60, r=30, t=70, b=20),
-        template="plotly_white",
-    )
-    return fig
+    return _layer_head_layout(fig, z.shape)
 
 
 def cross_check_figure(per_head_max_diff: np.ndarray, tolerance: float) -> go.Figure:
