@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from apptest_support import assert_clean, assert_error
 
 from attnviz import figures
 from attnviz.playground import (
@@ -52,22 +53,6 @@ def app(monkeypatch):
     at.run()
     assert_clean(at)
     return at
-
-
-def assert_clean(at) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-
-
-def assert_error(at, *fragments: str) -> str:
-    """The run showed exactly one st.error holding every fragment, raised no exception and drew no chart."""
-    assert not at.exception, [e.value for e in at.exception]
-    assert len(at.error) == 1, [e.value for e in at.error]
-    message = at.error[0].value
-    for fragment in fragments:
-        assert fragment in message, (fragment, message)
-    assert not at.get("plotly_chart")
-    return message
 
 
 def engine_error(config) -> str:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from apptest_support import assert_clean
 
 from attnviz import longseq
 
@@ -38,11 +39,6 @@ def set_form(at, **values) -> None:
 def submit(at) -> None:
     (button,) = [b for b in at.sidebar.button if "Run" in str(b.label)]
     button.click().run()
-
-
-def assert_clean(at) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
 
 
 def charts(at) -> list[dict]:

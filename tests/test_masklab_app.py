@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from apptest_support import assert_clean, assert_error
 
 from attnviz import masklab as ml
 
@@ -32,22 +33,6 @@ def lab(monkeypatch):
     at.run()
     assert_clean(at)
     return at
-
-
-def assert_clean(at) -> None:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-
-
-def assert_error(at, *fragments: str) -> str:
-    """Exactly one st.error holding every fragment, no exception, no chart: the page stopped politely."""
-    assert not at.exception, [e.value for e in at.exception]
-    assert len(at.error) == 1, [e.value for e in at.error]
-    message = at.error[0].value
-    for fragment in fragments:
-        assert fragment in message, (fragment, message)
-    assert not at.get("plotly_chart")
-    return message
 
 
 def _decode(value) -> np.ndarray:
