@@ -1,21 +1,35 @@
-"""Long sequences: every head at t = s in the thousands, pooled on the server; zoom to full resolution."""
+"""Long sequences: every head at t = s in the thousands, pooled on the server; zoom to full resolution.
+
+A shared link (ls_* query params) fills the form and the view and runs that config once (cached for everyone)."""
 
 import streamlit as st
 
 from attnviz import long_figures as lf
-from attnviz.longseq import describe, summary_frame
+from attnviz.longseq import URL_PREFIX, describe, summary_frame
 from attnviz.memory import format_bytes
-from attnviz.ui.long_sequences import cached_analyze, cached_zoom, config_ui, view_ui, zoom_ui
+from attnviz.ui import sharing
+from attnviz.ui.long_sequences import (
+    cached_analyze,
+    cached_zoom,
+    config_ui,
+    row_head_ui,
+    share_ui,
+    tabs_ui,
+    view_ui,
+    zoom_ui,
+)
 from attnviz.ui.widgets import CONFIG_ERRORS, show_config_error
 
 st.title("Long sequences")
 try:
     config = config_ui()
-    result = cached_analyze(config)
+    result = cached_analyze(config)  # a link's config meets the same memory check as the form's
 except CONFIG_ERRORS as err:
+    sharing.show_notices(URL_PREFIX)
     show_config_error(err)
     st.stop()
 
+sharing.show_notices(URL_PREFIX)
 st.caption(describe(result))
 if bool(result.fully_masked.any()):
     st.warning(
@@ -23,9 +37,9 @@ if bool(result.fully_masked.any()):
         f"(policy: {config.masked_rows}).",
         icon="🚫",
     )
-view = view_ui()
+view = view_ui(config)
 
-heads_tab, zoom_tab, rows_tab = st.tabs(["Heads", "Zoom", "Row summaries"], key="ls_tab", on_change="rerun")
+heads_tab, zoom_tab, rows_tab = tabs_ui(config)
 if heads_tab.open:
     with heads_tab:
         fig = lf.pooled_heads_figure(result, view.mode, view.colorscale, view.scaling)
@@ -49,6 +63,7 @@ if zoom_tab.open:
             )
 if rows_tab.open:
     with rows_tab:
-        head = int(st.number_input("Head", min_value=0, max_value=config.num_heads - 1, value=0, key="ls_row_head"))
+        head = row_head_ui(config)
         st.plotly_chart(lf.row_summary_figure(result, head), width="stretch")
         st.dataframe(summary_frame(result).round(4), hide_index=True)
+share_ui(config)

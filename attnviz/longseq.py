@@ -4,7 +4,8 @@
 each head pooled to a pixel budget (max and mean, so switching the view recomputes nothing), whether each pooled
 cell contains any attendable position, and row summaries that stay meaningful at any length (entropy, top-k keys,
 mass on the first token, mass within a local window). ``zoom`` recomputes one region at full resolution from
-its query rows only. No Streamlit here.
+its query rows only. ``to_url`` / ``from_url`` turn a config and the way it is looked at (``LongView``: pooling,
+colours, tab, zoom region, heads) into a shareable link and back. No Streamlit here.
 
     result = analyze(LongConfig(t=8192, num_heads=16, num_kv_heads=4))
     result.pooled_max.shape     # (16, 512, 512)
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnviz import score_mods
+from attnviz import score_mods, urlstate
 from attnviz.engine import DTYPES, MASKED_ROW_POLICIES, check_choice, probability_tiles, resolve_device
 from attnviz.memory import check_memory, estimate_attention_bytes, format_bytes
 from attnviz.playground import SOURCES, MaskSpec, make_source
@@ -38,9 +39,29 @@ LIMITS = {
     "top_k": 16,
 }
 SCORE_MODS = ("none", "alibi", "softcap")
+CAUSAL_CHOICES = ("off", "top_left", "bottom_right")
+DEVICES = ("auto", "cpu", "cuda")
 POOL_MODES = ("max", "mean")
+COLORSCALES = ("Viridis", "Magma", "Blues", "Cividis", "Turbo")
+VIEW_TABS = ("heads", "zoom", "rows")  # the page's tabs: pooled heads, a zoomed region, row summaries
 # Zoomed regions are drawn cell by cell with hover values: at most this many cells.
-MAX_ZOOM_CELLS = 256 * 256
+ZOOM_MAX_SIDE = 256
+MAX_ZOOM_CELLS = ZOOM_MAX_SIDE * ZOOM_MAX_SIDE
+# What the page's form lets a user enter for each numeric field (inclusive). The form's widgets and a shared
+# link's values are held to these; LongConfig.validate() then checks how the fields combine.
+FORM_RANGES: dict[str, tuple[float, float]] = {
+    "t": (1, LIMITS["t"]),
+    "s": (0, LIMITS["s"]),
+    "num_heads": (1, LIMITS["num_heads"]),
+    "num_kv_heads": (0, LIMITS["num_heads"]),
+    "head_dim": (1, LIMITS["head_dim"]),
+    "weight_scale": (0.1, 100.0),
+    "sliding_window": (0, max(LIMITS["t"], LIMITS["s"])),
+    "pixels": (16, LIMITS["pixels"]),
+    "local_window": (1, LIMITS["local_window"]),
+    "top_k": (1, LIMITS["top_k"]),
+    "seed": (0, 2**31 - 1),
+}
 
 
 @dataclass(frozen=True)
@@ -84,7 +105,7 @@ class LongConfig:
         if not 0 <= self.num_kv_heads <= self.num_heads or self.num_heads % self.kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.kv_heads})")
         check_choice("source", self.source, tuple(SOURCES))
-        check_choice("causal", self.causal, ("off", "top_left", "bottom_right"))
+        check_choice("causal", self.causal, CAUSAL_CHOICES)
         check_choice("score_mod", self.score_mod, SCORE_MODS)
         check_choice("masked_rows", self.masked_rows, MASKED_ROW_POLICIES)
         check_choice("dtype", self.dtype, tuple(DTYPES))
@@ -367,3 +388,154 @@ def describe(result: LongResult) -> str:
         f"({format_bytes(cells * 4)} in float32) streamed in {result.seconds:.1f} s and pooled "
         f"{result.factor_rows}×{result.factor_cols} to {len(result.row_edges)}×{len(result.col_edges)} per head."
     )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Shareable links: the config and how it is looked at, as ls_* query parameters
+# ------------------------------------------------------------------------------------------------------------
+
+URL_PREFIX = "ls_"
+# The fields the page's form sets; the others (model_dim) keep their defaults on the page, so they do not travel.
+URL_CONFIG_FIELDS = tuple(f.name for f in fields(LongConfig) if f.name != "model_dim")
+
+
+@dataclass(frozen=True)
+class LongView:
+    """How a result is looked at; changing any of it never recomputes the engine. Field names are the page's
+    widget keys (without the prefix), so a link's ``ls_zoom_q0`` is the "First query" box."""
+
+    mode: str = "max"  # pooling of the heads' maps: one of POOL_MODES
+    scaling: str = "log"  # colour scaling: one of long_figures.COLOR_SCALINGS
+    colorscale: str = "Viridis"  # one of COLORSCALES
+    tab: str = "heads"  # the open tab: one of VIEW_TABS
+    zoom_head: int = 0  # the zoomed head
+    zoom_size: int = 128  # the zoomed region's side (queries and keys)
+    zoom_q0: int = 0  # its first query row
+    zoom_k0: int = 0  # its first key
+    row_head: int = 0  # the head of the row-summary plot
+
+    def region(self, config: LongConfig) -> tuple[int, tuple[int, int], tuple[int, int]]:
+        """(head, (first, stop) query rows, (first, stop) keys) of the zoom, cut at the sequence ends."""
+        rows = (self.zoom_q0, min(config.t, self.zoom_q0 + self.zoom_size))
+        cols = (self.zoom_k0, min(config.keys, self.zoom_k0 + self.zoom_size))
+        return self.zoom_head, rows, cols
+
+
+def view_bounds(config: LongConfig) -> dict[str, tuple[int, int]]:
+    """The inclusive range of each numeric LongView field for this config (the page's zoom and head widgets)."""
+    shortest = min(config.t, config.keys)
+    last_head = config.num_heads - 1
+    return {
+        "zoom_head": (0, last_head),
+        "zoom_size": (min(8, shortest), min(ZOOM_MAX_SIDE, max(shortest, 8))),
+        "zoom_q0": (0, max(0, config.t - 1)),
+        "zoom_k0": (0, max(0, config.keys - 1)),
+        "row_head": (0, last_head),
+    }
+
+
+def default_view(config: LongConfig) -> LongView:
+    """The view a config opens with: its last query rows zoomed (where causal attention has the most keys),
+    the keys around the aligned diagonal."""
+    size = min(128, min(config.t, config.keys))
+    q0 = max(0, config.t - size)
+    k0 = max(0, min(config.keys - size, q0 + _aligned_offset(config) - size // 2))
+    return LongView(zoom_size=size, zoom_q0=q0, zoom_k0=k0)
+
+
+def fit_view(view: LongView, config: LongConfig) -> tuple[LongView, tuple[str, ...]]:
+    """``view`` with every field outside this config's range (``view_bounds``) set back to ``default_view``,
+    and one message per field replaced (e.g. a region past the end after t was made shorter)."""
+    default = default_view(config)
+    changes: dict[str, Any] = {}
+    messages = []
+    for name, (low, high) in view_bounds(config).items():
+        value = getattr(view, name)
+        if not low <= value <= high:
+            changes[name] = getattr(default, name)
+            messages.append(
+                f"{URL_PREFIX}{name}: {value} is outside [{low}, {high}] for t={config.t}, s={config.keys}, "
+                f"{config.num_heads} heads; using the default {changes[name]}"
+            )
+    return replace(view, **changes), tuple(messages)
+
+
+def _config_rules() -> dict[str, urlstate.Rule]:
+    """What each config field may hold when it comes from a URL: the form's ranges and choices."""
+    from attnviz.engine import MASKED_ROW_POLICIES
+
+    R = urlstate.Rule
+    rules = {name: R(low, high) for name, (low, high) in FORM_RANGES.items()}
+    rules.update(
+        source=R(choices=tuple(SOURCES)),
+        causal=R(choices=CAUSAL_CHOICES),
+        score_mod=R(choices=SCORE_MODS),
+        masked_rows=R(choices=MASKED_ROW_POLICIES),
+        device=R(choices=DEVICES),
+        dtype=R(choices=tuple(DTYPES)),
+    )
+    return rules
+
+
+def _view_rules() -> dict[str, urlstate.Rule]:
+    """The view's choices and the widest ranges any config allows (``fit_view`` then applies the config's own)."""
+    from attnviz.long_figures import COLOR_SCALINGS  # long_figures imports this module: import when needed
+
+    R = urlstate.Rule
+    return {
+        "mode": R(choices=POOL_MODES),
+        "scaling": R(choices=COLOR_SCALINGS),
+        "colorscale": R(choices=COLORSCALES),
+        "tab": R(choices=VIEW_TABS),
+        "zoom_head": R(0, LIMITS["num_heads"] - 1),
+        "zoom_size": R(1, ZOOM_MAX_SIDE),
+        "zoom_q0": R(0, LIMITS["t"] - 1),
+        "zoom_k0": R(0, LIMITS["s"] - 1),
+        "row_head": R(0, LIMITS["num_heads"] - 1),
+    }
+
+
+def to_url(config: LongConfig, view: LongView | None = None) -> dict[str, str]:
+    """Query params for a link to this config (and view): only what differs from the defaults, where the view's
+    defaults are ``default_view(config)``. Fields without a widget on the page (model_dim) are left out."""
+    params = {
+        key: value
+        for key, value in urlstate.encode(config, prefix=URL_PREFIX).items()
+        if key[len(URL_PREFIX) :] in URL_CONFIG_FIELDS
+    }
+    if view is not None:
+        params.update(urlstate.encode(view, prefix=URL_PREFIX, defaults=default_view(config)))
+    return params
+
+
+def _last(value: Any) -> str:
+    """A query param may come repeated (a list): the last one wins, as in urlstate."""
+    if isinstance(value, (list, tuple)):
+        return str(value[-1]) if value else ""
+    return str(value)
+
+
+def from_url(params, *, cuda_available: bool | None = None) -> tuple[urlstate.Decoded, urlstate.Decoded]:
+    """(config, view) a link describes; never raises. Values outside the form's ranges or choices fall back to
+    their defaults with a notice, settings that do not work together to the default config. A config too big
+    for memory is NOT refused here: the page runs it through the same memory check as the form.
+
+    A link made on a GPU machine (``ls_device=cuda``) opened where there is none runs on what is available
+    (device "auto"), with a notice. ``cuda_available`` overrides the check (for tests).
+    """
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    names = set(URL_CONFIG_FIELDS) | {f.name for f in fields(LongView)}
+    ours = {
+        key: value for key, value in params.items() if key.startswith(URL_PREFIX) and key[len(URL_PREFIX) :] in names
+    }
+    device_key = URL_PREFIX + "device"
+    notices: list[str] = []
+    if device_key in ours and _last(ours[device_key]).strip() == "cuda" and not cuda_available:
+        del ours[device_key]
+        notices.append(f"{device_key}: the link ran on a CUDA GPU and this server has none; running on the CPU")
+    config = urlstate.decode(ours, LongConfig(), prefix=URL_PREFIX, rules=_config_rules())
+    config = replace(config, notices=(*notices, *config.notices))
+    view = urlstate.decode(ours, default_view(config.config), prefix=URL_PREFIX, rules=_view_rules(), validate=False)
+    fitted, messages = fit_view(view.config, config.config)
+    return config, replace(view, config=fitted, notices=(*view.notices, *messages))
