@@ -11,6 +11,7 @@ customdata is (layer, head).
 
 from __future__ import annotations
 
+import html
 import math
 import warnings
 from collections.abc import Sequence
@@ -19,11 +20,21 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from attnviz.figures import MASKED_COLOR, PROBABILITY_SCALE, Panel, heatmap_grid, position_labels
+from attnviz.figures import (
+    HOVER_CELL_BUDGET,
+    MASKED_COLOR,
+    PROBABILITY_SCALE,
+    Panel,
+    heatmap_grid,
+    image_grid,
+    position_labels,
+)
 from attnviz.head_metrics import METRICS
 
 __all__ = [
     "THUMBNAIL_MAX_CELLS",
+    "plotly_text",
+    "token_labels",
     "downsample",
     "thumbnail_grid",
     "head_figure",
@@ -40,6 +51,18 @@ THUMBNAIL_MAX_CELLS = 48  # a thumbnail of more tokens is block-averaged to at m
 SELECT_COLOR = "#e4572e"
 ABLATED_COLOR = "#e4572e"
 CLEAN_COLOR = "#4c78a8"
+
+
+def plotly_text(text: object) -> str:
+    """Text that Plotly shows literally. Plotly renders a subset of HTML in tick labels, hover text and titles
+    (<b>, <br>, <a href>, <sub>...), so text from a user (tokens of their sentence) is escaped: '<b>' shows as
+    '<b>' and creates no element. Only <, > and & are escaped: Plotly decodes &lt; &gt; &amp; but not &quot;."""
+    return html.escape(str(text), quote=False)
+
+
+def token_labels(n: int, prefix: str, tokens: Sequence[str] | None = None) -> list[str]:
+    """Axis labels 'i:token' with each token escaped for Plotly (``plotly_text``); 'q0', 'q1'... without tokens."""
+    return position_labels(n, prefix, None if tokens is None else [plotly_text(tok) for tok in tokens])
 
 
 def _np(x) -> np.ndarray:
@@ -277,19 +300,21 @@ def head_figure(
     mask_reason: str = "causal",
     side_px: int | None = None,
 ) -> go.Figure:
-    """One head large: (t, s) probabilities with tokens on both axes; masked cells grey with mask_reason."""
+    """One head large: (t, s) probabilities with tokens on both axes; masked cells grey with mask_reason.
+
+    Tokens and the title are text, never markup (``plotly_text``)."""
     p = _np(attn)
     if p.ndim != 2:
         raise ValueError(f"a head's attention must have shape (t, s), got {p.shape}")
     t, s = p.shape
     keys = tokens if key_tokens is None else key_tokens
     k = None if keep is None else np.asarray(_np(keep), dtype=bool)
-    panel = Panel(title=title or "attention", values=p, keep=k, reasons=_keep_reasons(k, mask_reason))
+    panel = Panel(title=plotly_text(title or "attention"), values=p, keep=k, reasons=_keep_reasons(k, mask_reason))
     fig = heatmap_grid(
         [panel],
         cols=1,
-        x_labels=position_labels(s, "k", keys),
-        y_labels=position_labels(t, "q", tokens),
+        x_labels=token_labels(s, "k", keys),
+        y_labels=token_labels(t, "q", tokens),
         value_name="probability",
         zmin=0.0,
         zmax=1.0,
@@ -308,15 +333,26 @@ def layer_figure(
     keep=None,
     mask_reason: str = "causal",
     max_cols: int = 4,
+    hover_budget: int = HOVER_CELL_BUDGET,
 ) -> go.Figure:
-    """One layer's heads side by side: attn (h, t, s). Under GQA each row is one kv head's query heads."""
+    """One layer's heads side by side: attn (h, t, s). Under GQA each row is one kv head's query heads.
+
+    Up to ``hover_budget`` cells (h · t · s) every cell is a hoverable heatmap cell with the tokens on the axes
+    (escaped: text, never markup). Above it the heads are drawn as palette PNG images (no hover, no tick labels),
+    as the Playground draws large grids: a hoverable cell costs ~16 bytes of JSON, a pixel about one byte.
+    """
     a = _np(attn)
     if a.ndim != 3:
         raise ValueError(f"a layer's attention must have shape (heads, t, s), got {a.shape}")
     h, t, s = a.shape
+    if len(tokens) != s:
+        raise ValueError(f"{len(tokens)} tokens given for {s} key positions")
     g = num_kv_heads or h
     slots, cols, row_titles = gqa_slots(h, g, max_cols=max_cols)
     k = None if keep is None else np.asarray(_np(keep), dtype=bool)
+    if k is not None and k.shape != (t, s):
+        raise ValueError(f"keep has shape {k.shape}, expected ({t}, {s})")
+    as_images = h * t * s > hover_budget
     group = h // g
     panels: list[Panel | None] = []
     for u in slots:
@@ -324,13 +360,27 @@ def layer_figure(
             panels.append(None)
             continue
         kv = f" · kv {u // group}" if g < h else ""
-        panels.append(Panel(title=f"L{layer} head {u}{kv}", values=a[u], keep=k, reasons=_keep_reasons(k, mask_reason)))
+        reasons = None if as_images else _keep_reasons(k, mask_reason)
+        panels.append(Panel(title=f"L{layer} head {u}{kv}", values=a[u], keep=k, reasons=reasons))
+    if as_images:
+        masked = "; grey = masked" if k is not None and not k.all() else ""
+        return image_grid(
+            panels,
+            cols=cols,
+            row_titles=row_titles,
+            value_name="probability",
+            zmin=0.0,
+            zmax=1.0,
+            title=f"{h} heads × {t} × {s} tokens = {h * t * s:,} cells, drawn as images (hover needs at most "
+            f"{hover_budget:,} cells){masked}",
+            panel_px=int(min(max(t, s, 200), 260)),  # one pixel a token up to 260 tokens
+        )
     fig = heatmap_grid(
         panels,
         cols=cols,
         row_titles=row_titles,
-        x_labels=position_labels(s, "k", tokens),
-        y_labels=position_labels(t, "q", tokens),
+        x_labels=token_labels(s, "k", tokens),
+        y_labels=token_labels(t, "q", tokens),
         value_name="probability",
         zmin=0.0,
         zmax=1.0,
@@ -410,10 +460,10 @@ def layer_change_figure(
 
 
 def next_token_figure(top_tokens: Sequence[tuple[str, float, float]]) -> go.Figure:
-    """Next-token probabilities before and after an ablation: (token, p clean, p ablated) rows."""
+    """Next-token probabilities before and after an ablation: (token, p clean, p ablated) rows (tokens escaped)."""
     if not top_tokens:
         raise ValueError("no next-token probabilities to draw")
-    names = [f"{i + 1}. {tok}" for i, (tok, _, _) in enumerate(top_tokens)]
+    names = [f"{i + 1}. {plotly_text(tok)}" for i, (tok, _, _) in enumerate(top_tokens)]
     clean = [p for _, p, _ in top_tokens]
     ablated = [q for _, _, q in top_tokens]
     fig = go.Figure(

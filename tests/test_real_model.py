@@ -495,7 +495,7 @@ def test_head_and_layer_figures_show_tokens_and_mask():
     fig = model_figures.head_figure(attn[1], tokens, keep=keep, title="layer 0, head 1")
     z = fig.data[0].z
     np.testing.assert_allclose(z[keep], attn[1][keep], atol=1e-7)
-    assert list(fig.data[0].x) == ["0:<s>", "1:a", "2:cat", "3:sat"]
+    assert list(fig.data[0].x) == ["0:&lt;s&gt;", "1:a", "2:cat", "3:sat"]  # text for Plotly, not a tag
     assert fig.data[1].name.endswith("(masked)") and set(np.asarray(fig.data[1].text)[~keep]) == {"causal"}
     layer = model_figures.layer_figure(attn, tokens, layer=3, num_kv_heads=2, keep=keep)
     names = [tr.name for tr in layer.data if not tr.name.endswith("(masked)")]
@@ -525,3 +525,117 @@ def test_effect_and_check_figures_carry_the_numbers():
     check = model_figures.cross_check_figure(np.array([0.0, 3e-7, 2e-5]), 1e-5)
     assert list(check.data[0].customdata) == [0.0, 3e-7, 2e-5]
     assert list(check.data[0].marker.color)[-1] == model_figures.ABLATED_COLOR  # over the tolerance
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the layer view: images above the hover budget, hover below it
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _png_indices(trace) -> np.ndarray:
+    from base64 import b64decode
+    from io import BytesIO
+
+    from PIL import Image
+
+    assert trace.source.startswith("data:image/png;base64,")
+    image = Image.open(BytesIO(b64decode(trace.source.split(",", 1)[1])))
+    assert image.mode == "P"  # palette indices, one byte a cell
+    return np.asarray(image)
+
+
+def test_layer_figure_draws_large_layers_as_images_whose_pixels_are_the_probabilities():
+    import plotly.graph_objects as go
+
+    from attnviz.figures import MASKED_INDEX
+
+    h, t = 12, 128  # 12 * 128 * 128 = 196,608 cells > HOVER_CELL_BUDGET
+    attn = _random_attention((h, t, t), seed=3) * np.tril(np.ones((t, t)))
+    attn /= attn.sum(-1, keepdims=True)
+    keep = np.tril(np.ones((t, t), dtype=bool))
+    fig = model_figures.layer_figure(attn, [f"w{i}" for i in range(t)], layer=2, keep=keep)
+    images = [tr for tr in fig.data if isinstance(tr, go.Image)]
+    assert len(images) == h and not [tr for tr in fig.data if isinstance(tr, go.Heatmap)]
+    assert [im.name for im in images] == [f"L2 head {u}" for u in range(h)]
+    assert "drawn as images" in fig.layout.title.text and "grey = masked" in fig.layout.title.text
+    for u in (0, 7, 11):
+        index = _png_indices(images[u])
+        assert index.shape == (t, t)  # one pixel per (query, key)
+        assert (index[~keep] == MASKED_INDEX).all() and (index[keep] < MASKED_INDEX).all()
+        # the shared 0-1 scale: palette entry round(p * 254)
+        expected = np.round(np.clip(attn[u], 0, 1) * (MASKED_INDEX - 1)).astype(np.uint8)
+        np.testing.assert_array_equal(index[keep], expected[keep])
+    assert fig.layout.coloraxis.cmin == 0.0 and fig.layout.coloraxis.cmax == 1.0
+
+
+def test_layer_figure_keeps_hover_for_small_inputs_and_the_budget_decides():
+    import plotly.graph_objects as go
+
+    tokens = ["[CLS]", "the", "cat", "sat", "[SEP]"]
+    attn = _random_attention((12, 5, 5), seed=4)
+    fig = model_figures.layer_figure(attn, tokens, layer=0)
+    heatmaps = [tr for tr in fig.data if isinstance(tr, go.Heatmap)]
+    assert len(heatmaps) == 12 and not [tr for tr in fig.data if isinstance(tr, go.Image)]
+    assert list(heatmaps[3].x) == ["0:[CLS]", "1:the", "2:cat", "3:sat", "4:[SEP]"]
+    assert "probability: %{z:.4g}" in heatmaps[3].hovertemplate
+    np.testing.assert_allclose(np.asarray(heatmaps[3].z, dtype=float), attn[3], atol=1e-7)
+    # exactly at the budget: hover; one cell over: images
+    at_budget = model_figures.layer_figure(attn, tokens, layer=0, hover_budget=12 * 25)
+    assert all(isinstance(tr, go.Heatmap) for tr in at_budget.data)
+    over = model_figures.layer_figure(attn, tokens, layer=0, hover_budget=12 * 25 - 1)
+    assert sum(isinstance(tr, go.Image) for tr in over.data) == 12
+    with pytest.raises(ValueError, match="4 tokens given for 5 key positions"):
+        model_figures.layer_figure(attn, tokens[:4], layer=0)
+    with pytest.raises(ValueError, match="keep has shape"):
+        model_figures.layer_figure(attn, tokens, layer=0, keep=np.ones((4, 5), dtype=bool))
+
+
+def test_layer_view_payload_at_256_tokens_is_a_fraction_of_the_heatmaps():
+    tokens = [f"w{i}" for i in range(256)]
+    attn = _random_attention((12, 256, 256), seed=5)  # noise: the worst case for PNG compression
+    images = len(model_figures.layer_figure(attn, tokens, layer=0).to_json())
+    heatmaps = len(model_figures.layer_figure(attn, tokens, layer=0, hover_budget=10**9).to_json())
+    assert heatmaps > 4_000_000 and images < 1_000_000 and images * 4 < heatmaps
+
+
+# ------------------------------------------------------------------------------------------------------------
+# tokens are text, never markup
+# ------------------------------------------------------------------------------------------------------------
+
+HOSTILE = ["[CLS]", "<b>hi</b>", "&", '<a href="javascript:alert(1)">x</a>', '<img src=x onerror="window.__xss=1">']
+ESCAPED = ["0:[CLS]", "1:&lt;b&gt;hi&lt;/b&gt;", "2:&amp;", '3:&lt;a href="javascript:alert(1)"&gt;x&lt;/a&gt;']
+
+
+def test_plotly_text_escapes_only_what_plotly_reads_as_markup():
+    assert model_figures.plotly_text('<b>"x" & y</b>') == '&lt;b&gt;"x" &amp; y&lt;/b&gt;'  # quotes stay quotes
+    assert model_figures.plotly_text("&lt;") == "&amp;lt;"  # an entity typed by the user shows as typed
+    assert model_figures.token_labels(2, "k") == ["k0", "k1"]
+
+
+def _strings(node) -> list[str]:
+    """Every string in a decoded figure JSON (labels, hover templates, titles...)."""
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, dict):
+        node = list(node.values())
+    return [x for item in node for x in _strings(item)] if isinstance(node, list) else []
+
+
+@pytest.mark.parametrize("build", ["head", "layer", "layer_images"])
+def test_hostile_tokens_are_escaped_in_every_label_and_hover(build):
+    attn = _random_attention((12, 5, 5), seed=6)
+    if build == "head":
+        fig = model_figures.head_figure(attn[0], HOSTILE, title="<i>layer</i> 0")
+        assert fig.layout.annotations[0].text == "&lt;i&gt;layer&lt;/i&gt; 0"  # the panel title is text too
+    else:
+        budget = 1 if build == "layer_images" else model_figures.HOVER_CELL_BUDGET
+        fig = model_figures.layer_figure(attn, HOSTILE, layer=1, hover_budget=budget)
+    strings = _strings(json.loads(fig.to_json()))
+    for raw in ("<b>hi", "hi</b>", "<a ", "x</a>", "<img"):
+        assert not [x for x in strings if raw in x], raw  # no token reaches Plotly as markup
+    if build != "layer_images":  # images carry no labels at all
+        trace = fig.data[0]
+        assert list(trace.x)[:4] == ESCAPED and list(trace.y)[:4] == ESCAPED
+        assert list(trace.x)[4] == '4:&lt;img src=x onerror="window.__xss=1"&gt;'
+    names = model_figures.next_token_figure([("<b>x</b>", 0.5, 0.1), ("&", 0.2, 0.6)]).data[0].y
+    assert list(names) == ["1. &lt;b&gt;x&lt;/b&gt;", "2. &amp;"]
