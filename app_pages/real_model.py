@@ -3,20 +3,25 @@ the attnviz engine's recomputation of a layer from the model's own weights."""
 
 import streamlit as st
 
+from attnviz import real_model_state as rms
 from attnviz.ui import real_model as rm
+from attnviz.ui import sharing
 from attnviz.ui.widgets import CONFIG_ERRORS, show_config_error
 
 st.title("Real model")
 try:
+    rm.url_ui()  # a shared link (rm_* params) sets the widgets on the page's first run
     source = rm.source_ui()
     config = rm.text_ui()  # drawn before the source is checked, so a bad path never hides the text
     path = rm.model_dir(source)
     loaded = rm.load_model_ui(path)
     run = rm.cached_run(loaded, path, config)
 except CONFIG_ERRORS as err:
+    rm.link_notices()
     show_config_error(err)
     st.stop()
 
+rm.link_notices()
 info = loaded.info
 st.caption(rm.describe(info, run, loaded.tokenizer))
 metrics = rm.cached_metrics(run, path, config, info.num_kv_heads)
@@ -38,3 +43,7 @@ if ablation_tab.open:
 if check_tab.open:
     with check_tab:
         rm.cross_check_view(loaded, path, config)
+
+view = rm.current_view(info, source, config, metrics)
+sharing.write_url(rms.URL_PREFIX, rms.to_url(view))
+rm.share_ui(view)

