@@ -20,7 +20,6 @@ from attnviz.engine import DTYPES, MASKED_ROW_POLICIES
 from attnviz.long_figures import COLOR_SCALINGS
 from attnviz.playground import SOURCES
 from attnviz.ui import sharing
-from attnviz.urlstate import Decoded
 
 PREFIX = ls.URL_PREFIX
 HELP = {
@@ -63,32 +62,13 @@ def _devices() -> list[str]:
     return ["auto", "cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-_MARKDOWN_PUNCTUATION = str.maketrans({c: "\\" + c for c in "\\`*_{}[]()#+-.!|<>~$:"})
-# GitHub-flavoured markdown links bare addresses (http://, www., a@b.c) even when escaped; a zero-width space
-# inside the pattern leaves the text as it looks but no longer a link.
-_AUTOLINK_BREAKS = (("\\:", "\u200b\\:"), ("www", "ww\u200bw"), ("@", "\u200b@"))
-
-
-def _plain_text(notice: str) -> str:
-    text = notice.translate(_MARKDOWN_PUNCTUATION)
-    for old, new in _AUTOLINK_BREAKS:
-        text = text.replace(old, new)
-    return text
-
-
-def _plain(decoded: Decoded) -> Decoded:
-    """The notices as plain text for st.warning's markdown: they quote the link's own text, which must not become
-    a link, emphasis or a colour directive."""
-    return replace(decoded, notices=tuple(_plain_text(n) for n in decoded.notices))
-
-
 def _ensure_state() -> None:
     """Fill the form's widgets: from a shared link on the page's first run in this session, else from the last
     config run here (widget state is dropped while another page is open), else the defaults."""
     decoded = sharing.read_url(PREFIX, ls.from_url)
     if decoded is not None:
         config, view = decoded
-        sharing.remember_notices(PREFIX, _plain(config), _plain(view))
+        sharing.remember_notices(PREFIX, config, view)  # shown as literal text by sharing.show_notices
         if config.read:
             st.session_state[_CONFIG] = config.config
         if view.read:
