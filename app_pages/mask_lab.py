@@ -5,6 +5,7 @@ import streamlit as st
 from attnviz import figures
 from attnviz import masklab as ml
 from attnviz.ui import masklab as ui
+from attnviz.ui import sharing
 from attnviz.ui.widgets import CONFIG_ERRORS, show_config_error
 
 st.title("Mask Lab")
@@ -12,19 +13,18 @@ try:
     config = ui.config_ui()
     built = ui.cached_build(config)
 except CONFIG_ERRORS as err:
+    sharing.show_notices(ml.URL_PREFIX)
     show_config_error(err)
     st.stop()
 
+sharing.show_notices(ml.URL_PREFIX)
 ui.preset_note()
 ui.summary_caption(config, built)
 ui.dead_rows_warning(built)
+share_slot = st.container()  # filled at the end, once the open tab's pickers have their values
 
 # Only the open tab runs, so a tab's controls never rebuild the others' figures.
-tabs = st.tabs(
-    ["Mask", "Block sparsity", "Logits → probabilities", "Framework comparison", "Mask sense & export"],
-    key="ml_tab",
-    on_change="rerun",
-)
+tabs = st.tabs(list(ui.TAB_LABELS.values()), key="ml_tab", on_change="rerun")
 if tabs[0].open:
     with tabs[0]:
         panels = ui.panel_ui(config, built)
@@ -82,3 +82,9 @@ if tabs[3].open:
 if tabs[4].open:
     with tabs[4]:
         ui.sense_ui(config, built)
+
+# The address bar always holds this mask and view; the link in the share box is the same URL.
+params = ml.to_url(config, ui.current_view(config, built), preset=ui.current_preset())
+sharing.write_url(ml.URL_PREFIX, params)
+with share_slot:
+    ui.share_ui(config, params)

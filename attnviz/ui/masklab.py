@@ -2,11 +2,13 @@
 
 Widget keys are prefixed ``ml_`` (session state is app-wide). A preset writes its values into those keys
 through the preset selectbox's on_change callback, so every control shows the preset and stays editable.
+A shared link (``ml_*`` query params, see ``masklab.to_url``) writes its values into the same keys on the
+page's first run in a session; ``current_view`` reads the open view back for the link.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -15,8 +17,18 @@ import torch
 
 from attnviz import masklab as ml
 from attnviz.engine import MASKED_ROW_POLICIES, AttentionResult
+from attnviz.ui import sharing
+from attnviz.urlstate import Decoded
 
-PREFIX = "ml_"
+PREFIX = ml.URL_PREFIX
+# The page's tabs: the URL name of each (masklab.VIEW_TABS) and its label.
+TAB_LABELS = {
+    "mask": "Mask",
+    "blocks": "Block sparsity",
+    "effect": "Logits → probabilities",
+    "compare": "Framework comparison",
+    "sense": "Mask sense & export",
+}
 
 HELP = {
     "preset": "Load a classic mask bug or pattern. Every control stays editable afterwards.",
@@ -74,6 +86,121 @@ def _ensure_defaults() -> None:
     if _key("preset") not in st.session_state:
         st.session_state[_key("preset")] = ml.DEFAULT_PRESET
         _load_values(ml.config_values(ml.PRESETS[ml.DEFAULT_PRESET].config))
+    # A shared link (ml_* query params) sets the widgets on the page's first run in this session.
+    decoded = sharing.read_url(PREFIX, _read_link)
+    if decoded is not None:
+        config, view = decoded
+        sharing.remember_notices(PREFIX, config, view)  # shown as literal text by show_notices
+        st.session_state[_key("preset")] = ml.link_preset(st.query_params.to_dict())
+        _load_values(ml.config_values(config.config))
+        _apply_link_grid(config.config)
+        _apply_link_view(view)
+
+
+def _read_link(params: dict) -> tuple[Decoded, Decoded]:
+    config = ml.from_url(params)
+    return config, ml.view_from_url(params, config.config)
+
+
+def _apply_link_grid(config: ml.MaskLabConfig) -> None:
+    """Put a linked checkbox grid into the editor: it becomes the editor's base, and a new editor key drops edits."""
+    custom = config.custom
+    if custom.shape and custom.source == ml.EDITED_GRID and custom.shape == (config.t, config.s):
+        st.session_state.setdefault(_key("grid_base"), {})[(config.t, config.s)] = custom.array()
+        st.session_state[_key("grid_version")] = st.session_state.get(_key("grid_version"), 0) + 1
+
+
+# MaskLabView field -> the widget keys it sets (tuples spread over several pickers).
+_VIEW_KEYS: dict[str, tuple[str, ...]] = {
+    "panel_batch": ("view_batch",),
+    "why": ("why_b", "why_h", "why_q"),
+    "block": ("block",),
+    "effect_batch": ("fx_b",),
+    "effect_head": ("fx_h",),
+    "effect_seed": ("fx_seed",),
+    "effect_policy": ("fx_policy",),
+    "compare_seed": ("cmp_seed",),
+    "compare_dim": ("cmp_d",),
+    "compare_at": ("cmp_b", "cmp_h"),
+    "sense_at": ("sense_b", "sense_h"),
+}
+
+
+def _apply_link_view(decoded: Decoded) -> None:
+    """Open the linked tab and set the pickers the link names (the others keep the page's own choice)."""
+    view: ml.MaskLabView = decoded.config
+    if "tab" in decoded.read:
+        st.session_state[_key("tab")] = TAB_LABELS[view.tab]
+    for name in decoded.read:
+        value = getattr(view, name, None)
+        keys = _VIEW_KEYS.get(name, ())
+        values = value if isinstance(value, tuple) else (value,)
+        if len(values) == len(keys):
+            for key, v in zip(keys, values, strict=True):
+                st.session_state[_key(key)] = v
+
+
+def current_preset() -> str:
+    name = st.session_state.get(_key("preset"))
+    return name if name in ml.PRESETS else ml.DEFAULT_PRESET
+
+
+def current_view(config: ml.MaskLabConfig, built: Built) -> ml.MaskLabView:
+    """The open tab and that tab's pickers, as a link carries them.
+
+    Only the open tab's pickers travel: Streamlit forgets the widgets of a closed tab, so that is all the page
+    itself would show. A picker still on the page's automatic choice travels as ``()``.
+    """
+    state = st.session_state
+    tab = next((name for name, label in TAB_LABELS.items() if label == state.get(_key("tab"))), "mask")
+    dead = built.dead.nonzero().tolist()  # [(b|0, h|0, q)]: the pickers start on the first fully-masked row
+    sizes = {"b": config.batch, "h": config.heads, "q": config.t}
+
+    def picked(label: str, names: str, auto: tuple[int, ...]) -> tuple[int, ...]:
+        keys = [_key(f"{label}_{n}") for n in names]
+        if not all(k in state for k in keys):
+            return ()
+        value = tuple(min(int(state[k]), sizes[n] - 1) for k, n in zip(keys, names, strict=True))
+        return () if value == auto else value
+
+    def number(key: str, default: int, n: int | None = None) -> int:
+        value = state.get(_key(key))
+        value = default if value is None else int(value)
+        return min(value, n - 1) if n is not None else value
+
+    view = ml.MaskLabView(tab=tab)
+    if tab in ("mask", "blocks") and built.keep.shape[0] * built.keep.shape[1] > 8:
+        view = replace(view, panel_batch=number("view_batch", 0, config.batch))
+    if tab == "mask":
+        view = replace(view, why=picked("why", "bhq", tuple(dead[0]) if dead else (0, 0, config.t - 1)))
+    elif tab == "blocks":
+        view = replace(view, block=number("block", 16))
+    elif tab == "effect":
+        policy = state.get(_key("fx_policy"))
+        view = replace(
+            view,
+            effect_batch=number("fx_b", 0, config.batch),
+            effect_head=number("fx_h", 0, config.heads),
+            effect_seed=number("fx_seed", 0),
+            effect_policy=policy if policy in MASKED_ROW_POLICIES else MASKED_ROW_POLICIES[0],
+        )
+    elif tab == "compare" and _comparable(config):
+        view = replace(
+            view,
+            compare_seed=number("cmp_seed", 0),
+            compare_dim=number("cmp_d", 8),
+            compare_at=picked("cmp", "bh", tuple(dead[0][:2]) if dead else (0, 0)),
+        )
+    elif tab == "sense":
+        view = replace(view, sense_at=picked("sense", "bh", tuple(dead[0][:2]) if dead else (0, 0)))
+    return view
+
+
+def share_ui(config: ml.MaskLabConfig, params: dict[str, str]) -> None:
+    """The share link, and what it cannot carry (an uploaded grid, an over-long list)."""
+    sharing.share_link(params, what="the Mask Lab with this mask, tab and pickers")
+    for note in ml.link_limits(config):
+        st.caption(f"📎 {note}")
 
 
 def _on_upload() -> None:
@@ -213,7 +340,7 @@ def _custom_grid(values: dict) -> ml.Custom:
     if t > ml.EDITOR_MAX or s > ml.EDITOR_MAX:
         return ml.Custom(on=on, negate=negate)  # validate() says: empty, upload a .npy or make it smaller
     grid = _grid_editor(t, s)
-    return ml.Custom.from_array(grid, on=on, negate=negate, source="edited grid")
+    return ml.Custom.from_array(grid, on=on, negate=negate, source=ml.EDITED_GRID)
 
 
 def _grid_base(t: int, s: int) -> np.ndarray:
@@ -410,10 +537,10 @@ def explain_table(table: pd.DataFrame) -> None:
 
 
 def block_size_ui() -> int:
+    st.session_state.setdefault(_key("block"), 16)  # set here, not as default=: a link may have set it already
     size = st.segmented_control(
         "Block size",
         list(ml.BLOCK_SIZES),
-        default=16,
         key=_key("block"),
         required=True,
         help="FlexAttention's sparse block size (its default is 128).",
@@ -440,10 +567,16 @@ def effect_ui(config: ml.MaskLabConfig) -> tuple[int, int, int, str]:
     return int(batch), int(head), int(seed), policy if policy is not None else MASKED_ROW_POLICIES[0]
 
 
+def _comparable(config: ml.MaskLabConfig) -> bool:
+    return (
+        config.t <= ml.COMPARE_MAX and config.s <= ml.COMPARE_MAX and config.batch * config.heads <= ml.COMPARE_MAX_ROWS
+    )
+
+
 def comparison_ui(config: ml.MaskLabConfig) -> tuple[int, int] | None:
     """(seed, head_dim) for the comparison, or None (with a message) when the mask is too large to compare."""
     b, h, t, s = config.batch, config.heads, config.t, config.s
-    if t > ml.COMPARE_MAX or s > ml.COMPARE_MAX or b * h > ml.COMPARE_MAX_ROWS:
+    if not _comparable(config):
         st.info(
             f"The framework comparison runs on small masks: t, s ≤ {ml.COMPARE_MAX} and b·h ≤ "
             f"{ml.COMPARE_MAX_ROWS} (this one is b={b}, h={h}, t={t}, s={s}). Fully-masked rows behave the "
@@ -459,10 +592,10 @@ def comparison_ui(config: ml.MaskLabConfig) -> tuple[int, int] | None:
         key=_key("cmp_seed"),
         help="q, k, v ~ N(0, 1) per head, drawn from torch.Generator().manual_seed(seed).",
     )
+    st.session_state.setdefault(_key("cmp_d"), 8)  # not index=: a link may have set it already
     head_dim = cols[1].selectbox(
         "head dim d",
-        [4, 8, 16, 32],
-        index=1,
+        list(ml.COMPARE_DIMS),
         key=_key("cmp_d"),
         help="Per-head feature size of q, k, v (scale 1/√d in every framework).",
     )
