@@ -24,7 +24,10 @@ __all__ = ["from_keras", "from_torch", "torch_masks_to_keep", "keep_to_torch_mas
 def _copy(param: nn.Parameter | None, array, label: str) -> None:
     if param is None:
         raise ValueError(f"{label}: the attnviz layer has no such weight")
-    data = torch.as_tensor(np.asarray(array), dtype=param.dtype, device=param.device)
+    # A torch tensor may live on another device than the layer (a CUDA module copied to a CPU layer, or back);
+    # np.asarray would refuse a CUDA tensor, so tensors are moved directly.
+    source = array.detach() if isinstance(array, torch.Tensor) else torch.as_tensor(np.asarray(array))
+    data = source.to(dtype=param.dtype, device=param.device)
     if tuple(data.shape) != tuple(param.shape):
         raise ValueError(f"{label}: source weight has shape {tuple(data.shape)}, attnviz expects {tuple(param.shape)}")
     with torch.no_grad():
