@@ -40,6 +40,7 @@ def estimate_attention_bytes(
     training_dropout: bool = False,
     masked: bool = True,
     need_logits: bool = True,
+    tile_cells: int = 2**19,
 ) -> int:
     """Peak bytes of one ``attention`` call (need_weights) or ``attention_output`` call (not need_weights).
 
@@ -56,7 +57,7 @@ def estimate_attention_bytes(
     if not need_weights:
         return per_head + 5 * mask  # the bool mask and SDPA's float copy of it
     kept = 2 if need_logits else 1  # logits and probabilities, or probabilities only
-    total = kept * cells * work + mask + per_head + 3 * min(cells, 2**19) * work
+    total = kept * cells * work + mask + per_head + 3 * min(cells, tile_cells) * work  # a tile's temporaries
     if half:
         total += kept * cells * 2  # cast back to half precision
     if training_dropout:
@@ -143,7 +144,8 @@ def check_memory(
             options.append(f"batch <= {batch}")
         if options:
             advice = " What fits: " + ", or ".join(options) + "."
+    where = "the GPU's" if device is not None and torch.device(device).type == "cuda" else "this machine's"
     raise ValueError(
         f"{what} needs about {format_bytes(needed)} but the memory budget is {format_bytes(limit)}.{advice} "
-        f"The budget is half this machine's memory; set {BUDGET_ENV} to change it."
+        f"The budget is half {where} memory; set {BUDGET_ENV} to change it."
     )

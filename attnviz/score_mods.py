@@ -49,10 +49,10 @@ def alibi(num_heads: int) -> ScoreMod:
             raise ValueError(f"alibi was built for {num_heads} heads but the attention has {heads}")
 
     def fn(score, b, h, q, kv):
-        # h is (1, H, 1, 1) over all heads, or (1, 1, 1, 1) when the engine scores one head per tile (the engine
-        # calls check() with the real head count first); a head index past the schedule is still refused here.
-        if h.shape[1] not in (1, num_heads) or int(h.max()) >= num_heads:
-            check(h.shape[1] if h.shape[1] != 1 else int(h.max()) + 1)
+        # h holds the true head indices of the tile, (1, H', 1, 1) for a block of heads (the engine calls check()
+        # with the real head count first); a head index past the schedule is still refused here.
+        if int(h.max()) >= num_heads:
+            check(int(h.max()) + 1)
         return score + slopes.to(score.device, score.dtype)[h] * (kv - q).to(score.dtype)
 
     return ScoreMod(f"alibi({num_heads})", fn, check)

@@ -104,6 +104,26 @@ def test_tiled_path_keeps_the_dtype_rules(monkeypatch, dtype):
     _assert_same(one_block, tiled)
 
 
+@pytest.mark.parametrize("groups", [8, 4, 1], ids=["mha", "gqa_group_2", "mqa"])
+@pytest.mark.parametrize("mask", ["per_head", "valid_lens_with_empty_rows", "none"])
+@pytest.mark.parametrize("mode", ["scaled_dot", "additive"])
+def test_tiles_of_several_heads_equal_one_block(monkeypatch, groups, mask, mode):
+    """Whole heads share a tile when they fit (the GPU's large tiles); 3 heads per tile starts blocks mid-group."""
+    q, k, v = _qkv(h=8, g=groups, v=8)
+    # additive: a per-head (h, 1, 1, d) scale, so each block must take its own heads' rows of it
+    scale = torch.linspace(0.5, 1.5, 8 * 8).view(8, 1, 1, 8) if mode == "additive" else None
+    kwargs = dict(mask=MASKS[mask], scale=scale, score_mode=mode, score_mod=score_mods.alibi(8))
+    one_block = attention(q, k, v, **kwargs)
+    monkeypatch.setattr(engine, "TILE_ELEMENTS", 23 * 37 * 3)  # 3 whole heads per tile: blocks 0-2, 3-5, 6-7
+    tiles = list(probability_tiles(q, k, **kwargs))
+    assert [(tile.b.start, tile.h.start, tile.h.stop) for tile in tiles] == [
+        (bi, h0, min(h0 + 3, 8)) for bi in range(2) for h0 in (0, 3, 6)
+    ]
+    _assert_same(one_block, attention(q, k, v, **kwargs))
+    fast = attention_output(q, k, v, mask=MASKS[mask], scale=None)  # the SDPA path is untouched by tiling
+    torch.testing.assert_close(fast, attention(q, k, v, mask=MASKS[mask]).output, rtol=1e-5, atol=1e-6)
+
+
 def test_gradients_flow_through_the_differentiable_block(monkeypatch):
     monkeypatch.setattr(engine, "TILE_ELEMENTS", 40)
     q, k, v = _qkv()
