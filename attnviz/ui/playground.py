@@ -17,6 +17,7 @@ from attnviz import playground as pg
 from attnviz import uploads
 from attnviz.engine import DTYPES, MASKED_ROW_POLICIES, SCORE_MODES, AttentionResult
 from attnviz.ui import sharing
+from attnviz.ui.widgets import literal
 
 PREFIX = "pg_"
 
@@ -316,9 +317,10 @@ class Upload:
         return any(not np.array_equal(self.original[k], self.tensors[k]) for k in self.tensors)
 
     def describe(self) -> str:
+        """One markdown line: the file's name (as literal text: the user chose it), the shapes and the hash."""
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in self.tensors.items())
         edits = " · edited in the table" if self.edited else ""
-        return f"**{self.name}**: {shapes} · float32 · sha256 {self.sha256[:12]}…{edits}"
+        return f"**{literal(self.name)}**: {shapes} · float32 · sha256 {self.sha256[:12]}…{edits}"
 
 
 def accept_upload(name: str, data: bytes) -> bool:
@@ -395,7 +397,7 @@ def upload_ui() -> None:
         )
         error = st.session_state.get(UPLOAD_ERROR)
         if error:
-            st.error(f"**Upload refused:** {error}", icon="⚠️")
+            st.error(f"**Upload refused:** {literal(error)}", icon="⚠️")
         if in_use and upload is not None:
             st.success(f"Using uploaded inputs — {upload.describe()}", icon="📎")
             st.button(
@@ -407,7 +409,7 @@ def upload_ui() -> None:
         else:
             st.caption("In use: generated inputs (the **Q/K/V source** setting).")
             if upload is not None:
-                st.button(f"Use {upload.name} again", key=_key("upload_again"), on_click=_use_uploaded)
+                st.button(f"Use {literal(upload.name)} again", key=_key("upload_again"), on_click=_use_uploaded)
 
 
 def input_notices() -> None:
@@ -415,7 +417,7 @@ def input_notices() -> None:
     error = st.session_state.get(UPLOAD_ERROR)
     if error:
         kept = "the previous uploaded inputs" if uploaded_in_use() else "the generated inputs"
-        st.error(f"**Upload refused:** {error} — still showing {kept}.", icon="⚠️")
+        st.error(f"**Upload refused:** {literal(error)} — still showing {kept}.", icon="⚠️")
     upload = uploaded_in_use()
     if upload is not None:
         st.caption(f"📎 Inputs: {upload.describe()}")
@@ -482,7 +484,7 @@ def inputs_editor_ui() -> None:
         try:
             upload = _commit_edit(upload, name, batch_index, edited)
         except ValueError as err:
-            st.error(f"**Edit refused:** {err} — the previous value is still used.", icon="⚠️")
+            st.error(f"**Edit refused:** {literal(err)} — the previous value is still used.", icon="⚠️")
         if upload.edited:
             st.button("Undo all table edits", key=_key("edit_undo"), on_click=_undo_edits)
 

@@ -15,6 +15,7 @@ import streamlit as st
 
 from attnviz import exports
 from attnviz.classroom_figures import PLOTLY_CONFIG
+from attnviz.ui.widgets import literal
 from attnviz.urlstate import Decoded
 
 
@@ -56,12 +57,15 @@ def remember_notices(prefix: str, *decoded: Decoded) -> None:
 
 
 def show_notices(prefix: str) -> None:
-    """Say which settings of the opened link were ignored (until the page is reloaded without them)."""
+    """Say which settings of the opened link were ignored (until the page is reloaded without them).
+
+    A notice quotes the link's value, which anyone who makes a link can choose: it is shown as literal text.
+    """
     notices = st.session_state.get(f"{prefix}_url_notices")
     if notices:
         st.warning(
             "**Some settings in the link were not valid and were replaced by defaults:**\n"
-            + "\n".join(f"- {n}" for n in notices),
+            + "\n".join(f"- {literal(n)}" for n in notices),
             icon="🔗",
         )
 

@@ -1,6 +1,8 @@
-"""Small display helpers shared by pages."""
+"""Small display helpers shared by pages, and ``literal``: user text made safe to put in Streamlit markdown."""
 
 from __future__ import annotations
+
+import re
 
 import streamlit as st
 
@@ -11,6 +13,41 @@ POLICY_EFFECT = {
     "uniform": "they attend uniformly (1/s) to every key, masked or not — as Keras' Attention layer and d2l do",
     "nan": "they are NaN, and the NaN spreads into the output — as torch.nn.MultiheadAttention does",
 }
+
+
+# What Streamlit's markdown (CommonMark + GFM + math + its :directives:) would draw from a piece of text, each
+# disarmed with a backslash (CommonMark: a backslash before ASCII punctuation makes it literal):
+_RENDERED = re.compile(
+    r"""
+      [\\`*<$~]                       # escapes, code, emphasis, HTML and <autolinks>, $math$, ~strikethrough~
+    | (?<=\])[(\[]                     # ](url) and ][ref]: a link or an image that fetches its URL
+    | (?<=[0-9A-Za-z])\[                # :red[text] and other directives
+    | (?<![0-9A-Za-z])_ | _(?![0-9A-Za-z])  # _emphasis_ (an underscore inside a word, as in num_heads, is text)
+    | &(?=\#?[0-9A-Za-z]+;)             # entities: &lt; would show as <
+    | :(?=[A-Za-z/])                    # scheme:// autolinks, :emoji: and :material/icon: shortcodes
+    | (?<=\bwww)\.                      # www. autolinks
+    """,
+    re.VERBOSE,
+)
+# A heading, list, quote, table or [link reference]: definition if it starts a line.
+_BLOCK_START = re.compile(r"^(\s*\d*)([#+\-=>|\[]|(?<=\d)[.)])")
+_LINE_BREAKS = re.compile(r"[\r\n\u2028\u2029]+")
+
+
+def literal(text: object) -> str:
+    r"""``text`` (user input, a file name, a URL value, an error message quoting them) as literal markdown.
+
+    Use it wherever such text is put into st.markdown / st.caption / st.error / st.warning / st.info /
+    st.success / st.toast, a widget label or a help tooltip: the reader sees the characters given, and nothing in
+    them is rendered (no HTML, image, link, emphasis, code, math, directive or shortcode). Line breaks become
+    spaces, so the text stays inside its sentence or list item. Only what would render is escaped, so ordinary
+    messages (``num_heads (6) must be divisible by num_kv_heads (4)``) keep their markdown source as it is.
+
+        >>> print(literal("![t](http://x/y.png) <b>bold</b> **x** num_heads [8, 9]"))
+        ![t]\(http\://x/y.png) \<b>bold\</b> \*\*x\*\* num_heads [8, 9]
+    """
+    escaped = _RENDERED.sub(lambda m: "\\" + m.group(0), _LINE_BREAKS.sub(" ", str(text)))
+    return _BLOCK_START.sub(lambda m: m.group(1) + "\\" + m.group(2), escaped, count=1)
 
 
 def _short(items: list, limit: int = 10) -> str:
@@ -43,12 +80,15 @@ CONFIG_ERRORS = (ValueError, RuntimeError, MemoryError)
 
 
 def show_config_error(err: Exception) -> None:
-    """Say what is wrong in the page (never a traceback); the user's settings stay as they are."""
+    """Say what is wrong in the page (never a traceback); the user's settings stay as they are.
+
+    The message is shown as literal text: it may quote what the user typed, uploaded or put in the link.
+    """
     if isinstance(err, ValueError):
-        st.error(f"**This configuration cannot run:** {err}", icon="⚠️")
+        st.error(f"**This configuration cannot run:** {literal(err)}", icon="⚠️")
     else:
         st.error(
-            f"**The engine could not run this configuration** ({type(err).__name__}: {err}). "
+            f"**The engine could not run this configuration** ({type(err).__name__}: {literal(err)}). "
             "Try smaller sizes, float32, or the cpu device.",
             icon="⚠️",
         )
