@@ -7,6 +7,7 @@ Masked cells are drawn in a flat grey on a separate layer, so "masked" never loo
 
 from __future__ import annotations
 
+import html
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ __all__ = [
     "contribution_norms_figure",
     "shapes_frame",
     "position_labels",
+    "plotly_text",
     "mask_figure",
     "mask_panels",
     "block_sparsity_figure",
@@ -63,8 +65,27 @@ def _np(x) -> np.ndarray:
     return x.detach().float().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
 
 
+def plotly_text(text: object) -> str:
+    """``text`` as Plotly shows it literally: Plotly draws a subset of HTML (<b>, <br>, <a href>, <sub>...) in
+    titles, tick labels, hover text and legends, so user text (tokens, labels) has <, > and & escaped. Plotly
+    decodes &lt; &gt; &amp; back for display (not &quot;, so quotes stay as they are).
+
+        >>> plotly_text('<b>bold</b> & <a href="x">')
+        '&lt;b&gt;bold&lt;/b&gt; &amp; &lt;a href="x"&gt;'
+    """
+    return html.escape(str(text), quote=False)
+
+
+def _label_text(labels: Sequence[str] | None) -> list[str] | None:
+    return None if labels is None else [plotly_text(label) for label in labels]
+
+
 def position_labels(n: int, prefix: str, labels: Sequence[str] | None = None) -> list[str]:
-    """Axis labels: the given tokens (made unique so Plotly does not merge repeated tokens), else 'q0', 'q1'..."""
+    """Axis labels: the given tokens (made unique so Plotly does not merge repeated tokens), else 'q0', 'q1'...
+
+    The labels are put in as given: pass user text through ``plotly_text`` first (the figure builders here that
+    take ``query_labels`` / ``key_labels`` do).
+    """
     if labels is None:
         return [f"{prefix}{i}" for i in range(n)]
     if len(labels) != n:
@@ -87,7 +108,11 @@ def heatmap_grid(
     y_title: str = "query",
     cell_px: int = 26,
 ) -> go.Figure:
-    """A grid of heatmaps sharing one colour scale (and a grey layer for masked cells); None leaves a slot empty."""
+    """A grid of heatmaps sharing one colour scale (and a grey layer for masked cells); None leaves a slot empty.
+
+    Titles, labels, reasons and hover text are Plotly text (its HTML subset is drawn): escape user text with
+    ``plotly_text`` before it gets here.
+    """
     rows = math.ceil(len(panels) / cols)
     fig = make_subplots(
         rows=rows,
@@ -409,8 +434,8 @@ def attention_heads_figure(
         panels,
         cols=cols,
         row_titles=row_titles,
-        x_labels=position_labels(s, "k", key_labels),
-        y_labels=position_labels(t, "q", query_labels),
+        x_labels=position_labels(s, "k", _label_text(key_labels)),
+        y_labels=position_labels(t, "q", _label_text(query_labels)),
         value_name="probability" if is_prob else "logit",
         colorscale=scale,
         zmin=0.0 if is_prob else None,
@@ -439,7 +464,7 @@ def output_figure(record: AttentionResult, batch_index: int = 0, query_labels=No
         [Panel(title=f"output (t={t} × o={o})", values=out)],
         cols=1,
         x_labels=[f"o{j}" for j in range(o)],
-        y_labels=position_labels(t, "q", query_labels),
+        y_labels=position_labels(t, "q", _label_text(query_labels)),
         value_name="value",
         colorscale=DIVERGING_SCALE,
         x_title="output feature",
@@ -460,7 +485,7 @@ def _per_head_figure(
         cols=cols,
         row_titles=row_titles,
         x_labels=[f"{prefix}{j}" for j in range(n)],
-        y_labels=position_labels(t, "q", query_labels),
+        y_labels=position_labels(t, "q", _label_text(query_labels)),
         value_name="value",
         colorscale=DIVERGING_SCALE,
         x_title=feature,
@@ -486,7 +511,7 @@ def contribution_norms_figure(record: AttentionResult, batch_index: int = 0, que
         raise ValueError("this record has no head contributions (it came from the functional core)")
     _check_batch(record, batch_index)
     norms = np.linalg.norm(_np(record.head_contributions[batch_index]), axis=-1)  # (h, t)
-    labels = position_labels(norms.shape[1], "q", query_labels)
+    labels = position_labels(norms.shape[1], "q", _label_text(query_labels))
     fig = go.Figure(
         [
             go.Bar(
@@ -657,7 +682,8 @@ def mask_figure(
     if pooled_any is not None:
         x_labels, y_labels = pooled_any.col_labels("k"), pooled_any.row_labels("q")
     else:
-        x_labels, y_labels = position_labels(s, "k", key_labels), position_labels(t, "q", query_labels)
+        x_labels = position_labels(s, "k", _label_text(key_labels))
+        y_labels = position_labels(t, "q", _label_text(query_labels))
     fig = heatmap_grid(
         drawn,
         cols=cols,
