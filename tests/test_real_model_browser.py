@@ -79,3 +79,59 @@ def test_clicking_a_thumbnail_opens_that_head(page):
     titles = page.evaluate("() => document.querySelectorAll('.js-plotly-plot')[1].layout.annotations.map(a => a.text)")
     assert "layer 3, head 5" in titles
     assert page.locator("[data-testid='stException']").count() == 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# tokens are text, never markup; a link opens the same view
+# ------------------------------------------------------------------------------------------------------------
+
+HOSTILE = '<b>hi</b> & <a href="javascript:window.__xss=2">x</a> <img src=x onerror="window.__xss=1">'
+
+# What the plots drew: tick label texts, and any element a token could have created (Plotly turns <a href> into
+# an SVG <a> and <b> into a bold <tspan>; an <img onerror> anywhere would run its payload).
+DRAWN_TEXT = """() => {
+  const plots = [...document.querySelectorAll('.js-plotly-plot')];
+  const ticks = plots.flatMap(p => [...p.querySelectorAll('.xtick text, .ytick text')].map(t => t.textContent));
+  const links = plots.flatMap(p => [...p.querySelectorAll('svg a')]).length;
+  const bold = plots.flatMap(p => [...p.querySelectorAll('tspan')])
+                    .filter(t => (t.getAttribute('style') || '').includes('bold') && t.textContent === 'hi').length;
+  return {ticks, links, bold, onerror: document.querySelectorAll('[onerror]').length,
+          images: document.querySelectorAll('img[src="x"]').length, xss: window.__xss === undefined ? null : 1};
+}"""
+
+
+def test_a_sentence_with_markup_is_drawn_as_text(page):
+    wait_idle(page)
+    box = page.get_by_label("Sentence", exact=True)
+    box.fill(HOSTILE)
+    box.press("Enter")
+    # the opened head's axes carry the new tokens: '<' is a token of the MiniLM tokenizer
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.js-plotly-plot .ytick text')].some(t => t.textContent === '1:<')",
+        timeout=120_000,
+    )
+    wait_idle(page)
+    drawn = page.evaluate(DRAWN_TEXT)
+    assert {"1:<", "2:b", "3:>", "9:&"} <= set(drawn["ticks"])  # the characters, shown as typed
+    assert drawn["links"] == 0 and drawn["bold"] == 0  # no element made from the tokens
+    assert drawn["onerror"] == 0 and drawn["images"] == 0 and drawn["xss"] is None
+    assert page.evaluate("window.__xss") is None  # no payload ran
+    assert page.locator("[data-testid='stException']").count() == 0
+    # the address bar carries the sentence, so the link reproduces it
+    assert "rm_text=%3Cb%3Ehi" in page.url
+
+
+def test_a_link_opens_the_same_layer_view_in_a_new_session(page, app_url):  # noqa: F811
+    context = page.context.browser.new_context(viewport={"width": 1500, "height": 1400})
+    other = context.new_page()  # a new browser context: a new Streamlit session, nothing shared but the link
+    other.goto(app_url + "/real_model?rm_text=Dogs+chase+cats.&rm_tab=layer&rm_layer=4&rm_pair=Cats+climb.")
+    other.wait_for_selector(".js-plotly-plot", timeout=120_000)
+    wait_idle(other)
+    assert other.get_by_role("tab", name="Layer view").get_attribute("aria-selected") == "true"
+    assert other.get_by_label("Sentence", exact=True).input_value() == "Dogs chase cats."
+    titles = other.evaluate("() => document.querySelector('.js-plotly-plot').layout.annotations.map(a => a.text)")
+    assert titles[:12] == [f"L4 head {u}" for u in range(12)]
+    ticks = other.evaluate("() => document.querySelector('.js-plotly-plot').data[0].y")
+    assert ticks[:5] == ["0:[CLS]", "1:dogs", "2:chase", "3:cats", "4:."]
+    assert other.locator("[data-testid='stException']").count() == 0
+    context.close()

@@ -112,6 +112,23 @@ def test_text_is_one_line_and_foreign_or_unknown_keys_are_ignored():
     assert decoded.clean and decoded.config == rms.RealModelView(text="A B C D") and decoded.read == ("text",)
 
 
+def test_the_core_works_with_streamlit_blocked():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['streamlit'] = None\n"
+        "from attnviz import real_model_state as rms\n"
+        "assert rms.from_url({'rm_layer': '2'}, num_layers=6, num_heads=12).config.layer == 2\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     st.dictionaries(

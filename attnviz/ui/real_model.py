@@ -217,7 +217,7 @@ def share_ui(view: rms.RealModelView) -> None:
             "🔗 Links carry the sentence and settings, never a model directory: the share link below opens "
             "them with the built-in MiniLM."
         )
-    sharing.share_link(params, what="the Real model page with this sentence, view and settings")
+    sharing.share_link(params, what="this sentence and view of the Real model page")
 
 
 def source_ui() -> str | None:
