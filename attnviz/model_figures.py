@@ -11,7 +11,6 @@ customdata is (layer, head).
 
 from __future__ import annotations
 
-import html
 import math
 import warnings
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from attnviz.figures import (
     Panel,
     heatmap_grid,
     image_grid,
+    plotly_text,
     position_labels,
 )
 from attnviz.head_metrics import METRICS
@@ -51,13 +51,6 @@ THUMBNAIL_MAX_CELLS = 48  # a thumbnail of more tokens is block-averaged to at m
 SELECT_COLOR = "#e4572e"
 ABLATED_COLOR = "#e4572e"
 CLEAN_COLOR = "#4c78a8"
-
-
-def plotly_text(text: object) -> str:
-    """Text that Plotly shows literally. Plotly renders a subset of HTML in tick labels, hover text and titles
-    (<b>, <br>, <a href>, <sub>...), so text from a user (tokens of their sentence) is escaped: '<b>' shows as
-    '<b>' and creates no element. Only <, > and & are escaped: Plotly decodes &lt; &gt; &amp; but not &quot;."""
-    return html.escape(str(text), quote=False)
 
 
 def token_labels(n: int, prefix: str, tokens: Sequence[str] | None = None) -> list[str]:

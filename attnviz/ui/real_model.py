@@ -11,7 +11,6 @@ the widgets on the page's first run in a session, always with the packaged model
 from __future__ import annotations
 
 import functools
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from attnviz import real_model_state as rms
 from attnviz.figures import HOVER_CELL_BUDGET
 from attnviz.head_metrics import METRIC_HELP, METRICS, head_metrics
 from attnviz.ui import sharing
+from attnviz.ui.widgets import literal
 
 PREFIX = rms.URL_PREFIX
 PACKAGED = "Packaged MiniLM (all-MiniLM-L6-v2)"
@@ -94,12 +94,6 @@ def _remember(name: str) -> None:
 def _set(name: str, value) -> None:
     """Set a widget's value from code (and its mirror)."""
     st.session_state[_key(name)] = st.session_state[_shadow(name)] = value
-
-
-def markdown_text(text: str) -> str:
-    """User text (a token) for st.markdown / st.caption, shown literally: every ASCII punctuation mark is
-    backslash-escaped, so '*', '[x](...)', ':smile:', '$x$' or '&lt;' stay characters and format nothing."""
-    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", text)
 
 
 @dataclass(frozen=True)
@@ -384,7 +378,7 @@ def describe(info: models.ModelInfo, run: models.ModelRun, tokenizer=None) -> st
     if run.next_token_probs is not None:
         p, i = run.next_token_probs.max(0)
         token = tokenizer.convert_ids_to_tokens([int(i)])[0] if tokenizer is not None else str(int(i))
-        line += f" · most likely next token: {markdown_text(repr(token))} (p = {float(p):.3g})"
+        line += f" · most likely next token: {literal(repr(token))} (p = {float(p):.3g})"
     return line
 
 
@@ -445,7 +439,7 @@ def _metric_line(metrics: pd.DataFrame, layer: int, head: int) -> str:
         f"max weight {row['max_weight']:.2f}",
     ]
     if "top_key" in row:  # "index:token", a token of the user's sentence: text, not markdown
-        parts.append(f"most attended key {markdown_text(str(row['top_key']))} ({row['top_key_mass']:.2f})")
+        parts.append(f"most attended key {literal(str(row['top_key']))} ({row['top_key_mass']:.2f})")
     return " · ".join(parts)
 
 
