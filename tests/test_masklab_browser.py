@@ -109,3 +109,41 @@ def test_invalid_formula_shows_a_message_not_a_traceback(page):
     page.wait_for_selector(".js-plotly-plot", timeout=90_000)
     wait_idle(page)
     assert page.locator("[data-testid='stAlertContentError']").count() == 0
+
+
+# Every heatmap of the first chart as drawn: trace name and z (typed arrays decoded by plotly.js; NaN -> null).
+DRAWN_MASK = """() => {
+  const plot = document.querySelector('.js-plotly-plot');
+  if (!plot || !plot._fullData) return null;
+  return plot._fullData.filter(t => t.type === 'heatmap').map(t => [t.name, Array.from(t.z, r => Array.from(r))]);
+}"""
+
+
+def test_a_shared_link_draws_the_same_mask_in_a_new_browser(page, app_url):  # noqa: F811
+    browser = page.context.browser  # the module's Chromium (one sync Playwright per thread); fresh contexts below
+    teacher = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = teacher.new_page()
+    pg.goto(app_url)  # the app's entry point first, as a user does
+    wait_idle(pg)
+    pg.get_by_test_id("stSidebarNav").get_by_text("Mask Lab").click()
+    pg.get_by_role("heading", name="Mask Lab").wait_for(timeout=90_000)
+    wait_idle(pg)
+    sidebar_expander(pg, "Prefix-LM").get_by_text("use", exact=True).click()
+    pg.wait_for_function("() => window.location.search.includes('ml_prefix_lm=1')", timeout=90_000)
+    wait_idle(pg)
+    link = pg.url
+    expected = pg.evaluate(DRAWN_MASK)
+    summary = pg.get_by_text("materialised as").inner_text()
+    assert "causal & padding & prefix_lm" in summary and len(expected) >= 2
+    teacher.close()
+
+    student = browser.new_context(viewport={"width": 1400, "height": 1000})  # no cookies, no session state
+    pg = student.new_page()
+    pg.goto(link)
+    pg.wait_for_selector(".js-plotly-plot", timeout=90_000)
+    wait_idle(pg)
+    assert pg.evaluate(DRAWN_MASK) == expected  # every cell of every panel
+    assert pg.get_by_text("materialised as").inner_text() == summary
+    assert pg.url == link and pg.locator("[data-testid='stException']").count() == 0
+    assert not pg.get_by_text("were not valid").count()
+    student.close()

@@ -198,7 +198,7 @@ def current_view(config: ml.MaskLabConfig, built: Built) -> ml.MaskLabView:
 
 def share_ui(config: ml.MaskLabConfig, params: dict[str, str]) -> None:
     """The share link, and what it cannot carry (an uploaded grid, an over-long list)."""
-    sharing.share_link(params, what="the Mask Lab with this mask, tab and pickers")
+    sharing.share_link(params, what="this mask in the Mask Lab, on the same tab,")
     for note in ml.link_limits(config):
         st.caption(f"📎 {note}")
 
