@@ -4,7 +4,7 @@ import streamlit as st
 
 from attnviz import figures
 from attnviz.playground import URL_PREFIX, describe, mask_summary, to_url
-from attnviz.ui import sharing
+from attnviz.ui import figure_cache, sharing
 from attnviz.ui.playground import (
     config_ui,
     input_notices,
@@ -33,13 +33,14 @@ sharing.write_url(URL_PREFIX, to_url(config))
 st.caption(describe(config, record))
 fully_masked_warning(record)
 view = view_ui(config)
+run = figure_cache.run_key(config)  # figures are built once per (run, view) and shared by every session
 
 # Only the open tab runs, so switching tabs or view options never rebuilds the other tabs' figures.
 heads_tab, output_tab, shapes_tab = st.tabs(["Heads", "Output projection", "Shapes"], key="pg_tab", on_change="rerun")
 if heads_tab.open:
     with heads_tab:
         sharing.chart(
-            figures.attention_heads_figure(record, view.batch_index, values=view.values),
+            figure_cache.figure("attention_heads_figure", run, record, view.batch_index, view.values),
             key="pg_heads",
             file_name=f"attention_heads_b{view.batch_index}_{view.values}",
         )
@@ -57,13 +58,16 @@ if output_tab.open:
     with output_tab:
         st.markdown("**Output** = Σ over heads of (head output · W_o[head]) + output bias")
         sharing.chart(
-            figures.output_figure(record, view.batch_index), key="pg_output", file_name="output", width="stretch"
+            figure_cache.figure("output_figure", run, record, view.batch_index),
+            key="pg_output",
+            file_name="output",
+            width="stretch",
         )
         st.markdown("**Each head's contribution** (head output · W_o[head]) and its size per query")
-        st.plotly_chart(figures.contribution_norms_figure(record, view.batch_index))
-        st.plotly_chart(figures.head_contributions_figure(record, view.batch_index))
+        st.plotly_chart(figure_cache.figure("contribution_norms_figure", run, record, view.batch_index))
+        st.plotly_chart(figure_cache.figure("head_contributions_figure", run, record, view.batch_index))
         st.markdown("**Per-head outputs** (probabilities · V, before the output projection)")
-        st.plotly_chart(figures.head_outputs_figure(record, view.batch_index))
+        st.plotly_chart(figure_cache.figure("head_outputs_figure", run, record, view.batch_index))
 if shapes_tab.open:
     with shapes_tab:
         shapes = figures.shapes_frame(record)
