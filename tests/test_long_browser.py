@@ -4,14 +4,7 @@ the zoom draws a full-resolution heatmap, and a shared link opens the same view 
 from __future__ import annotations
 
 import pytest
-from test_browser import (  # noqa: F401  (fixtures: the app as a user starts it)
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    app_url,
-    page,
-    playwright_api,
-    wait_idle,
-)
+from test_browser import app_url, page, wait_idle  # noqa: F401  (fixtures: the app as a user starts it)
 
 pytestmark = pytest.mark.browser
 
@@ -62,39 +55,34 @@ ZOOM = """() => {
 CAPTION = "[data-testid='stMain'] [data-testid='stCaptionContainer']"
 
 
-def test_a_shared_link_opens_the_same_zoom_in_a_fresh_browser(app_url):  # noqa: F811
-    with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+def test_a_shared_link_opens_the_same_zoom_in_a_fresh_browser(app_url, page):  # noqa: F811
+    # The module's browser (one Playwright per process), with a fresh context = a new visitor with no session.
+    browser = page.context.browser
 
-        def fresh(url: str):
-            context = browser.new_context(viewport={"width": 1400, "height": 1000})
-            tab = context.new_page()
-            tab.goto(url)
-            wait_idle(tab, timeout_ms=180_000)
-            return context, tab
+    def fresh(url: str):
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        tab = context.new_page()
+        tab.goto(url)
+        wait_idle(tab, timeout_ms=180_000)
+        return context, tab
 
-        warm, _ = fresh(app_url)  # a fresh server may run a first deep link without app.py
-        warm.close()
-        sender, tab = fresh(
-            app_url + "/long_sequences?ls_t=512&ls_num_heads=4&ls_num_kv_heads=2&ls_head_dim=16&ls_seed=5"
-        )
-        tab.wait_for_function(f"() => ({IMAGES})() === 4", timeout=120_000)
-        tab.get_by_role("tab", name="Zoom").click()
-        first_query = tab.get_by_role("spinbutton", name="First query")
-        first_query.fill("200")
-        first_query.press("Enter")
-        tab.wait_for_function("() => location.search.includes('ls_zoom_q0=200')", timeout=60_000)
-        tab.wait_for_function(f"() => ({ZOOM})() && ({ZOOM})().title.includes('queries 200')", timeout=60_000)
-        wait_idle(tab)
-        link, expected, caption = tab.url, tab.evaluate(ZOOM), tab.locator(CAPTION).first.inner_text()
-        assert "ls_tab=zoom" in link and "ls_seed=5" in link and len(expected["z"]) == 128
-        sender.close()
+    sender, tab = fresh(app_url + "/long_sequences?ls_t=512&ls_num_heads=4&ls_num_kv_heads=2&ls_head_dim=16&ls_seed=5")
+    tab.wait_for_function(f"() => ({IMAGES})() === 4", timeout=120_000)
+    tab.get_by_role("tab", name="Zoom").click()
+    first_query = tab.get_by_role("spinbutton", name="First query")
+    first_query.fill("200")
+    first_query.press("Enter")
+    tab.wait_for_function("() => location.search.includes('ls_zoom_q0=200')", timeout=60_000)
+    tab.wait_for_function(f"() => ({ZOOM})() && ({ZOOM})().title.includes('queries 200')", timeout=60_000)
+    wait_idle(tab)
+    link, expected, caption = tab.url, tab.evaluate(ZOOM), tab.locator(CAPTION).first.inner_text()
+    assert "ls_tab=zoom" in link and "ls_seed=5" in link and len(expected["z"]) == 128
+    sender.close()
 
-        receiver, tab = fresh(link)
-        tab.wait_for_function(f"() => ({ZOOM})() !== null", timeout=120_000)
-        assert tab.evaluate(ZOOM) == expected  # the same region, cell for cell
-        assert tab.locator(CAPTION).first.inner_text() == caption  # one cached run: even its timing is the same
-        assert tab.get_by_role("spinbutton", name="First query").input_value() == "200"
-        assert tab.locator("[data-testid='stException']").count() == 0
-        receiver.close()
-        browser.close()
+    receiver, tab = fresh(link)
+    tab.wait_for_function(f"() => ({ZOOM})() !== null", timeout=120_000)
+    assert tab.evaluate(ZOOM) == expected  # the same region, cell for cell
+    assert tab.locator(CAPTION).first.inner_text() == caption  # one cached run: even its timing is the same
+    assert tab.get_by_role("spinbutton", name="First query").input_value() == "200"
+    assert tab.locator("[data-testid='stException']").count() == 0
+    receiver.close()

@@ -234,7 +234,7 @@ def share_ui(config: ls.LongConfig) -> None:
     """Put this config and view in the address bar, and offer the link."""
     params = ls.to_url(config, current_view(config))
     sharing.write_url(PREFIX, params)
-    sharing.share_link(params, what="the Long sequences page with this configuration, view and zoom")
+    sharing.share_link(params, what="the Long sequences page at this view")
 
 
 @st.cache_resource(max_entries=4, ttl=3600, show_spinner="Streaming every head's probabilities…")
