@@ -151,14 +151,14 @@ def valid_links(draw):
         return {"on": draw(st.booleans()), "negate": draw(st.integers(0, 3)) == 0}
 
     per_query = draw(st.booleans())
-    lens_row = lambda n: tuple(draw(st.lists(st.integers(0, s), min_size=n, max_size=n)))  # noqa: E731
+
+    def lens_row(n: int) -> tuple[int, ...]:
+        return tuple(draw(st.lists(st.integers(0, s), min_size=n, max_size=n)))
+
+    def maybe_lens(n: int, hi: int) -> tuple[int, ...]:  # padding lengths: none, or one per batch item
+        return () if draw(st.booleans()) else tuple(draw(st.lists(st.integers(0, hi), min_size=n, max_size=n)))
+
     lens = tuple(lens_row(t) for _ in range(b)) if per_query else (lens_row(b),)
-    maybe_lens = lambda n, hi: (
-        draw(st.sampled_from([(), None]))
-        or tuple(  # noqa: E731
-            draw(st.lists(st.integers(0, hi), min_size=n, max_size=n))
-        )
-    )
     doc_rows = draw(st.sampled_from([1, b]))
     query_docs = tuple(_partition(draw, t) for _ in range(doc_rows))
     key_docs = tuple(_partition(draw, s) for _ in range(doc_rows)) if t != s or draw(st.booleans()) else ()
@@ -191,9 +191,10 @@ def valid_links(draw):
     if active and draw(st.booleans()):
         config = replace(config, expression=_formula(draw, active))
     ml.build(config)  # the strategy only makes configurations the page can show
-    indices = lambda *sizes: draw(  # noqa: E731
-        st.sampled_from([(), tuple(draw(st.integers(0, n - 1)) for n in sizes)])
-    )
+
+    def indices(*sizes: int) -> tuple[int, ...]:  # a picker: the page's choice, or an index that fits
+        return () if draw(st.booleans()) else tuple(draw(st.integers(0, n - 1)) for n in sizes)
+
     view = ml.MaskLabView(
         tab=draw(st.sampled_from(ml.VIEW_TABS)),
         panel_batch=draw(st.integers(0, b - 1)),
