@@ -23,7 +23,14 @@ import torch
 from torch import Tensor
 
 from attnviz import score_mods, urlstate
-from attnviz.engine import DTYPES, MASKED_ROW_POLICIES, check_choice, probability_tiles, resolve_device
+from attnviz.engine import (
+    DTYPES,
+    MASKED_ROW_POLICIES,
+    check_choice,
+    default_tile_elements,
+    probability_tiles,
+    resolve_device,
+)
 from attnviz.memory import check_memory, estimate_attention_bytes, format_bytes
 from attnviz.playground import SOURCES, MaskSpec, make_source
 from attnviz.pooling import pool_by
@@ -218,7 +225,8 @@ def estimate_bytes(config: LongConfig) -> int:
     t, s, h, g, d = config.t, config.keys, config.num_heads, config.kv_heads, config.head_dim
     per_row = h * t * (4 * 5 + 8 * config.top_k)  # entropy, masses, top-k values and int64 keys
     base = estimate_attention_bytes(1, h, g, t, s, d, d, need_weights=False)
-    return base + per_row + 2 * h * config.pixels**2 * 4 + 4 * 2**19 * 8
+    tile = min(h * t * s, default_tile_elements(resolve_device(config.device)))  # a tile's cells (larger on a GPU)
+    return base + per_row + 2 * h * config.pixels**2 * 4 + 4 * tile * 8
 
 
 def analyze(config: LongConfig, memory_budget: int | None = None) -> LongResult:
