@@ -7,6 +7,9 @@ deep link (a shared URL) would get that page without this file's navigation and 
 
 import streamlit as st
 
+from attnviz.ui.server import skip_keras_clear_session
+
+skip_keras_clear_session()  # once per process: see attnviz/ui/server.py (0.3 CPU-s per rerun once Keras is loaded)
 st.set_page_config(page_title="attnviz — attention explorer", page_icon="🔍", layout="wide")
 
 pages = [

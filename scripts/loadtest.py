@@ -21,6 +21,14 @@ Printed at the end (and written with --json): p50 / p95 / max per action (all, a
 RSS when idle, when the students join, after the warm-up and at the end, and the CPU seconds the server and the
 browsers used while the students ran (on one machine they compete for the same cores). The server and the
 browser are stopped on exit, on an error, on Ctrl-C and on SIGTERM.
+
+``--client ws`` runs the same scenario without browsers: each student is one Streamlit session spoken to over its
+WebSocket (/_stcore/stream) exactly as the front end speaks to it (a BackMsg ``rerun_script`` with the changed
+widget's state or the page to show; the ForwardMsg deltas back until ``script_finished``), and each action is timed
+to the end of that run, with the figure checked in the deltas (panel count, spec changed, page title). It measures
+the server alone: a Chromium context costs about as much CPU per action as the server did before its caches, so on
+one small machine browser clients measure the browsers. "open" is then a new session's first run, without loading
+the front end's static files.
 """
 
 from __future__ import annotations
@@ -349,6 +357,194 @@ async def student(
         await context.close()
 
 
+class ProtocolSession:
+    """One Streamlit session driven over its WebSocket as the browser's front end drives it (``--client ws``)."""
+
+    def __init__(self, url: str):
+        self.url = url.replace("http://", "ws://").replace("https://", "wss://") + "/_stcore/stream"
+        self.ws = None
+        self.pages: dict[str, str] = {}  # page name -> page_script_hash, from the server's navigation message
+        self.page_hash = ""  # "" = the default page
+        self.elements: list = []  # the last run's new elements
+
+    async def connect(self) -> None:
+        import websockets
+
+        # The front end sends "streamlit" as its subprotocol; the XSRF token is only needed for auth cookies.
+        self.ws = await websockets.connect(self.url, subprotocols=["streamlit"], max_size=None, open_timeout=30)
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+
+    async def rerun(self, widgets=(), page: str | None = None, timeout: float = 60.0) -> list:
+        """Ask for a rerun (with changed widget states, or on another page) and collect its elements."""
+        from streamlit.proto.BackMsg_pb2 import BackMsg
+        from streamlit.proto.ForwardMsg_pb2 import ForwardMsg
+
+        if page is not None:
+            self.page_hash = self.pages[page]
+        msg = BackMsg()
+        msg.rerun_script.query_string = ""
+        msg.rerun_script.page_script_hash = self.page_hash
+        msg.rerun_script.widget_states.widgets.extend(widgets)
+        await self.ws.send(msg.SerializeToString())
+        elements = []
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ActionError("timeout", f"no script_finished within {timeout:.0f} s")
+            try:
+                data = await asyncio.wait_for(self.ws.recv(), timeout=left)
+            except asyncio.TimeoutError:
+                continue
+            fwd = ForwardMsg()
+            fwd.ParseFromString(data)
+            kind = fwd.WhichOneof("type")
+            if kind == "delta" and fwd.delta.WhichOneof("type") == "new_element":
+                elements.append(fwd.delta.new_element)
+            elif kind == "navigation":
+                self.pages = {p.page_name: p.page_script_hash for p in fwd.navigation.app_pages}
+                self.page_hash = fwd.navigation.page_script_hash
+            elif kind == "script_finished":
+                self.elements = elements
+                return elements
+
+    def number_state(self, label: str, value: int):
+        """The widget state the front end sends when ``value`` is typed into the number box ``label``."""
+        from streamlit.proto.WidgetStates_pb2 import WidgetState
+
+        for element in self.elements:
+            if element.WhichOneof("type") == "number_input" and element.number_input.label == label:
+                return WidgetState(id=element.number_input.id, int_value=value)
+        raise ActionError("missing", f"no number box labelled {label!r} on the page")
+
+
+def protocol_state(elements) -> dict:
+    """What FIGURE_STATE reads in the browser, read from a run's elements: title, head panels, figure key."""
+    from streamlit.proto.Alert_pb2 import Alert
+
+    title, heads, key, errors = "", 0, None, []
+    for element in elements:
+        kind = element.WhichOneof("type")
+        if kind == "heading" and not title:
+            title = element.heading.body
+        elif kind == "exception":
+            raise ActionError("exception", element.exception.message)
+        elif kind == "alert" and element.alert.format == Alert.ERROR:
+            errors.append(element.alert.body)
+        elif kind == "plotly_chart" and key is None:
+            spec = json.loads(element.plotly_chart.spec)
+            key = hash(element.plotly_chart.spec)
+            heads = sum(
+                1
+                for t in spec.get("data", [])
+                if t.get("type") in ("heatmap", "image") and "masked" not in str(t.get("name", ""))
+            )
+    if errors:
+        raise ActionError("st.error", errors[0])
+    return {"title": title, "heads": heads, "key": key}
+
+
+async def ws_student(
+    index: int,
+    url: str,
+    results: Results,
+    stop_at: float,
+    args,
+    steady_from: float = 0.0,
+    max_scenarios: int | None = None,
+) -> None:
+    """One protocol-level session running the classroom scenario (the same five actions as ``student``)."""
+    rng = random.Random(index)
+    session = ProtocolSession(url)
+
+    async def timed(action: str, run, check, what: str) -> dict:
+        started = time.monotonic()
+        elements = await run()
+        state = protocol_state(elements)
+        if not check(state):
+            raise ActionError("wrong figure", f"{what}: got {state}")
+        elapsed = time.monotonic() - started
+        results.timings[action].append(elapsed)
+        if started >= steady_from:
+            results.steady[action].append(elapsed)
+        return state
+
+    async def think():
+        await asyncio.sleep(args.think * rng.uniform(0.5, 1.5))
+
+    async def open_session():
+        await session.close()
+        await session.connect()
+        return await session.rerun(timeout=args.action_timeout)
+
+    need_open, window_on, state = True, False, {}
+    try:
+        while time.monotonic() < stop_at:
+            try:
+                if need_open:
+                    state = await timed(
+                        "open", open_session, lambda s: s["heads"] > 0 and s["title"] == "Playground", "open"
+                    )
+                    need_open, window_on = False, False
+                    await think()
+                    if time.monotonic() >= stop_at:
+                        break
+                heads = rng.choice([h for h in (2, 4, 6, 8) if h != state.get("heads")])
+                state = await timed(
+                    "heads",
+                    lambda h=heads: session.rerun([session.number_state("Heads h", h)], timeout=args.action_timeout),
+                    lambda s, h=heads: s["heads"] == h,
+                    f"set heads to {heads}",
+                )
+                await think()
+                if time.monotonic() >= stop_at:
+                    break
+                before, window_on = state["key"], not window_on
+                window = session.number_state("Sliding window w (0 = off)", 3 if window_on else 0)
+                state = await timed(
+                    "mask",
+                    lambda w=window: session.rerun([w], timeout=args.action_timeout),
+                    lambda s, b=before: s["key"] != b and s["heads"] > 0,
+                    "toggle the sliding window",
+                )
+                await think()
+                if time.monotonic() >= stop_at:
+                    break
+                await timed(
+                    "mask_lab",
+                    lambda: session.rerun(page="Mask Lab", timeout=args.action_timeout),
+                    lambda s: s["title"] == "Mask Lab" and s["key"] is not None,
+                    "switch to the Mask Lab",
+                )
+                await think()
+                if time.monotonic() >= stop_at:
+                    break
+                state = await timed(
+                    "back",
+                    lambda: session.rerun(page="Playground", timeout=args.action_timeout),
+                    lambda s: s["title"] == "Playground" and s["heads"] > 0,
+                    "back to the Playground",
+                )
+                window_on = False
+                results.scenarios += 1
+                if max_scenarios is not None and results.scenarios >= max_scenarios:
+                    break
+                await think()
+            except ActionError as err:
+                results.error(err.kind, f"session {index}: {err.detail}")
+                need_open = True
+            except Exception as err:  # a dropped connection is an error of this run, not a crash
+                if time.monotonic() >= stop_at:
+                    break
+                results.error(type(err).__name__, f"session {index}: {err}")
+                need_open = True
+    finally:
+        await session.close()
+
+
 async def sample_rss(pid: int | None, results: Results, t0: float, stop: asyncio.Event) -> None:
     while not stop.is_set() and pid is not None:
         value = rss_mb(pid)
@@ -360,48 +556,70 @@ async def sample_rss(pid: int | None, results: Results, t0: float, stop: asyncio
             pass
 
 
-async def drive(url: str, pid: int | None, args) -> Results:
-    from playwright.async_api import async_playwright
+async def _classroom(run_one, client_pids, pid: int | None, args, results: Results, t0: float) -> None:
+    """The pre-warm pass, then ``args.sessions`` students joining over ``args.ramp`` seconds, and the CPU used.
 
+    ``run_one(index, results, stop_at, args, steady_from=..., max_scenarios=...)`` runs one student;
+    ``client_pids()`` lists the processes that stand in for the students (the browsers, or this process).
+    """
+    if args.prewarm:
+        # The teacher opens the app first: one untimed pass loads the imports and fills the caches,
+        # so the students' numbers are the warm server's (cold-start costs are printed separately).
+        warm = Results()
+        once = argparse.Namespace(**{**vars(args), "think": 0.0})
+        await run_one(-1, warm, time.monotonic() + 4 * args.action_timeout, once, max_scenarios=1)
+        results.cold = {a: round(v[0], 3) for a, v in warm.timings.items() if v}
+        results.prewarm_errors = dict(warm.errors)
+    stop_at = time.monotonic() + args.duration
+    steady_from = time.monotonic() + args.warmup
+    results.run_start = time.monotonic() - t0
+    # Who used the CPU while the students ran: the server, or the clients that stand in for them.
+    clients = set(client_pids())
+    cpu0 = {"server": cpu_seconds([pid]) if pid else 0.0, "clients": cpu_seconds(clients)}
+    tasks = []
+    for i in range(args.sessions):
+        tasks.append(asyncio.create_task(run_one(i, results, stop_at, args, steady_from=steady_from)))
+        await asyncio.sleep(args.ramp / max(1, args.sessions))  # students arrive over `ramp` seconds
+    await asyncio.gather(*tasks)
+    clients |= set(client_pids())
+    results.cpu = {
+        "client": args.client,
+        "server_s": round((cpu_seconds([pid]) if pid else 0.0) - cpu0["server"], 1),
+        "clients_s": round(cpu_seconds(clients) - cpu0["clients"], 1),
+        "wall_s": round(time.monotonic() - t0 - results.run_start, 1),
+        "cores": os.cpu_count(),
+        "loadavg_end": os.getloadavg()[0],
+    }
+
+
+async def drive(url: str, pid: int | None, args) -> Results:
     results = Results()
     t0 = time.monotonic()
     stop = asyncio.Event()
     sampler = asyncio.create_task(sample_rss(pid, results, t0, stop))
     try:
-        async with async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-            try:
-                if args.prewarm:
-                    # The teacher opens the app first: one untimed pass loads the imports and fills the caches,
-                    # so the students' numbers are the warm server's (cold-start costs are printed separately).
-                    warm = Results()
-                    once = argparse.Namespace(**{**vars(args), "think": 0.0})
-                    await student(
-                        -1, browser, url, warm, time.monotonic() + 4 * args.action_timeout, once, max_scenarios=1
-                    )
-                    results.cold = {a: round(v[0], 3) for a, v in warm.timings.items() if v}
-                    results.prewarm_errors = dict(warm.errors)
-                stop_at = time.monotonic() + args.duration
-                steady_from = time.monotonic() + args.warmup
-                results.run_start = time.monotonic() - t0
-                # Who used the CPU while the students ran: the server, or the browsers that stand in for them.
-                browser_pids = descendants(os.getpid(), exclude_group=pid)
-                cpu0 = {"server": cpu_seconds([pid]) if pid else 0.0, "browser": cpu_seconds(browser_pids)}
-                tasks = []
-                for i in range(args.sessions):
-                    tasks.append(asyncio.create_task(student(i, browser, url, results, stop_at, args, steady_from)))
-                    await asyncio.sleep(args.ramp / max(1, args.sessions))  # students arrive over `ramp` seconds
-                await asyncio.gather(*tasks)
-                browser_pids = set(browser_pids) | set(descendants(os.getpid(), exclude_group=pid))
-                results.cpu = {
-                    "server_s": round((cpu_seconds([pid]) if pid else 0.0) - cpu0["server"], 1),
-                    "browser_s": round(cpu_seconds(browser_pids) - cpu0["browser"], 1),
-                    "wall_s": round(time.monotonic() - t0 - results.run_start, 1),
-                    "cores": os.cpu_count(),
-                    "loadavg_end": os.getloadavg()[0],
-                }
-            finally:
-                await browser.close()
+        if args.client == "ws":
+
+            async def run_ws(index, res, stop_at, a, **kw):
+                await ws_student(index, url, res, stop_at, a, **kw)
+
+            await _classroom(run_ws, lambda: [os.getpid()], pid, args, results, t0)
+        else:
+            from playwright.async_api import async_playwright
+
+            async with async_playwright() as p:
+                browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+
+                async def run_browser(index, res, stop_at, a, **kw):
+                    await student(index, browser, url, res, stop_at, a, **kw)
+
+                def browsers() -> list[int]:
+                    return descendants(os.getpid(), exclude_group=pid)
+
+                try:
+                    await _classroom(run_browser, browsers, pid, args, results, t0)
+                finally:
+                    await browser.close()
     finally:
         stop.set()
         await sampler
@@ -488,7 +706,7 @@ def report(summary: dict) -> str:
     if c:
         lines.append(
             f"CPU seconds while the students ran ({c['wall_s']} s wall, {c['cores']} cores, load average "
-            f"{c['loadavg_end']:.1f} at the end): server {c['server_s']}, browsers {c['browser_s']}"
+            f"{c['loadavg_end']:.1f} at the end): server {c['server_s']}, {c['client']} clients {c['clients_s']}"
         )
     lines.append(
         f"server RSS MiB: idle {r['server_idle']}, start {r['start']}, "
@@ -500,7 +718,7 @@ def report(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sessions", type=int, default=10, help="concurrent browser sessions (students)")
+    parser.add_argument("--sessions", type=int, default=10, help="concurrent sessions (students)")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds the scenario runs")
     parser.add_argument(
         "--warmup",
@@ -522,6 +740,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="skip the untimed pass that loads imports and caches before the students join",
     )
+    parser.add_argument(
+        "--client",
+        choices=("browser", "ws"),
+        default="browser",
+        help="browser: a Chromium context per student (default); ws: a protocol-level session per student, "
+        "which measures the server without the browsers' CPU",
+    )
     parser.add_argument("--url", default=None, help="drive an already running app instead of starting one")
     parser.add_argument("--server-pid", type=int, default=None, help="with --url: the server's pid, for RSS")
     parser.add_argument("--json", default=None, help="write the summary (and RSS samples) to this file")
@@ -530,8 +755,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--sessions must be >= 1 and --duration > 0")
     if args.warmup is None:
         args.warmup = args.duration / 5
-    if not os.path.exists(CHROMIUM):
-        parser.error(f"{CHROMIUM} not found (Debian's chromium package)")
+    if args.client == "browser" and not os.path.exists(CHROMIUM):
+        parser.error(f"{CHROMIUM} not found (Debian's chromium package); or use --client ws")
 
     server = None
     # SIGTERM ends the run as Ctrl-C does, so the finally below still stops the server and the browser.
