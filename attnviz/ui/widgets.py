@@ -24,14 +24,17 @@ _RENDERED = re.compile(
     | (?<=[0-9A-Za-z])\[                # :red[text] and other directives
     | (?<![0-9A-Za-z])_ | _(?![0-9A-Za-z])  # _emphasis_ (an underscore inside a word, as in num_heads, is text)
     | &(?=\#?[0-9A-Za-z]+;)             # entities: &lt; would show as <
-    | :(?=[A-Za-z/])                    # scheme:// autolinks, :emoji: and :material/icon: shortcodes
-    | (?<=\bwww)\.                      # www. autolinks
+    | :(?=[A-Za-z])                     # :emoji: and :material/icon: shortcodes
     """,
     re.VERBOSE,
 )
 # A heading, list, quote, table or [link reference]: definition if it starts a line.
 _BLOCK_START = re.compile(r"^(\s*\d*)([#+\-=>|\[]|(?<=\d)[.)])")
 _LINE_BREAKS = re.compile(r"[\r\n\u2028\u2029]+")
+# GFM links bare URLs (http://..., www....) and e-mail addresses after parsing, where backslashes are already
+# gone: an invisible word joiner inside "://", "www." and "@" keeps them text.
+_AUTOLINK = re.compile(r"(?<=:/)(?=/)|(?<=\bwww)(?=\\?\.)|(?<=@)")
+WORD_JOINER = "\u2060"
 
 
 def literal(text: object) -> str:
@@ -39,14 +42,16 @@ def literal(text: object) -> str:
 
     Use it wherever such text is put into st.markdown / st.caption / st.error / st.warning / st.info /
     st.success / st.toast, a widget label or a help tooltip: the reader sees the characters given, and nothing in
-    them is rendered (no HTML, image, link, emphasis, code, math, directive or shortcode). Line breaks become
-    spaces, so the text stays inside its sentence or list item. Only what would render is escaped, so ordinary
-    messages (``num_heads (6) must be divisible by num_kv_heads (4)``) keep their markdown source as it is.
+    them is rendered (no HTML, image, link, emphasis, code, math, directive or shortcode; bare URLs and e-mail
+    addresses get an invisible word joiner so they are not linked). Line breaks become spaces, so the text stays
+    inside its sentence or list item. Only what would render is escaped, so ordinary messages
+    (``num_heads (6) must be divisible by num_kv_heads (4)``) keep their markdown source as it is.
 
-        >>> print(literal("![t](http://x/y.png) <b>bold</b> **x** num_heads [8, 9]"))
-        ![t]\(http\://x/y.png) \<b>bold\</b> \*\*x\*\* num_heads [8, 9]
+        >>> print(literal("![t](x.png) <b>bold</b> **x** num_heads [8, 9]"))
+        ![t]\(x.png) \<b>bold\</b> \*\*x\*\* num_heads [8, 9]
     """
     escaped = _RENDERED.sub(lambda m: "\\" + m.group(0), _LINE_BREAKS.sub(" ", str(text)))
+    escaped = _AUTOLINK.sub(WORD_JOINER, escaped)
     return _BLOCK_START.sub(lambda m: m.group(1) + "\\" + m.group(2), escaped, count=1)
 
 
