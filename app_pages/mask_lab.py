@@ -28,7 +28,7 @@ tabs = st.tabs(list(ui.TAB_LABELS.values()), key="ml_tab", on_change="rerun")
 if tabs[0].open:
     with tabs[0]:
         panels = ui.panel_ui(config, built)
-        st.plotly_chart(figures.mask_figure(built.keep, built.composed.mask, panels=panels), width="content")
+        st.plotly_chart(ui.cached_mask_figure(config, tuple(panels)), width="content")
         st.markdown(
             "**Why is this cell masked?** Each switched-on component's verdict for one query row "
             "(after its NOT), the result, and the component(s) to blame."
@@ -52,8 +52,8 @@ if tabs[1].open:
                 for c in ("compute skipped", "mask_mod evaluated in", "BlockMask.sparsity()")
             },
         )
-        sparsity = ml.block_sparsity(built.keep, ui.block_size_ui())
-        st.plotly_chart(figures.block_sparsity_figure(sparsity, panels=ui.panel_ui(config, built)), width="content")
+        block = ui.block_size_ui()
+        st.plotly_chart(ui.cached_block_figure(config, block, tuple(ui.panel_ui(config, built))), width="content")
 if tabs[2].open:
     with tabs[2]:
         batch, head, seed, policy = ui.effect_ui(config)

@@ -1868,7 +1868,9 @@ def load_npy(data: bytes, *, max_bytes: int = MAX_UPLOAD_BYTES) -> np.ndarray:
     try:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
-        raise ValueError(f"not a readable .npy file ({err}); save one with np.save('mask.npy', mask)") from None
+        # numpy answers bytes without the .npy header by offering to unpickle them: never done here, never advised.
+        why = "it is not a .npy array, and pickled data is never loaded" if "pickle" in str(err) else str(err)
+        raise ValueError(f"not a readable .npy file ({why}); save one with np.save('mask.npy', mask)") from None
     if not isinstance(arr, np.ndarray):  # an .npz archive
         raise ValueError("this is an .npz archive; upload a single array saved with np.save")
     if arr.dtype != np.bool_:

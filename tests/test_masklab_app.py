@@ -315,6 +315,19 @@ def test_upload_npy(lab):
         (np.zeros(7, bool), "got (7,)"),
     ],
 )
-def test_bad_upload_gives_a_message(lab, arr, fragment):
+def test_bad_upload_gives_a_message_and_keeps_the_previous_mask(lab, arr, fragment):
+    grid = np.tril(np.ones((5, 7), dtype=bool))
+    lab.file_uploader(key="ml_upload").upload("good.npy", _npy(grid)).run()
+    assert_clean(lab)
     lab.file_uploader(key="ml_upload").upload("bad.npy", _npy(arr)).run()
-    assert_error(lab, fragment)
+    assert not lab.exception
+    assert len(lab.error) == 1 and fragment in lab.error[0].value and "bad.npy was not used" in lab.error[0].value
+    np.testing.assert_array_equal(drawn_keep(lab)[0], grid)  # the page still draws the previous upload
+
+
+def test_a_file_that_is_not_npy_is_refused_without_advice_to_unpickle(lab):
+    lab.file_uploader(key="ml_upload").upload("junk.npy", b"definitely not a numpy file").run()
+    assert not lab.exception and len(lab.error) == 1
+    message = lab.error[0].value
+    assert "not a readable .npy file" in message and "allow_pickle" not in message
+    assert charts(lab), "the page keeps drawing the mask it had"

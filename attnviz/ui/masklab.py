@@ -12,12 +12,15 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 import torch
 
+from attnviz import figures
 from attnviz import masklab as ml
 from attnviz.engine import MASKED_ROW_POLICIES, AttentionResult
 from attnviz.ui import sharing
+from attnviz.ui.widgets import literal
 from attnviz.urlstate import Decoded
 
 PREFIX = ml.URL_PREFIX
@@ -203,15 +206,24 @@ def share_ui(config: ml.MaskLabConfig, params: dict[str, str]) -> None:
         st.caption(f"📎 {note}")
 
 
+ACCEPTED_UPLOAD = _key("upload_accepted")  # (file name, array) of the last upload that was read
+UPLOAD_ERROR = _key("upload_error")  # why the last upload was refused, shown until the next one
+
+
 def _on_upload() -> None:
-    """Fit t, s (and b, h for 3-D / 4-D files) to an uploaded grid; a bad file is reported on the run."""
+    """Fit t, s (and b, h for 3-D / 4-D files) to an uploaded grid. A refused file is reported under the uploader
+    and changes nothing: the mask keeps the previous upload (or the editor's grid)."""
     upload = st.session_state.get(_key("upload"))
-    if upload is None:
+    st.session_state.pop(UPLOAD_ERROR, None)
+    if upload is None:  # the file was removed: back to the editable grid
+        st.session_state.pop(ACCEPTED_UPLOAD, None)
         return
     try:
         arr = ml.load_npy(upload.getvalue())
-    except ValueError:
+    except ValueError as err:
+        st.session_state[UPLOAD_ERROR] = f"{upload.name} was not used: {err}"
         return
+    st.session_state[ACCEPTED_UPLOAD] = (upload.name, arr)
     t, s = arr.shape[-2:]
     limits = ml.LIMITS
     if t <= limits["t"] and s <= limits["s"]:
@@ -225,7 +237,7 @@ def _on_upload() -> None:
     for key in ml.COMPONENT_KEYS:
         st.session_state[_key(f"{key}.on")] = key == "custom"
     st.session_state[_key("expression")] = ""
-    st.toast(f"Loaded {upload.name}: shape {arr.shape}; sizes set to fit, other components switched off.")
+    st.toast(f"Loaded {literal(upload.name)}: shape {arr.shape}; sizes set to fit, other components switched off.")
 
 
 def _on_off(container, comp_key: str, label: str) -> None:
@@ -307,6 +319,8 @@ def config_ui() -> ml.MaskLabConfig:
             on_change=_on_upload,
             max_upload_size=ml.MAX_UPLOAD_BYTES // 2**20,
         )
+        if st.session_state.get(UPLOAD_ERROR):
+            st.error(literal(st.session_state[UPLOAD_ERROR]), icon="🚫")
     with sb.expander("Combination", expanded=True):
         st.radio("combine with", list(ml.COMBINES), key=_key("combine"), horizontal=True, help=HELP["combine"])
         st.checkbox("NOT of the whole combination", key=_key("negate_all"), help=HELP["negate_all"])
@@ -331,9 +345,10 @@ def config_ui() -> ml.MaskLabConfig:
 def _custom_grid(values: dict) -> ml.Custom:
     """The custom grid: an uploaded .npy if there is one, else the editable grid (t, s <= 32)."""
     on, negate = bool(values.get("custom.on")), bool(values.get("custom.negate"))
-    upload = st.session_state.get(_key("upload"))
-    if upload is not None:
-        return ml.Custom.from_array(ml.load_npy(upload.getvalue()), on=on, negate=negate, source=upload.name)
+    accepted = st.session_state.get(ACCEPTED_UPLOAD)
+    if accepted is not None:
+        name, arr = accepted
+        return ml.Custom.from_array(arr, on=on, negate=negate, source=name)
     t, s = int(values["t"]), int(values["s"])
     if not on:
         return ml.Custom(on=False, negate=negate)
@@ -425,6 +440,20 @@ def cached_build(config: ml.MaskLabConfig) -> Built:
 def cached_comparison(config: ml.MaskLabConfig, seed: int, head_dim: int) -> ml.Comparison:
     keep = cached_build(config).keep.expand(config.batch, config.heads, config.t, config.s)
     return ml.compare_frameworks(keep, head_dim=head_dim, seed=seed)
+
+
+# Figures are built once per (config, panels) and shared by every session: building the Plotly figure was the
+# Mask Lab's largest cost per rerun under the classroom load test (py-spy), and a class opens the same presets.
+@st.cache_resource(max_entries=64, ttl=3600, show_spinner=False, hash_funcs={ml.MaskLabConfig: _config_key})
+def cached_mask_figure(config: ml.MaskLabConfig, panels: tuple[tuple[int, int], ...]) -> go.Figure:
+    built = cached_build(config)
+    return figures.mask_figure(built.keep, built.composed.mask, panels=list(panels))
+
+
+@st.cache_resource(max_entries=64, ttl=3600, show_spinner=False, hash_funcs={ml.MaskLabConfig: _config_key})
+def cached_block_figure(config: ml.MaskLabConfig, block: int, panels: tuple[tuple[int, int], ...]) -> go.Figure:
+    sparsity = ml.block_sparsity(cached_build(config).keep, block)
+    return figures.block_sparsity_figure(sparsity, panels=list(panels))
 
 
 @st.cache_resource(show_spinner="Measuring what each framework does with a fully-masked row…")
