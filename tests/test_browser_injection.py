@@ -14,7 +14,6 @@ The running server's cross-site protections (XSRF on uploads, CORS, cross-origin
 
 from __future__ import annotations
 
-import asyncio
 import io
 import urllib.error
 import urllib.request
@@ -230,19 +229,7 @@ def test_no_user_text_is_rendered_as_html(browser, app_url, prefix, path):  # no
         visit.page.close()
 
 
-def _upload_cases():
-    mask_lab_toast = pytest.mark.xfail(
-        strict=False,
-        reason="attnviz/ui/masklab.py:228 puts the uploaded file's name into st.toast markdown unescaped "
-        "(Mask Lab owner: st.toast(f'Loaded {literal(upload.name)}: ...') with attnviz.ui.widgets.literal)",
-    )
-    return [
-        pytest.param(path, id=path.strip("/") or "playground", marks=mask_lab_toast if path == "/mask_lab" else ())
-        for path in UPLOAD_PAGES
-    ]
-
-
-@pytest.mark.parametrize("path", _upload_cases())
+@pytest.mark.parametrize("path", UPLOAD_PAGES, ids=[p.strip("/") or "playground" for p in UPLOAD_PAGES])
 def test_uploaded_file_names_are_text(browser, app_url, path):  # noqa: F811
     """A file accepted and a file refused, both named with the payloads: the name is shown, never rendered."""
     visit = Visit(browser, app_url, path)
@@ -293,11 +280,6 @@ def test_an_upload_without_the_xsrf_token_is_refused(app_url):  # noqa: F811
     assert status == 400 and "session" in body, (status, body)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=".streamlit/config.toml sets enableCORS = false: Streamlit 1.67 then answers every origin with "
-    "'Access-Control-Allow-Origin: *' and accepts WebSocket sessions from any site; enableCORS = true fixes both",
-)
 def test_other_sites_can_neither_read_responses_nor_open_a_session(app_url):  # noqa: F811
     websockets = pytest.importorskip("websockets")
     request = urllib.request.Request(app_url + "/_stcore/health", headers={"Origin": "http://evil.example"})
@@ -305,13 +287,15 @@ def test_other_sites_can_neither_read_responses_nor_open_a_session(app_url):  # 
         allowed = response.headers.get("access-control-allow-origin")
     stream = app_url.replace("http://", "ws://") + "/_stcore/stream"
 
-    async def connect(origin: str) -> bool:
+    from websockets.sync.client import connect as ws_connect  # sync: Playwright's loop may be running here
+
+    def connect(origin: str) -> bool:
         try:
-            async with websockets.connect(stream, origin=origin, subprotocols=["streamlit"], open_timeout=10):
+            with ws_connect(stream, origin=origin, subprotocols=["streamlit"], open_timeout=10):
                 return True
         except websockets.exceptions.InvalidStatus:
             return False
 
-    assert asyncio.run(connect(app_url)), "the app's own origin must be able to connect"
+    assert connect(app_url), "the app's own origin must be able to connect"
     assert allowed in (None, app_url), f"a foreign origin may read responses: Access-Control-Allow-Origin {allowed}"
-    assert not asyncio.run(connect("http://evil.example")), "a page on another site opened a session"
+    assert not connect("http://evil.example"), "a page on another site opened a session"

@@ -129,7 +129,7 @@ def test_streamlit_server_limits():
     config = tomllib.loads((ROOT / ".streamlit" / "config.toml").read_text())
     server = config["server"]
     assert 1 <= server["maxUploadSize"] <= 64
-    assert server["enableXsrfProtection"] is True and server["enableCORS"] is False
+    assert server["enableXsrfProtection"] is True and server["enableCORS"] is True
     from attnviz import uploads
 
     assert uploads.MAX_FILE_BYTES <= server["maxUploadSize"] * 2**20

@@ -371,7 +371,7 @@ def cached_cross_check(_loaded: models.LoadedModel, path: str, config: TextConfi
 def describe(info: models.ModelInfo, run: models.ModelRun, tokenizer=None) -> str:
     """One line: the model, the input's length and what the model's output is for this input."""
     pair = " (sentence pair)" if any(run.segment_ids) else ""
-    line = f"{info.describe()} · {run.num_tokens} tokens{pair}"
+    line = f"{literal(info.describe())} · {run.num_tokens} tokens{pair}"  # names a local directory
     if run.embedding is not None:
         norm = ", L2-normalised" if info.normalize else ""
         line += f" · embedding: {run.embedding.numel()}-d, {info.pooling} pooling{norm}"
@@ -695,7 +695,7 @@ def cross_check_view(loaded: models.LoadedModel, path: str, config: TextConfig) 
     try:
         check = cached_cross_check(loaded, path, config, layer)
     except ValueError as err:  # an architecture the cross-check does not model: say so, plainly
-        st.warning(f"The engine cross-check cannot run for this model: {err}", icon="⚠️")
+        st.warning(f"The engine cross-check cannot run for this model: {literal(str(err))}", icon="⚠️")
         return
     cols = st.columns(3)
     cols[0].metric("max |engine − model|, probabilities", f"{check.max_diff:.2e}")
