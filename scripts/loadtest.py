@@ -124,9 +124,9 @@ def cpu_seconds(pids) -> float:
     return total
 
 
-def descendants(root: int, exclude_group: int | None = None) -> list[int]:
+def descendants(root: int, exclude_groups: set[int] | None = None) -> list[int]:
     """Every live process below ``root`` (the browser and its renderers are children of Playwright's driver,
-    which is our child), leaving out the server's process group."""
+    which is our child), leaving out the servers' process groups."""
     parents: dict[int, list[int]] = {}
     groups: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -142,7 +142,7 @@ def descendants(root: int, exclude_group: int | None = None) -> list[int]:
     out, todo = [], [root]
     while todo:
         for child in parents.get(todo.pop(), []):
-            if exclude_group is None or groups.get(child) != exclude_group:
+            if not exclude_groups or groups.get(child) not in exclude_groups:
                 out.append(child)
                 todo.append(child)
     return out
@@ -545,29 +545,33 @@ async def ws_student(
         await session.close()
 
 
-async def sample_rss(pid: int | None, results: Results, t0: float, stop: asyncio.Event) -> None:
-    while not stop.is_set() and pid is not None:
-        value = rss_mb(pid)
-        if value is not None:
-            results.rss.append((time.monotonic() - t0, value))
+async def sample_rss(pids: list[int], results: Results, t0: float, stop: asyncio.Event) -> None:
+    """The servers' RSS, summed over the replicas, every second."""
+    while not stop.is_set() and pids:
+        values = [v for v in (rss_mb(pid) for pid in pids) if v is not None]
+        if values:
+            results.rss.append((time.monotonic() - t0, sum(values)))
         try:
             await asyncio.wait_for(stop.wait(), timeout=1.0)
         except asyncio.TimeoutError:
             pass
 
 
-async def _classroom(run_one, client_pids, pid: int | None, args, results: Results, t0: float) -> None:
+async def _classroom(run_one, client_pids, pids: list[int], replicas: int, args, results: Results, t0: float) -> None:
     """The pre-warm pass, then ``args.sessions`` students joining over ``args.ramp`` seconds, and the CPU used.
 
     ``run_one(index, results, stop_at, args, steady_from=..., max_scenarios=...)`` runs one student;
     ``client_pids()`` lists the processes that stand in for the students (the browsers, or this process).
+    Student ``i`` uses replica ``i % replicas``; the pre-warm pass runs once on every replica (index -1 - r).
     """
     if args.prewarm:
         # The teacher opens the app first: one untimed pass loads the imports and fills the caches,
         # so the students' numbers are the warm server's (cold-start costs are printed separately).
         warm = Results()
         once = argparse.Namespace(**{**vars(args), "think": 0.0})
-        await run_one(-1, warm, time.monotonic() + 4 * args.action_timeout, once, max_scenarios=1)
+        for replica in range(replicas):
+            warm.scenarios = 0
+            await run_one(-1 - replica, warm, time.monotonic() + 4 * args.action_timeout, once, max_scenarios=1)
         results.cold = {a: round(v[0], 3) for a, v in warm.timings.items() if v}
         results.prewarm_errors = dict(warm.errors)
     stop_at = time.monotonic() + args.duration
@@ -575,7 +579,7 @@ async def _classroom(run_one, client_pids, pid: int | None, args, results: Resul
     results.run_start = time.monotonic() - t0
     # Who used the CPU while the students ran: the server, or the clients that stand in for them.
     clients = set(client_pids())
-    cpu0 = {"server": cpu_seconds([pid]) if pid else 0.0, "clients": cpu_seconds(clients)}
+    cpu0 = {"server": cpu_seconds(pids), "clients": cpu_seconds(clients)}
     tasks = []
     for i in range(args.sessions):
         tasks.append(asyncio.create_task(run_one(i, results, stop_at, args, steady_from=steady_from)))
@@ -584,7 +588,8 @@ async def _classroom(run_one, client_pids, pid: int | None, args, results: Resul
     clients |= set(client_pids())
     results.cpu = {
         "client": args.client,
-        "server_s": round((cpu_seconds([pid]) if pid else 0.0) - cpu0["server"], 1),
+        "server_s": round(cpu_seconds(pids) - cpu0["server"], 1),
+        "replicas": replicas,
         "clients_s": round(cpu_seconds(clients) - cpu0["clients"], 1),
         "wall_s": round(time.monotonic() - t0 - results.run_start, 1),
         "cores": os.cpu_count(),
@@ -592,32 +597,38 @@ async def _classroom(run_one, client_pids, pid: int | None, args, results: Resul
     }
 
 
-async def drive(url: str, pid: int | None, args) -> Results:
+def _replica(urls: list[str], index: int) -> str:
+    """The server a student talks to: a fixed replica per student, as a sticky load balancer gives."""
+    return urls[(index if index >= 0 else -1 - index) % len(urls)]
+
+
+async def drive(urls: list[str], pids: list[int], args) -> Results:
     results = Results()
     t0 = time.monotonic()
     stop = asyncio.Event()
-    sampler = asyncio.create_task(sample_rss(pid, results, t0, stop))
+    sampler = asyncio.create_task(sample_rss(pids, results, t0, stop))
     try:
         if args.client == "ws":
 
             async def run_ws(index, res, stop_at, a, **kw):
-                await ws_student(index, url, res, stop_at, a, **kw)
+                await ws_student(index, _replica(urls, index), res, stop_at, a, **kw)
 
-            await _classroom(run_ws, lambda: [os.getpid()], pid, args, results, t0)
+            await _classroom(run_ws, lambda: [os.getpid()], pids, len(urls), args, results, t0)
         else:
             from playwright.async_api import async_playwright
 
+            server_groups = {os.getpgid(pid) for pid in pids if os.path.exists(f"/proc/{pid}")}
             async with async_playwright() as p:
                 browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
 
                 async def run_browser(index, res, stop_at, a, **kw):
-                    await student(index, browser, url, res, stop_at, a, **kw)
+                    await student(index, browser, _replica(urls, index), res, stop_at, a, **kw)
 
                 def browsers() -> list[int]:
-                    return descendants(os.getpid(), exclude_group=pid)
+                    return descendants(os.getpid(), exclude_groups=server_groups)
 
                 try:
-                    await _classroom(run_browser, browsers, pid, args, results, t0)
+                    await _classroom(run_browser, browsers, pids, len(urls), args, results, t0)
                 finally:
                     await browser.close()
     finally:
@@ -655,6 +666,7 @@ def summarize(results: Results, args, wall: float) -> dict:
     at_start = [v for t, v in rss if t >= results.run_start]
     summary = {
         "sessions": args.sessions,
+        "replicas": len(args.url.split(",")) if args.url else args.replicas,
         "duration_s": args.duration,
         "wall_s": round(wall, 1),
         "think_s": args.think,
@@ -685,8 +697,9 @@ def summarize(results: Results, args, wall: float) -> dict:
 
 def report(summary: dict) -> str:
     lines = [
-        f"attnviz load test: {summary['sessions']} sessions for {summary['duration_s']} s "
-        f"(think time {summary['think_s']} s, {summary['scenarios_completed']} full scenarios)",
+        f"attnviz load test: {summary['sessions']} sessions on {summary['replicas']} server(s) for "
+        f"{summary['duration_s']} s (think time {summary['think_s']} s, {summary['scenarios_completed']} full "
+        "scenarios)",
         f"cold start (untimed pre-warm pass): {summary['cold_start_s'] or 'skipped'}",
         f"{'action':<10} {'count':>6} {'p50 s':>8} {'p95 s':>8} {'max s':>8}   after warm-up: "
         f"{'count':>6} {'p50 s':>8} {'p95 s':>8}",
@@ -709,7 +722,7 @@ def report(summary: dict) -> str:
             f"{c['loadavg_end']:.1f} at the end): server {c['server_s']}, {c['client']} clients {c['clients_s']}"
         )
     lines.append(
-        f"server RSS MiB: idle {r['server_idle']}, start {r['start']}, "
+        f"server RSS MiB (all replicas): idle {r['server_idle']}, start {r['start']}, "
         f"after warm-up ({summary['warmup_s']} s) {r['after_warmup']}, "
         f"end {r['end']}, peak {r['peak']}, growth after warm-up {r['growth_after_warmup']}"
     )
@@ -747,29 +760,43 @@ def main(argv: list[str] | None = None) -> int:
         help="browser: a Chromium context per student (default); ws: a protocol-level session per student, "
         "which measures the server without the browsers' CPU",
     )
-    parser.add_argument("--url", default=None, help="drive an already running app instead of starting one")
-    parser.add_argument("--server-pid", type=int, default=None, help="with --url: the server's pid, for RSS")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="start this many servers and give each student one of them (round robin, fixed per student: what a "
+        "load balancer with sticky sessions does, docs/QUALITY.md)",
+    )
+    parser.add_argument(
+        "--url", default=None, help="drive already running app(s) instead of starting them (comma-separated)"
+    )
+    parser.add_argument(
+        "--server-pid", default=None, help="with --url: the servers' pids (comma-separated), for RSS and CPU"
+    )
     parser.add_argument("--json", default=None, help="write the summary (and RSS samples) to this file")
     args = parser.parse_args(argv)
-    if args.sessions < 1 or args.duration <= 0:
-        parser.error("--sessions must be >= 1 and --duration > 0")
+    if args.sessions < 1 or args.duration <= 0 or args.replicas < 1:
+        parser.error("--sessions and --replicas must be >= 1 and --duration > 0")
     if args.warmup is None:
         args.warmup = args.duration / 5
     if args.client == "browser" and not os.path.exists(CHROMIUM):
         parser.error(f"{CHROMIUM} not found (Debian's chromium package); or use --client ws")
 
-    server = None
-    # SIGTERM ends the run as Ctrl-C does, so the finally below still stops the server and the browser.
+    servers: list[Server] = []
+    # SIGTERM ends the run as Ctrl-C does, so the finally below still stops the servers and the browser.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         if args.url:
-            url, pid = args.url.rstrip("/"), args.server_pid
+            urls = [u.strip().rstrip("/") for u in args.url.split(",") if u.strip()]
+            pids = [int(p) for p in str(args.server_pid or "").split(",") if p.strip()]
         else:
-            server = Server()
-            server.start()
-            url, pid = server.url, server.pid
+            for _ in range(args.replicas):
+                servers.append(Server())
+                servers[-1].start()
+            urls = [server.url for server in servers]
+            pids = [server.pid for server in servers if server.pid is not None]
         started = time.monotonic()
-        results = asyncio.run(drive(url, pid, args))
+        results = asyncio.run(drive(urls, pids, args))
         summary = summarize(results, args, time.monotonic() - started)
         print(report(summary), flush=True)
         if args.json:
@@ -779,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: stopping the browser and the server", file=sys.stderr)
         return 130
     finally:
-        if server is not None:
+        for server in servers:
             server.stop()
 
 
