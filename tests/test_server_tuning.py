@@ -28,8 +28,12 @@ def test_keras_clear_session_is_not_run_after_each_script_run(monkeypatch):
 
     from attnviz.ui import server
 
-    monkeypatch.setattr(script_runner, "_clean_problem_modules", script_runner._clean_problem_modules)
+    # Another test's AppTest may have installed the replacement already (app.py does, once per process).
+    streamlit_own = server._STREAMLIT_CLEAN_UP or script_runner._clean_problem_modules
+    assert streamlit_own is not server._clean_problem_modules_except_keras
+    monkeypatch.setattr(script_runner, "_clean_problem_modules", streamlit_own)
     monkeypatch.setattr(server, "_INSTALLED", False)
+    monkeypatch.setattr(server, "_STREAMLIT_CLEAN_UP", None)
     calls: list[int] = []
     monkeypatch.setattr(keras.backend, "clear_session", lambda *a, **k: calls.append(1))
     assert "keras" in sys.modules

@@ -14,6 +14,7 @@ import sys
 from typing import Any, cast
 
 _INSTALLED = False
+_STREAMLIT_CLEAN_UP: Any = None  # Streamlit's own function, kept for tests and for anyone who wants it back
 
 
 def _clean_problem_modules_except_keras() -> None:
@@ -27,13 +28,14 @@ def _clean_problem_modules_except_keras() -> None:
 
 def skip_keras_clear_session() -> bool:
     """Install the clean-up above once per process; False when this Streamlit has no such hook to replace."""
-    global _INSTALLED
+    global _INSTALLED, _STREAMLIT_CLEAN_UP
     if _INSTALLED:
         return True
     from streamlit.runtime.scriptrunner import script_runner
 
     if not callable(getattr(script_runner, "_clean_problem_modules", None)):
         return False  # a Streamlit without the hook: nothing to skip
+    _STREAMLIT_CLEAN_UP = script_runner._clean_problem_modules
     cast(Any, script_runner)._clean_problem_modules = _clean_problem_modules_except_keras
     _INSTALLED = True
     return True
