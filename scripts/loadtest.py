@@ -252,109 +252,36 @@ async def set_number(page, label: str, value: int) -> None:
     await box.press("Enter")
 
 
-async def student(
-    index: int,
-    browser,
-    url: str,
-    results: Results,
-    stop_at: float,
-    args,
-    steady_from: float = 0.0,
-    max_scenarios: int | None = None,
-) -> None:
-    """One browser context running the classroom scenario until stop_at (or max_scenarios full passes)."""
-    rng = random.Random(index)
-    context = await browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = await context.new_page()
-    page.set_default_timeout(args.action_timeout * 1000)
-    window_on = False
+class BrowserDriver:
+    """A student in a Chromium context: inputs typed and clicked, the figure read from the page."""
 
-    async def timed(action: str, start_action, predicate, what: str):
-        started = time.monotonic()
-        await start_action()
-        state = await wait_for(page, predicate, args.action_timeout, what)
-        elapsed = time.monotonic() - started
-        results.timings[action].append(elapsed)
-        if started >= steady_from:
-            results.steady[action].append(elapsed)
-        return state
+    def __init__(self, browser, url: str, args):
+        self.browser, self.url, self.args = browser, url, args
+        self.context = self.page = None
 
-    async def think():
-        await asyncio.sleep(args.think * rng.uniform(0.5, 1.5))
+    async def start(self) -> None:
+        self.context = await self.browser.new_context(viewport={"width": 1400, "height": 1000})
+        self.page = await self.context.new_page()
+        self.page.set_default_timeout(self.args.action_timeout * 1000)
 
-    async def open_root():
-        await page.goto(url, wait_until="domcontentloaded")
+    async def state(self) -> dict:
+        return await self.page.evaluate(FIGURE_STATE) or {}
 
-    try:
-        need_open = True
-        while time.monotonic() < stop_at:
-            try:
-                if need_open:
-                    state = await timed(
-                        "open",
-                        open_root,
-                        lambda s: s["heads"] > 0 and "Playground" in s["title"],
-                        "open the Playground",
-                    )
-                    window_on = False
-                    need_open = False
-                    await think()
-                if time.monotonic() >= stop_at:
-                    break
-                # heads: any even count (the default preset has 2 kv heads) other than the one on screen
-                state = await page.evaluate(FIGURE_STATE)
-                current = state["heads"] if state else 0
-                heads = rng.choice([h for h in (2, 4, 6, 8) if h != current])
-                await timed(
-                    "heads",
-                    lambda h=heads: set_number(page, "Heads h", h),
-                    lambda s, h=heads: s["heads"] == h,
-                    f"set heads to {heads}",
-                )
-                await think()
-                if time.monotonic() >= stop_at:
-                    break
-                before = (await page.evaluate(FIGURE_STATE))["key"]
-                window_on = not window_on
-                await timed(
-                    "mask",
-                    lambda w=3 if window_on else 0: set_number(page, "Sliding window w (0 = off)", w),
-                    lambda s, b=before: s["key"] != b and s["heads"] > 0,
-                    f"sliding window {'on' if window_on else 'off'}",
-                )
-                await think()
-                if time.monotonic() >= stop_at:
-                    break
-                await timed(
-                    "mask_lab",
-                    lambda: page.locator("[data-testid='stSidebarNavLink']", has_text="Mask Lab").click(),
-                    lambda s: "Mask Lab" in s["title"] and s["heads"] > 0,
-                    "switch to the Mask Lab",
-                )
-                await think()
-                if time.monotonic() >= stop_at:
-                    break
-                await timed(
-                    "back",
-                    lambda: page.locator("[data-testid='stSidebarNavLink']", has_text="Playground").click(),
-                    lambda s: "Playground" in s["title"] and s["heads"] > 0,
-                    "back to the Playground",
-                )
-                window_on = False  # a page switch drops the Playground's widget state: the window is 0 again
-                results.scenarios += 1
-                if max_scenarios is not None and results.scenarios >= max_scenarios:
-                    break
-                await think()
-            except ActionError as err:
-                results.error(err.kind, f"session {index}: {err.detail}")
-                need_open = True
-            except Exception as err:  # a Playwright timeout or a closed page is an error of this run, not a crash
-                if time.monotonic() >= stop_at:
-                    break
-                results.error(type(err).__name__, f"session {index}: {err}")
-                need_open = True
-    finally:
-        await context.close()
+    async def open(self, check, what: str) -> dict:
+        await self.page.goto(self.url, wait_until="domcontentloaded")
+        return await wait_for(self.page, check, self.args.action_timeout, what)
+
+    async def set_number(self, label: str, value: int, check, what: str) -> dict:
+        await set_number(self.page, label, value)
+        return await wait_for(self.page, check, self.args.action_timeout, what)
+
+    async def switch(self, page_name: str, check, what: str) -> dict:
+        await self.page.locator("[data-testid='stSidebarNavLink']", has_text=page_name).click()
+        return await wait_for(self.page, check, self.args.action_timeout, what)
+
+    async def close(self) -> None:
+        if self.context is not None:
+            await self.context.close()
 
 
 class ProtocolSession:
@@ -447,23 +374,51 @@ def protocol_state(elements) -> dict:
     return {"title": title, "heads": heads, "key": key}
 
 
-async def ws_student(
+class ProtocolDriver:
+    """A student as a protocol-level session (``--client ws``): reruns asked for over the WebSocket, the figure
+    read from the run's deltas (``protocol_state``)."""
+
+    def __init__(self, url: str, args):
+        self.session, self.args = ProtocolSession(url), args
+
+    async def start(self) -> None:
+        pass  # the session connects on open
+
+    async def state(self) -> dict:
+        return protocol_state(self.session.elements)
+
+    async def open(self, check, what: str) -> dict:
+        await self.session.close()
+        await self.session.connect()
+        return protocol_state(await self.session.rerun(timeout=self.args.action_timeout))
+
+    async def set_number(self, label: str, value: int, check, what: str) -> dict:
+        widget = self.session.number_state(label, value)
+        return protocol_state(await self.session.rerun([widget], timeout=self.args.action_timeout))
+
+    async def switch(self, page_name: str, check, what: str) -> dict:
+        return protocol_state(await self.session.rerun(page=page_name, timeout=self.args.action_timeout))
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+async def student(
     index: int,
-    url: str,
+    driver,
     results: Results,
     stop_at: float,
     args,
     steady_from: float = 0.0,
     max_scenarios: int | None = None,
 ) -> None:
-    """One protocol-level session running the classroom scenario (the same five actions as ``student``)."""
+    """One student running the classroom scenario until stop_at (or max_scenarios full passes), through a
+    ``BrowserDriver`` or a ``ProtocolDriver``: open, heads, mask, Mask Lab, back."""
     rng = random.Random(index)
-    session = ProtocolSession(url)
 
-    async def timed(action: str, run, check, what: str) -> dict:
+    async def timed(action: str, do, check, what: str) -> dict:
         started = time.monotonic()
-        elements = await run()
-        state = protocol_state(elements)
+        state = await do(check, what)
         if not check(state):
             raise ActionError("wrong figure", f"{what}: got {state}")
         elapsed = time.monotonic() - started
@@ -475,60 +430,62 @@ async def ws_student(
     async def think():
         await asyncio.sleep(args.think * rng.uniform(0.5, 1.5))
 
-    async def open_session():
-        await session.close()
-        await session.connect()
-        return await session.rerun(timeout=args.action_timeout)
-
-    need_open, window_on, state = True, False, {}
+    await driver.start()
+    need_open, window_on = True, False
     try:
         while time.monotonic() < stop_at:
             try:
                 if need_open:
-                    state = await timed(
-                        "open", open_session, lambda s: s["heads"] > 0 and s["title"] == "Playground", "open"
+                    await timed(
+                        "open",
+                        driver.open,
+                        lambda s: s.get("heads", 0) > 0 and "Playground" in s.get("title", ""),
+                        "open the Playground",
                     )
                     need_open, window_on = False, False
                     await think()
                     if time.monotonic() >= stop_at:
                         break
-                heads = rng.choice([h for h in (2, 4, 6, 8) if h != state.get("heads")])
-                state = await timed(
+                # heads: any even count (the default preset has 2 kv heads) other than the one on screen
+                current = (await driver.state()).get("heads", 0)
+                heads = rng.choice([h for h in (2, 4, 6, 8) if h != current])
+                await timed(
                     "heads",
-                    lambda h=heads: session.rerun([session.number_state("Heads h", h)], timeout=args.action_timeout),
-                    lambda s, h=heads: s["heads"] == h,
+                    lambda check, what, h=heads: driver.set_number("Heads h", h, check, what),
+                    lambda s, h=heads: s.get("heads") == h,
                     f"set heads to {heads}",
                 )
                 await think()
                 if time.monotonic() >= stop_at:
                     break
-                before, window_on = state["key"], not window_on
-                window = session.number_state("Sliding window w (0 = off)", 3 if window_on else 0)
-                state = await timed(
+                before, window_on = (await driver.state()).get("key"), not window_on
+                await timed(
                     "mask",
-                    lambda w=window: session.rerun([w], timeout=args.action_timeout),
-                    lambda s, b=before: s["key"] != b and s["heads"] > 0,
-                    "toggle the sliding window",
+                    lambda check, what, w=3 if window_on else 0: driver.set_number(
+                        "Sliding window w (0 = off)", w, check, what
+                    ),
+                    lambda s, b=before: s.get("key") != b and s.get("heads", 0) > 0,
+                    f"sliding window {'on' if window_on else 'off'}",
                 )
                 await think()
                 if time.monotonic() >= stop_at:
                     break
                 await timed(
                     "mask_lab",
-                    lambda: session.rerun(page="Mask Lab", timeout=args.action_timeout),
-                    lambda s: s["title"] == "Mask Lab" and s["key"] is not None,
+                    lambda check, what: driver.switch("Mask Lab", check, what),
+                    lambda s: "Mask Lab" in s.get("title", "") and s.get("key") is not None,
                     "switch to the Mask Lab",
                 )
                 await think()
                 if time.monotonic() >= stop_at:
                     break
-                state = await timed(
+                await timed(
                     "back",
-                    lambda: session.rerun(page="Playground", timeout=args.action_timeout),
-                    lambda s: s["title"] == "Playground" and s["heads"] > 0,
+                    lambda check, what: driver.switch("Playground", check, what),
+                    lambda s: "Playground" in s.get("title", "") and s.get("heads", 0) > 0,
                     "back to the Playground",
                 )
-                window_on = False
+                window_on = False  # a page switch drops the Playground's widget state: the window is 0 again
                 results.scenarios += 1
                 if max_scenarios is not None and results.scenarios >= max_scenarios:
                     break
@@ -536,13 +493,13 @@ async def ws_student(
             except ActionError as err:
                 results.error(err.kind, f"session {index}: {err.detail}")
                 need_open = True
-            except Exception as err:  # a dropped connection is an error of this run, not a crash
+            except Exception as err:  # a Playwright timeout or a dropped connection is an error of this run
                 if time.monotonic() >= stop_at:
                     break
                 results.error(type(err).__name__, f"session {index}: {err}")
                 need_open = True
     finally:
-        await session.close()
+        await driver.close()
 
 
 async def sample_rss(pids: list[int], results: Results, t0: float, stop: asyncio.Event) -> None:
@@ -611,7 +568,7 @@ async def drive(urls: list[str], pids: list[int], args) -> Results:
         if args.client == "ws":
 
             async def run_ws(index, res, stop_at, a, **kw):
-                await ws_student(index, _replica(urls, index), res, stop_at, a, **kw)
+                await student(index, ProtocolDriver(_replica(urls, index), a), res, stop_at, a, **kw)
 
             await _classroom(run_ws, lambda: [os.getpid()], pids, len(urls), args, results, t0)
         else:
@@ -622,7 +579,7 @@ async def drive(urls: list[str], pids: list[int], args) -> Results:
                 browser = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
 
                 async def run_browser(index, res, stop_at, a, **kw):
-                    await student(index, browser, _replica(urls, index), res, stop_at, a, **kw)
+                    await student(index, BrowserDriver(browser, _replica(urls, index), a), res, stop_at, a, **kw)
 
                 def browsers() -> list[int]:
                     return descendants(os.getpid(), exclude_groups=server_groups)
