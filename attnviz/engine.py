@@ -479,11 +479,6 @@ def _per_query_head(kv: Tensor, batch: slice, heads: slice, group: int) -> Tenso
     return kv_heads.repeat_interleave(group, dim=1)[:, offset : offset + heads.stop - heads.start]
 
 
-def _values_for(value: Tensor, tile: Tile, group: int) -> Tensor:
-    """The values (tb, th|1, s, v) the query heads of ``tile`` read."""
-    return _per_query_head(value, tile.b, tile.h, group)
-
-
 def attention(
     query: Tensor,
     key: Tensor,
@@ -591,7 +586,9 @@ def attention(
             fully_masked[tile.b, tile.h, tile.rows] = tile.fully_masked
             if head_outputs is not None:
                 # · V while the tile is still in cache, instead of reading all of probs back afterwards.
-                torch.matmul(tile.probs, _values_for(v, tile, group), out=head_outputs[tile.b, tile.h, tile.rows])
+                torch.matmul(
+                    tile.probs, _per_query_head(v, tile.b, tile.h, group), out=head_outputs[tile.b, tile.h, tile.rows]
+                )
 
     if training and dropout > 0:
         dropped = apply_dropout(probs, float(dropout), seed)
