@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from attnviz import playground as pg
 from attnviz.layers import MultiHeadAttention
 from tests.test_app import _decode, charts, drawn_keep
+from tests.test_uploads import Marker, npz_bytes
 
 st_testing = pytest.importorskip("streamlit.testing.v1")
 AppTest = st_testing.AppTest
@@ -33,27 +34,6 @@ def npy_bytes(arr, allow_pickle: bool = False) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=allow_pickle)
     return buf.getvalue()
-
-
-def npz_bytes(**arrays) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def pt_bytes(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-class Marker:
-    """Unpickling this would create a file: if the file never appears, no code from the upload ran."""
-
-    path = ""
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.path),))
 
 
 def rng_array(*shape, seed: int = 0) -> np.ndarray:
@@ -243,7 +223,7 @@ def test_uploaded_x_drives_the_heads_figure(app):
 def test_uploaded_query_and_value_make_cross_attention(app):
     at = app
     q, k, v = rng_array(2, 3, 6, seed=5), rng_array(2, 7, 6, seed=6), rng_array(2, 7, 6, seed=7)
-    upload(at, "qkv.npz", npz_bytes(query=q, key=k, value=v))
+    upload(at, "qkv.npz", npz_bytes(False, query=q, key=k, value=v))
     assert not at.error
     assert at.session_state["pg_attention"] == "cross"
     assert (at.session_state["pg_t"], at.session_state["pg_s"]) == (3, 7)
