@@ -215,8 +215,9 @@ def _on_upload() -> None:
     and changes nothing: the mask keeps the previous upload (or the editor's grid)."""
     upload = st.session_state.get(_key("upload"))
     st.session_state.pop(UPLOAD_ERROR, None)
-    if upload is None:  # the file was removed: back to the editable grid
-        st.session_state.pop(ACCEPTED_UPLOAD, None)
+    if upload is None:
+        # Replacing a file fires this with None first (seen in Chromium), so the accepted grid is kept here;
+        # _custom_grid uses it only while the uploader holds a file, so removing the file returns to the editor.
         return
     try:
         arr = ml.load_npy(upload.getvalue())
@@ -346,7 +347,7 @@ def _custom_grid(values: dict) -> ml.Custom:
     """The custom grid: an uploaded .npy if there is one, else the editable grid (t, s <= 32)."""
     on, negate = bool(values.get("custom.on")), bool(values.get("custom.negate"))
     accepted = st.session_state.get(ACCEPTED_UPLOAD)
-    if accepted is not None:
+    if accepted is not None and st.session_state.get(_key("upload")) is not None:
         name, arr = accepted
         return ml.Custom.from_array(arr, on=on, negate=negate, source=name)
     t, s = int(values["t"]), int(values["s"])
