@@ -4,7 +4,24 @@ import attnviz
 layer = attnviz.MultiHeadAttention(num_heads=8, key_dim=4, num_kv_heads=2)
 rec = layer(x, x, use_causal_mask=True)      # an AttentionResult
 attnviz.figures.attention_heads_figure(rec)  # a plotly Figure, no Streamlit needed
+
+The package's folders are its layers; each imports only from those before it:
+  (top level)  the core a notebook imports: engine, masks, score_mods, layers, interop, memory, pooling, inputs,
+               experiment, head_metrics, models
+  formats/     bytes in and out, validated: uploads, exports, urlstate
+  pagemodels/  what each page computes, without widgets: playground, masklab, longseq, walkthrough, projections,
+               real_model
+  figures/     Plotly builders that take records and page results
+  app/         the Streamlit app (main, cli, page_scripts, ui): the only place streamlit is imported
 """
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.machinery
+import sys
+import types
 
 from attnviz import masks, score_mods
 from attnviz.engine import AttentionResult, attention
@@ -22,13 +39,51 @@ __all__ = [
     "score_mods",
     "interop",
     "figures",
+    "longseq",
+    "models",
 ]
 
+# Module paths of attnviz 0.1, before the layers got folders. Each old name is the same module object as the new
+# one (not a copy), so ``from attnviz import longseq`` and ``attnviz.longseq.analyze`` keep working.
+MOVED_MODULES = {
+    "attnviz.playground": "attnviz.pagemodels.playground",
+    "attnviz.masklab": "attnviz.pagemodels.masklab",
+    "attnviz.longseq": "attnviz.pagemodels.longseq",
+    "attnviz.walkthrough": "attnviz.pagemodels.walkthrough",
+    "attnviz.projections": "attnviz.pagemodels.projections",
+    "attnviz.real_model_state": "attnviz.pagemodels.real_model",
+    "attnviz.uploads": "attnviz.formats.uploads",
+    "attnviz.urlstate": "attnviz.formats.urlstate",
+    "attnviz.exports": "attnviz.formats.exports",
+    "attnviz.classroom_figures": "attnviz.figures.classroom",
+    "attnviz.long_figures": "attnviz.figures.long",
+    "attnviz.model_figures": "attnviz.figures.model",
+}
 
-def __getattr__(name):
-    # interop and figures load lazily: figures pulls in plotly, which a pure-engine user may not need.
-    if name in ("interop", "figures", "playground"):
-        import importlib
 
+class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Import an old module path as the module at its new path (``import attnviz.longseq`` included)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in MOVED_MODULES:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self)
+
+    def create_module(self, spec) -> types.ModuleType:
+        return importlib.import_module(MOVED_MODULES[spec.name])
+
+    def exec_module(self, module) -> None:
+        pass  # the real module ran when create_module imported it
+
+
+if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _MovedModuleFinder())
+
+
+def __getattr__(name: str):
+    # Submodules load on first use: figures pulls in plotly, which a pure-engine user may not need.
+    if name in ("interop", "figures", "models", "experiment", "inputs"):
+        return importlib.import_module(f"attnviz.{name}")
+    if f"attnviz.{name}" in MOVED_MODULES:
         return importlib.import_module(f"attnviz.{name}")
     raise AttributeError(f"module 'attnviz' has no attribute {name!r}")

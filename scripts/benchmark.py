@@ -37,13 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import attnviz  # noqa: E402
-from attnviz import (
-    interop,  # noqa: E402
-    longseq,  # noqa: E402
-)
-from attnviz import long_figures as lf  # noqa: E402
+from attnviz import interop, longseq  # noqa: E402
 from attnviz import masks as M  # noqa: E402
 from attnviz.engine import attention_output  # noqa: E402
+from attnviz.figures import long as lf  # noqa: E402
 from attnviz.memory import format_bytes  # noqa: E402
 
 HEAD_DIM = 64

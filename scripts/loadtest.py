@@ -2,7 +2,7 @@
 
     python scripts/loadtest.py --sessions 30 --duration 300 --json /tmp/load30.json
 
-Starts the app as a user does (``python -m streamlit run app.py --server.headless true`` on a free port), opens one
+Starts the app as a user does (``python -m attnviz --server.headless true`` on a free port), opens one
 Debian Chromium (/usr/bin/chromium, driven by Playwright; nothing is downloaded) with N browser contexts, and runs
 the classroom scenario in every context until the time is up:
 
@@ -161,9 +161,7 @@ class Server:
         cmd = [
             sys.executable,
             "-m",
-            "streamlit",
-            "run",
-            str(ROOT / "app.py"),
+            "attnviz",  # the `attnviz` command: the packaged app with its packaged server settings
             "--server.headless",
             "true",
             "--server.port",

@@ -18,7 +18,7 @@ import torch
 from apptest_support import assert_clean, assert_error
 
 from attnviz import figures
-from attnviz.playground import (
+from attnviz.pagemodels.playground import (
     DEFAULT_PRESET,
     PRESETS,
     MaskSpec,

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 import attnviz
-from attnviz import engine, interop, longseq, memory, playground, score_mods
+from attnviz import engine, interop, memory, score_mods
 from attnviz import masks as M
 from attnviz.engine import attention, attention_output, probability_tiles
+from attnviz.pagemodels import longseq, playground
 
 pytestmark = pytest.mark.cuda
 

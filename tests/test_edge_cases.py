@@ -4,8 +4,6 @@ scores, the Playground's mask alignment and limits, and the layering of the cons
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
@@ -13,8 +11,9 @@ import pytest
 import torch
 
 import attnviz
-from attnviz import interop, playground, score_mods
+from attnviz import interop, score_mods
 from attnviz.engine import compute_logits
+from attnviz.pagemodels import playground
 
 
 def _qkv(b=1, h=2, t=4, s=5, d=3, seed=0):
@@ -184,14 +183,6 @@ def test_mask_summary_per_batch_item():
     assert playground.mask_summary(rec, 0)["kept"] == 5 * 4 * 3
     assert playground.mask_summary(rec, 1)["kept"] == 5 * 4 * 2
     assert playground.mask_summary(rec)["kept"] == 5 * 4 * 5
-
-
-def test_console_script_lives_in_the_ui_layer():
-    from attnviz.ui import cli
-
-    assert cli.app_path().name == "app.py" and cli.app_path().exists()
-    code = "import sys; sys.modules['streamlit'] = None; import attnviz, attnviz.figures, attnviz.playground"
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_every_preset_respects_the_limits():

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from attnviz import exports, figures
-from attnviz import playground as pg
+from attnviz import figures
+from attnviz.formats import exports
+from attnviz.pagemodels import playground as pg
+from attnviz.pagemodels.playground import snippets
 
 DEFAULT = pg.PRESETS[pg.DEFAULT_PRESET]
 
@@ -80,7 +82,7 @@ def run_snippets(codes: dict[str, str], tmp_path: Path, suffix: str, env=None) -
 
 
 def test_pytorch_snippets_reproduce_the_engine(tmp_path):
-    codes = {name: exports.pytorch_snippet(cfg) for name, cfg in TORCH_CASES.items()}
+    codes = {name: snippets.pytorch_snippet(cfg) for name, cfg in TORCH_CASES.items()}
     for code in codes.values():
         assert "attnviz" not in code.split('"""')[-1]  # the code after the docstring never imports attnviz
     outputs = run_snippets(codes, tmp_path, ".pt")
@@ -99,7 +101,7 @@ def test_pytorch_snippets_reproduce_the_engine(tmp_path):
 
 def test_keras_snippets_reproduce_the_engine(tmp_path):
     pytest.importorskip("keras")
-    codes = {name: exports.keras_snippet(cfg) for name, cfg in KERAS_CASES.items()}
+    codes = {name: snippets.keras_snippet(cfg) for name, cfg in KERAS_CASES.items()}
     outputs = run_snippets(codes, tmp_path, ".npz", env={"KERAS_BACKEND": "torch"})
     for name, path in outputs.items():
         got = np.load(path)
@@ -120,15 +122,15 @@ def test_keras_snippets_reproduce_the_engine(tmp_path):
 )
 def test_keras_snippet_refuses_what_keras_cannot_do(change, fragment):
     with pytest.raises(ValueError, match=fragment):
-        exports.keras_snippet(replace(DEFAULT, **change))
+        snippets.keras_snippet(replace(DEFAULT, **change))
 
 
 def test_snippets_refuse_half_precision_and_huge_weights():
     with pytest.raises(ValueError, match="float32"):
-        exports.pytorch_snippet(replace(DEFAULT, dtype="bfloat16"))
+        snippets.pytorch_snippet(replace(DEFAULT, dtype="bfloat16"))
     big = replace(DEFAULT, model_dim=512, num_heads=32, num_kv_heads=0, key_dim=256, t=4, s=4, batch=1, source="random")
     with pytest.raises(ValueError, match="too large"):
-        exports.pytorch_snippet(big)
+        snippets.pytorch_snippet(big)
 
 
 def test_figure_html_is_standalone_and_offline():

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def counted(monkeypatch):
     """Count calls of the heads-figure builder, with the shared cache emptied first."""
-    from attnviz.ui import figure_cache
+    from attnviz.app.ui import figure_cache
 
     figure_cache._build.clear()
     calls: list[tuple] = []
@@ -72,7 +72,7 @@ def test_sessions_share_one_build_per_view_and_a_change_builds_anew(counted):
 
 
 def test_unknown_builder_is_refused():
-    from attnviz.ui import figure_cache
+    from attnviz.app.ui import figure_cache
 
     with pytest.raises(ValueError, match="not a cached figure builder"):
         figure_cache.figure("mask_figure", "key", None, 0)

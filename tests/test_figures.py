@@ -16,7 +16,7 @@ import torch
 import attnviz
 from attnviz import figures
 from attnviz import masks as masks_lib
-from attnviz.playground import DEFAULT_PRESET, PRESETS, build_layer, run
+from attnviz.pagemodels.playground import DEFAULT_PRESET, PRESETS, build_layer, run
 
 GQA = DEFAULT_PRESET  # 8 query / 2 kv heads, causal, b=2, t=s=8
 MQA = "MQA: 4 query heads share 1 kv head"
@@ -836,8 +836,8 @@ def test_functional_core_record_has_no_output_figures():
 # Mask Lab figures: mask grid (full resolution and pooled), block sparsity, logits -> probabilities
 # ------------------------------------------------------------------------------------------------------------
 
-from attnviz import masklab as ml  # noqa: E402
 from attnviz import pooling  # noqa: E402
+from attnviz.pagemodels import masklab as ml  # noqa: E402
 
 
 def _lab(name):
@@ -950,7 +950,7 @@ def test_mask_effect_figure_pools_long_rows():
 def _big_record(heads: int, t: int):
     from dataclasses import replace as _replace
 
-    from attnviz.playground import DEFAULT_PRESET, PRESETS, run
+    from attnviz.pagemodels.playground import DEFAULT_PRESET, PRESETS, run
 
     return run(
         _replace(PRESETS[DEFAULT_PRESET], batch=1, t=t, s=t, num_heads=heads, num_kv_heads=heads // 4, model_dim=64)

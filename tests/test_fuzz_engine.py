@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
-from attnviz import engine, longseq, masklab, masks, pooling, score_mods
-from attnviz import playground as pg
+from attnviz import engine, masks, pooling, score_mods
 from attnviz.engine import attention, attention_output, probability_tiles
 from attnviz.layers import MultiHeadAttention
+from attnviz.pagemodels import longseq, masklab
+from attnviz.pagemodels import playground as pg
 
 # ------------------------------------------------------------------------------------------------------------
 # profiles

@@ -17,8 +17,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 
-from attnviz import engine, longseq, masklab
-from attnviz import playground as pg
+from attnviz import engine
+from attnviz.pagemodels import longseq, masklab
+from attnviz.pagemodels import playground as pg
 
 st_testing = pytest.importorskip("streamlit.testing.v1")
 AppTest = st_testing.AppTest
@@ -123,7 +124,7 @@ def test_playground_shows_figures_or_a_message(playground, values):
 
 @pytest.fixture(scope="module")
 def mask_lab():
-    return _app("app_pages/mask_lab.py")
+    return _app("attnviz/app/page_scripts/mask_lab.py")
 
 
 @st.composite
@@ -184,7 +185,7 @@ def test_mask_lab_shows_figures_or_a_message(mask_lab, values):
 @pytest.fixture(scope="module")
 def long_page():
     # A small first run (the page's default is t = 4096 with 16 heads).
-    return _app("app_pages/long_sequences.py", ls_t=64, ls_num_heads=2, ls_num_kv_heads=1, ls_head_dim=8)
+    return _app("attnviz/app/page_scripts/long_sequences.py", ls_t=64, ls_num_heads=2, ls_num_kv_heads=1, ls_head_dim=8)
 
 
 @st.composite
@@ -230,7 +231,14 @@ def test_long_sequences_shows_figures_or_a_message(long_page, values):
 
 
 def test_long_sequences_zoom_tab_with_a_short_sequence():
-    at = _app("app_pages/long_sequences.py", ls_t=4, ls_num_heads=1, ls_num_kv_heads=0, ls_head_dim=8, ls_top_k=1)
+    at = _app(
+        "attnviz/app/page_scripts/long_sequences.py",
+        ls_t=4,
+        ls_num_heads=1,
+        ls_num_kv_heads=0,
+        ls_head_dim=8,
+        ls_top_k=1,
+    )
     assert not at.exception and not at.error
     at.session_state["ls_tab"] = "Zoom"
     at.run()

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 from apptest_support import assert_clean
 
-from attnviz import longseq
+from attnviz.pagemodels import longseq
 
 st_testing = pytest.importorskip("streamlit.testing.v1")
 AppTest = st_testing.AppTest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGE = "app_pages/long_sequences.py"
+PAGE = "attnviz/app/page_scripts/long_sequences.py"
 
 
 @pytest.fixture

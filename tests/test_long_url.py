@@ -13,12 +13,12 @@ from apptest_support import assert_clean
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnviz import longseq as ls
 from attnviz.engine import DTYPES, MASKED_ROW_POLICIES, resolve_device
-from attnviz.playground import SOURCES
+from attnviz.pagemodels import longseq as ls
+from attnviz.pagemodels.playground import SOURCES
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGE = "app_pages/long_sequences.py"
+PAGE = "attnviz/app/page_scripts/long_sequences.py"
 SMALL = ls.LongConfig(t=512, num_heads=8, num_kv_heads=2, head_dim=16, seed=3)
 
 
@@ -103,7 +103,7 @@ def valid_configs(draw):
 
 @st.composite
 def valid_views(draw, config: ls.LongConfig):
-    from attnviz.long_figures import COLOR_SCALINGS
+    from attnviz.figures.long import COLOR_SCALINGS
 
     numbers = {name: draw(st.integers(low, high)) for name, (low, high) in ls.view_bounds(config).items()}
     return ls.LongView(
@@ -246,7 +246,7 @@ def open_link(params: dict[str, str]):
 @pytest.fixture
 def engine_calls(monkeypatch):
     """Every LongConfig the engine analyses, with the shared cache emptied first."""
-    from attnviz.ui.long_sequences import cached_analyze
+    from attnviz.app.ui.long_sequences import cached_analyze
 
     monkeypatch.chdir(ROOT)
     cached_analyze.clear()
@@ -292,7 +292,7 @@ def test_the_address_bar_follows_the_form_and_the_view(engine_calls):
     assert at.query_params["ls_seed"] == "4" and at.query_params["ls_scaling"] == "sqrt"
     assert engine_calls == [SMALL, replace(SMALL, seed=4)]
     # Leaving the page and coming back keeps the config and the view (widget state alone would be dropped).
-    at.switch_page("app_pages/walkthrough.py").run()
+    at.switch_page("attnviz/app/page_scripts/walkthrough.py").run()
     at.switch_page(PAGE).run()
     assert_clean(at)
     assert at.session_state["ls_seed"] == 4 and at.session_state["ls_scaling"] == "sqrt"

@@ -11,8 +11,8 @@ import torch
 
 import attnviz
 from attnviz import figures
-from attnviz import long_figures as lf
-from attnviz import longseq as ls
+from attnviz.figures import long as lf
+from attnviz.pagemodels import longseq as ls
 from attnviz.pooling import pool_by
 
 CONFIGS = {

@@ -21,8 +21,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnviz import masklab as ml
-from attnviz.masklab import (
+from attnviz.pagemodels import masklab as ml
+from attnviz.pagemodels.masklab import (
     Causal,
     Custom,
     Document,
@@ -674,7 +674,9 @@ def test_attnviz_policies_and_table_columns(comparison):
 def test_comparison_refuses_large_masks_and_reports_missing_keras(monkeypatch):
     with pytest.raises(ValueError, match="t, s <= 64"):
         ml.compare_frameworks(torch.ones(1, 1, 65, 8, dtype=torch.bool))
-    monkeypatch.setattr(ml, "_keras", lambda: (None, "Keras not installed (pip install 'keras>=3.10' to compare it)"))
+    monkeypatch.setattr(
+        ml.frameworks, "_keras", lambda: (None, "Keras not installed (pip install 'keras>=3.10' to compare it)")
+    )
     comp = ml.compare_frameworks(torch.ones(1, 1, 3, 4, dtype=torch.bool))
     row = comp.summary.set_index("framework").loc["Keras MultiHeadAttention (fused, no scores)"]
     assert row["fully-masked rows"] == "not run" and "Keras not installed" in row["notes"]

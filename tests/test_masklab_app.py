@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from apptest_support import assert_clean, assert_error
 
-from attnviz import masklab as ml
+from attnviz.pagemodels import masklab as ml
 
 st_testing = pytest.importorskip("streamlit.testing.v1")
 AppTest = st_testing.AppTest
@@ -29,7 +29,7 @@ TABS = ["Mask", "Block sparsity", "Logits → probabilities", "Framework compari
 def lab(monkeypatch):
     monkeypatch.chdir(ROOT)
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
-    at.switch_page("app_pages/mask_lab.py")  # straight to the lab: the Playground never runs
+    at.switch_page("attnviz/app/page_scripts/mask_lab.py")  # straight to the lab: the Playground never runs
     at.run()
     assert_clean(at)
     return at

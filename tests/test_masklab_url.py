@@ -16,8 +16,8 @@ from apptest_support import assert_clean
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from attnviz import masklab as ml
-from attnviz import urlstate
+from attnviz.formats import urlstate
+from attnviz.pagemodels import masklab as ml
 
 AppTest = pytest.importorskip("streamlit.testing.v1").AppTest
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,10 +76,12 @@ def test_a_link_carries_only_what_differs_from_its_preset():
 
 def test_every_setting_of_the_form_has_a_url_name():
     """The form's values (config_values) are exactly what the link's fields cover, plus the custom grid."""
-    covered = {f"{key}.{attr}" if key else attr for key, attr in {**ml._LINK_PATHS, **ml._TEXT_PATHS}.values()}
+    covered = {
+        f"{key}.{attr}" if key else attr for key, attr in {**ml.links._LINK_PATHS, **ml.links._TEXT_PATHS}.values()
+    }
     assert covered == set(ml.config_values(DEFAULT))
     view_names = {f.name for f in ml.MaskLabView.__dataclass_fields__.values()}
-    link_names = set(ml._LINK_PATHS) | set(ml._TEXT_PATHS) | {"grid", "preset"}
+    link_names = set(ml.links._LINK_PATHS) | set(ml.links._TEXT_PATHS) | {"grid", "preset"}
     assert not view_names & link_names  # one prefix, so no URL name may mean two things
 
 
@@ -316,7 +318,16 @@ def test_repeated_keys_and_foreign_keys():
 @given(
     params=st.dictionaries(
         st.sampled_from(
-            ["ml_" + n for n in [*ml._LINK_PATHS, *ml._TEXT_PATHS, "grid", "preset", *ml.MaskLabView.__annotations__]]
+            [
+                "ml_" + n
+                for n in [
+                    *ml.links._LINK_PATHS,
+                    *ml.links._TEXT_PATHS,
+                    "grid",
+                    "preset",
+                    *ml.MaskLabView.__annotations__,
+                ]
+            ]
         ),
         st.one_of(
             st.text(max_size=40),
@@ -359,7 +370,7 @@ def open_lab(params: dict[str, str]):
     at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=120)
     for key, value in params.items():
         at.query_params[key] = value
-    at.switch_page("app_pages/mask_lab.py")
+    at.switch_page("attnviz/app/page_scripts/mask_lab.py")
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     return at

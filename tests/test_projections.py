@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from attnviz import classroom_figures as cf
-from attnviz import playground as pg
-from attnviz import projections as pj
+from attnviz.figures import classroom as cf
+from attnviz.pagemodels import playground as pg
+from attnviz.pagemodels import projections as pj
 
 RECORD = pg.run(pg.PRESETS[pg.DEFAULT_PRESET])  # b=2, h=8, g=2, t=s=8, d=4
 

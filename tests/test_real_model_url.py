@@ -15,11 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attnviz import models
-from attnviz import real_model_state as rms
 from attnviz.head_metrics import METRICS
+from attnviz.pagemodels import real_model as rms
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGE = "app_pages/real_model.py"
+PAGE = "attnviz/app/page_scripts/real_model.py"
 SHAPE = {"num_layers": 6, "num_heads": 12}  # the packaged MiniLM
 
 # ------------------------------------------------------------------------------------------------------------

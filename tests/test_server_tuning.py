@@ -26,7 +26,7 @@ def test_keras_clear_session_is_not_run_after_each_script_run(monkeypatch):
     keras = pytest.importorskip("keras")
     from streamlit.runtime.scriptrunner import script_runner
 
-    from attnviz.ui import server
+    from attnviz.app import server
 
     # Another test's AppTest may have installed the replacement already (app.py does, once per process).
     streamlit_own = server._STREAMLIT_CLEAN_UP or script_runner._clean_problem_modules
@@ -46,7 +46,7 @@ def test_keras_clear_session_is_not_run_after_each_script_run(monkeypatch):
 
 
 def test_matplotlib_figures_are_still_closed(monkeypatch):
-    from attnviz.ui import server
+    from attnviz.app import server
 
     closed: list[str] = []
     fake = type(sys)("matplotlib.pyplot")
@@ -59,7 +59,7 @@ def test_matplotlib_figures_are_still_closed(monkeypatch):
 def test_a_streamlit_without_the_hook_is_left_alone(monkeypatch):
     from streamlit.runtime.scriptrunner import script_runner
 
-    from attnviz.ui import server
+    from attnviz.app import server
 
     monkeypatch.setattr(server, "_INSTALLED", False)
     monkeypatch.delattr(script_runner, "_clean_problem_modules")

@@ -1,4 +1,4 @@
-"""User text is never rendered: ``attnviz.ui.widgets.literal`` for Streamlit markdown, ``figures.plotly_text``
+"""User text is never rendered: ``attnviz.app.ui.widgets.literal`` for Streamlit markdown, ``figures.plotly_text``
 for Plotly, and the places that use them (link notices, configuration errors, upload names, figure labels).
 
 Markdown is checked with markdown-it-py (CommonMark, the parser family Streamlit's front end follows) and the
@@ -23,9 +23,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import attnviz
-from attnviz import figures, urlstate
-from attnviz.ui.widgets import WORD_JOINER, literal
+from attnviz import figures, pagemodels
+from attnviz.app.ui.widgets import WORD_JOINER, literal
+from attnviz.formats import urlstate
 
 markdown_it = pytest.importorskip("markdown_it")
 
@@ -55,7 +55,7 @@ MORE = (
     "\\[escaped\\](x) \\\\",
 )
 MD = markdown_it.MarkdownIt("commonmark").enable(["strikethrough", "table"])
-ROOT = Path(attnviz.__file__).parent
+PAGEMODELS = Path(pagemodels.__file__).parent
 
 
 class _Elements(HTMLParser):
@@ -134,6 +134,18 @@ def test_any_text_renders_as_itself(text):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _link_modules():
+    """(module, source text) of every page model that can declare links: a module, or a package's files together.
+
+    Only what mentions URL_PREFIX is imported (the model code pulls in transformers otherwise)."""
+    for info in pkgutil.iter_modules(pagemodels.__path__):
+        path = PAGEMODELS / (info.name if info.ispkg else f"{info.name}.py")
+        files = sorted(path.glob("*.py")) if info.ispkg else [path]
+        source = "\n".join(f.read_text() for f in files)
+        if "URL_PREFIX" in source:
+            yield importlib.import_module(f"attnviz.pagemodels.{info.name}"), source
+
+
 @functools.cache
 def url_fields() -> dict[str, list[str]]:
     """{prefix: parameter names} of every core module with shareable links (``URL_PREFIX`` and ``from_url``).
@@ -145,16 +157,12 @@ def url_fields() -> dict[str, list[str]]:
     covered without editing the tests.
     """
     found: dict[str, list[str]] = {}
-    for info in pkgutil.iter_modules(attnviz.__path__):
-        source = ROOT / f"{info.name}.py"
-        if info.ispkg or not source.exists() or "URL_PREFIX" not in source.read_text():
-            continue  # only import what can declare links (the model module pulls in transformers otherwise)
-        module = importlib.import_module(f"attnviz.{info.name}")
+    for module, source in _link_modules():
         prefix, from_url = getattr(module, "URL_PREFIX", None), getattr(module, "from_url", None)
         if not isinstance(prefix, str) or not callable(from_url):
             continue
         names = found.setdefault(prefix, [])
-        for name in _flat_names(from_url({})) + _probed_names(module, prefix, source.read_text()):
+        for name in _flat_names(from_url({})) + _probed_names(module, prefix, source):
             if name not in names:
                 names.append(name)
     return found
@@ -162,11 +170,9 @@ def url_fields() -> dict[str, list[str]]:
 
 def url_readers(prefix: str) -> list:
     """The ``*from_url`` functions of the module with this prefix, each taking only the params."""
-    for info in pkgutil.iter_modules(attnviz.__path__):
-        source = ROOT / f"{info.name}.py"
-        if info.ispkg or not source.exists() or f'URL_PREFIX = "{prefix}"' not in source.read_text():
+    for module, source in _link_modules():
+        if f'URL_PREFIX = "{prefix}"' not in source:
             continue
-        module = importlib.import_module(f"attnviz.{info.name}")
         base = _parts(module.from_url({}))[0].config
         return [functools.partial(_read, getattr(module, n), base) for n in dir(module) if n.endswith("from_url")]
     raise AssertionError(f"no module declares URL_PREFIX = {prefix!r}")
@@ -239,8 +245,8 @@ def test_every_notice_from_a_hostile_link_is_shown_as_text(prefix):
 def _messages_page():
     import streamlit as st
 
-    from attnviz.ui import sharing
-    from attnviz.ui.widgets import show_config_error
+    from attnviz.app.ui import sharing
+    from attnviz.app.ui.widgets import show_config_error
 
     text = st.session_state["payload"]
     st.session_state["zz_url_notices"] = [f"zz_t: {text!r} is not a whole number; using the default 8"]
@@ -264,7 +270,7 @@ def test_notices_and_errors_show_the_user_text_as_text(payload):
 
 
 def test_an_uploaded_file_name_is_text():
-    from attnviz.ui.playground import Upload
+    from attnviz.app.ui.playground import Upload
 
     x = {"x": np.zeros((1, 2, 3), np.float32)}
     upload = Upload(name=COMBINED + ".npy", original=x, tensors=x, sizes={}, sha256="0" * 64, source_sha256="0" * 64)
@@ -281,7 +287,7 @@ def test_plotly_text_escapes_markup_only():
 
 
 def test_figure_labels_from_the_user_are_text():
-    from attnviz import playground as pg
+    from attnviz.pagemodels import playground as pg
 
     config = pg.PlaygroundConfig(t=6, s=6, batch=1, num_heads=2, num_kv_heads=0)
     record = pg.run(config)

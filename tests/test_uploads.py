@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnviz import uploads
+from attnviz.formats import uploads
 
 try:
     from safetensors.numpy import save as safetensors_save

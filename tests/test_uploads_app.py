@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnviz import playground as pg
 from attnviz.layers import MultiHeadAttention
+from attnviz.pagemodels import playground as pg
 from tests.test_app import _decode, charts, drawn_keep
 from tests.test_uploads import Marker, npz_bytes
 
@@ -115,7 +115,7 @@ def test_digest_covers_every_element_of_large_inputs():
     b = a.copy()
     b[5, 77, 301] += 1.0  # one element differs
     assert pg.inputs_digest({"x": a}) != pg.inputs_digest({"x": b})
-    from attnviz.ui.playground import cached_run_uploaded
+    from attnviz.app.ui.playground import cached_run_uploaded
 
     run_a = cached_run_uploaded(config, pg.inputs_digest({"x": a}), {"x": a})
     run_b = cached_run_uploaded(config, pg.inputs_digest({"x": b}), {"x": b})

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from attnviz import playground as pg
-from attnviz import urlstate
-from attnviz.urlstate import Rule
+from attnviz.formats import urlstate
+from attnviz.formats.urlstate import Rule
+from attnviz.pagemodels import playground as pg
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from attnviz import classroom_figures as cf
-from attnviz import playground as pg
-from attnviz import walkthrough as wt
+from attnviz.figures import classroom as cf
+from attnviz.pagemodels import playground as pg
+from attnviz.pagemodels import walkthrough as wt
 
 CONFIGS = {
     **wt.PRESETS,

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import tomllib
 
-from attnviz import playground as pg
-from attnviz import projections as pj
-from attnviz import walkthrough as wt
+from attnviz.pagemodels import playground as pg
+from attnviz.pagemodels import projections as pj
+from attnviz.pagemodels import walkthrough as wt
 from tests.test_app import _decode, assert_heads_chart_is
 
 AppTest = pytest.importorskip("streamlit.testing.v1").AppTest
@@ -32,7 +32,7 @@ def open_page(page: str | None, params: dict[str, str] | None = None):
 
 def test_step_by_step_defaults_present_one_stage_then_all(monkeypatch):
     monkeypatch.chdir(ROOT)
-    at = open_page("app_pages/walkthrough.py")
+    at = open_page("attnviz/app/page_scripts/walkthrough.py")
     assert not at.error and not at.warning
     assert len(at.get("plotly_chart")) == 1
     assert at.session_state["wt_stage"] == 0 and dict(at.query_params) == {}
@@ -51,7 +51,7 @@ def test_step_by_step_link_reproduces_the_stage(monkeypatch):
     monkeypatch.chdir(ROOT)
     config = wt.PRESETS["GQA: 4 query heads share 2 kv heads"]
     params = wt.to_url(config, wt.Presentation(stage=8))
-    at = open_page("app_pages/walkthrough.py", params)
+    at = open_page("attnviz/app/page_scripts/walkthrough.py", params)
     assert not at.error and not at.warning
     assert at.session_state["wt_preset"] == "GQA: 4 query heads share 2 kv heads"
     assert at.subheader[0].value == "9. Softmax → attention weights"
@@ -66,7 +66,9 @@ def test_step_by_step_link_reproduces_the_stage(monkeypatch):
 
 def test_step_by_step_tampered_link_shows_a_notice(monkeypatch):
     monkeypatch.chdir(ROOT)
-    at = open_page("app_pages/walkthrough.py", {"wt_t": "1000", "wt_stage": "3", "wt_source": "<script>"})
+    at = open_page(
+        "attnviz/app/page_scripts/walkthrough.py", {"wt_t": "1000", "wt_stage": "3", "wt_source": "<script>"}
+    )
     assert not at.error
     notice = at.warning[0].value
     assert "wt_t: 1000 is above the maximum 8" in notice and "wt_source" in notice
@@ -75,7 +77,7 @@ def test_step_by_step_tampered_link_shows_a_notice(monkeypatch):
 
 def test_step_by_step_bad_settings_give_an_error_not_a_traceback(monkeypatch):
     monkeypatch.chdir(ROOT)
-    at = open_page("app_pages/walkthrough.py")
+    at = open_page("attnviz/app/page_scripts/walkthrough.py")
     at.number_input(key="wt_num_heads").set_value(3).run()
     at.number_input(key="wt_num_kv_heads").set_value(2).run()
     assert not at.exception
@@ -85,7 +87,7 @@ def test_step_by_step_bad_settings_give_an_error_not_a_traceback(monkeypatch):
 def test_projections_page_link_and_widgets(monkeypatch):
     monkeypatch.chdir(ROOT)
     settings = pj.ProjectionSettings(preset="MQA: 4 query heads share 1 kv head", head=2, query=5, color_by="kind")
-    at = open_page("app_pages/projections.py", pj.to_url(settings))
+    at = open_page("attnviz/app/page_scripts/projections.py", pj.to_url(settings))
     assert not at.error and not at.warning
     spec = json.loads(at.get("plotly_chart")[0].proto.spec)
     record = pg.run(settings.config())
@@ -100,7 +102,7 @@ def test_projections_page_link_and_widgets(monkeypatch):
 
 def test_projections_tampered_link(monkeypatch):
     monkeypatch.chdir(ROOT)
-    at = open_page("app_pages/projections.py", {"pj_head": "99"})
+    at = open_page("attnviz/app/page_scripts/projections.py", {"pj_head": "99"})
     assert "pj_head: 99 is above the maximum 64" in at.warning[0].value or "head (99)" in at.warning[0].value
     assert at.session_state["pj_head"] == 0 and at.get("plotly_chart")
 
@@ -130,6 +132,6 @@ def test_streamlit_server_limits():
     server = config["server"]
     assert 1 <= server["maxUploadSize"] <= 64
     assert server["enableXsrfProtection"] is True and server["enableCORS"] is True
-    from attnviz import uploads
+    from attnviz.formats import uploads
 
     assert uploads.MAX_FILE_BYTES <= server["maxUploadSize"] * 2**20

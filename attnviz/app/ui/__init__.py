@@ -1,0 +1,1 @@
+"""Widgets and caching for the pages: ``*_ui`` functions draw widgets and return plain values (configs)."""

@@ -1,0 +1,213 @@
+"""Plotly figures for long sequences: pooled heads as compact PNG images, full-resolution zooms, row summaries.
+
+A 8192 x 8192 heatmap per head cannot be sent to a browser (26.7 MB per 2000 x 2000 float32 heatmap); these
+builders send what a screen can show. Large pooled maps are coloured on the server and sent as PNG images
+(a few tens of KB each); small maps stay hoverable heatmaps. Like attnviz.figures, nothing here calls Streamlit.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from attnviz.engine import check_choice
+from attnviz.figures.heatmaps import MASKED_COLOR, Panel, _unit, image_grid
+from attnviz.pagemodels.longseq import COLOR_SCALINGS, LongResult, ZoomResult
+
+# Pooled maps with at most this many cells per head are sent as hoverable heatmaps instead of images.
+HOVER_CELLS = 96 * 96
+MAX_COLUMNS = 8
+
+
+def _head_order(result: LongResult) -> tuple[list[int | None], int]:
+    """Panels in kv-head groups (GQA): each kv head's query heads together, rows wrapped at MAX_COLUMNS."""
+    group = result.num_heads // (max(result.kv_head_of) + 1)
+    columns = min(MAX_COLUMNS, max(group, 1)) if group > 1 else min(MAX_COLUMNS, result.num_heads)
+    order: list[int | None] = []
+    for start in range(0, result.num_heads, group if group > 1 else result.num_heads):
+        block: list[int | None] = list(range(start, start + (group if group > 1 else result.num_heads)))
+        block += [None] * (-len(block) % columns)  # each kv group starts a new row
+        order += block
+    return order, columns
+
+
+def pooled_heads_figure(
+    result: LongResult,
+    mode: str = "max",
+    colorscale: str = "Viridis",
+    scaling: str = "log",
+    panel_px: int = 220,
+) -> go.Figure:
+    """Every head's pooled probability map in one grid, grouped by kv head.
+
+    Pooled maps larger than HOVER_CELLS go as PNG images coloured here (the payload stays flat however long the
+    sequence); smaller ones as hoverable heatmaps. Grey = no attendable position in the cell.
+    """
+    check_choice("scaling", scaling, COLOR_SCALINGS)
+    values = result.pooled(mode).numpy()  # (h, r, c)
+    keep = result.keep_any.numpy()
+    vmax = float(np.nanmax(values)) if np.isfinite(values).any() else 1.0
+    order, columns = _head_order(result)
+    r, c = values.shape[1:]
+    title = f"{mode} pooling, {result.factor_rows}×{result.factor_cols} positions per pixel (grey: nothing may attend)"
+    if r * c > HOVER_CELLS:
+        panels = [
+            None if u is None else Panel(title=f"head {u} · kv {result.kv_head_of[u]}", values=values[u], keep=keep[u])
+            for u in order
+        ]
+        return image_grid(
+            panels,
+            cols=columns,
+            value_name="p",
+            colorscale=colorscale,
+            scaling=scaling,
+            zmin=0.0,
+            zmax=vmax,
+            title=title,
+            panel_px=panel_px,
+        )
+    n_rows = math.ceil(len(order) / columns)
+    titles = ["" if u is None else f"head {u} · kv {result.kv_head_of[u]}" for u in order]
+    fig = make_subplots(
+        rows=n_rows,
+        cols=columns,
+        subplot_titles=titles,
+        horizontal_spacing=0.02,
+        vertical_spacing=min(0.08, 0.3 / max(n_rows, 1)),
+    )
+    _, low, high = _unit(np.zeros(1), scaling, 0.0, vmax)
+    for idx, head in enumerate(order):
+        if head is None:
+            continue
+        row, col = idx // columns + 1, idx % columns + 1
+        z, _, _ = _unit(np.nan_to_num(values[head], nan=0.0), scaling, 0.0, vmax)
+        z = np.where(keep[head], z * (high - low) + low, np.nan)
+        text = [
+            [
+                f"{result.row_label(i)} × {result.col_label(j)}<br>{mode} p = {values[head, i, j]:.4g}"
+                if keep[head, i, j]
+                else f"{result.row_label(i)} × {result.col_label(j)}<br>masked"
+                for j in range(c)
+            ]
+            for i in range(r)
+        ]
+        fig.add_trace(
+            go.Heatmap(z=z.astype(np.float32), text=text, hoverinfo="text", coloraxis="coloraxis", name=f"head {head}"),
+            row=row,
+            col=col,
+        )
+        fig.update_xaxes(showticklabels=False, row=row, col=col)
+        fig.update_yaxes(showticklabels=False, autorange="reversed", row=row, col=col)
+    bar = {"log": "log10 p", "sqrt": "√p", "linear": "p"}[scaling]
+    fig.update_layout(
+        coloraxis=dict(colorscale=colorscale, cmin=low, cmax=high, colorbar=dict(title=bar, thickness=12)),
+        height=n_rows * panel_px + 80,
+        width=columns * panel_px + 120,
+        margin=dict(l=10, r=10, t=50, b=10),
+        title=dict(text=title, font=dict(size=13)),
+        plot_bgcolor=MASKED_COLOR,
+    )
+    fig.update_annotations(font_size=11)
+    return fig
+
+
+def zoom_figure(region: ZoomResult, colorscale: str = "Viridis") -> go.Figure:
+    """A region at full resolution: hover gives query, key, probability, logit and whether it is masked."""
+    probs, logits, keep = region.probs.numpy(), region.logits.numpy(), region.keep.numpy()
+    (r0, r1), (c0, c1) = region.rows, region.cols
+    rows, cols = np.arange(r0, r1), np.arange(c0, c1)
+    z = np.where(keep, probs, np.nan).astype(np.float32)
+    custom = np.stack([logits, region.mass.numpy()[:, None].repeat(len(cols), 1)], axis=-1).astype(np.float32)
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=cols,
+            y=rows,
+            customdata=custom,
+            colorscale=colorscale,
+            colorbar=dict(title="p", thickness=12),
+            hovertemplate="query %{y} · key %{x}<br>p = %{z:.4g}<br>logit = %{customdata[0]:.3f}"
+            "<br>row mass in region = %{customdata[1]:.3f}<extra></extra>",
+        )
+    )
+    masked = np.argwhere(~keep)
+    if len(masked):
+        # Masked cells: a grey layer underneath would need a second heatmap; NaN cells show the plot background.
+        fig.update_layout(plot_bgcolor=MASKED_COLOR)
+    fig.update_yaxes(autorange="reversed", title="query")
+    fig.update_xaxes(title="key")
+    side = 560
+    fig.update_layout(
+        height=side,
+        width=int(side * min(2.0, max(0.6, len(cols) / max(len(rows), 1)))) + 120,
+        margin=dict(l=10, r=10, t=40, b=10),
+        title=dict(
+            text=f"head {region.head}: queries {r0}–{r1 - 1} × keys {c0}–{c1 - 1} at full resolution",
+            font=dict(size=13),
+        ),
+    )
+    return fig
+
+
+def _thin(n: int, limit: int) -> np.ndarray:
+    """At most ``limit`` evenly spaced indices of range(n)."""
+    return np.unique(np.linspace(0, n - 1, min(n, limit)).round().astype(np.int64))
+
+
+def row_summary_figure(result: LongResult, head: int, max_points: int = 1500) -> go.Figure:
+    """One head's row summaries against query position: entropy, sink and local mass, and the top-k keys."""
+    if not 0 <= head < result.num_heads:
+        raise ValueError(f"head ({head}) must be in [0, {result.num_heads})")
+    t = result.config.t
+    idx = _thin(t, max_points)
+    fig = make_subplots(
+        rows=3,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.06,
+        subplot_titles=(
+            "entropy (nats) — log(#attendable keys) would be uniform",
+            f"mass on key 0 (sink) and within ±{result.config.local_window} of the query (local)",
+            f"top-{result.config.top_k} keys per query (colour: weight)",
+        ),
+    )
+    x = idx.astype(np.float32)
+    fig.add_trace(go.Scatter(x=x, y=result.entropy[head, idx].numpy(), name="entropy", mode="lines"), row=1, col=1)
+    fig.add_trace(go.Scatter(x=x, y=result.sink_mass[head, idx].numpy(), name="sink mass", mode="lines"), row=2, col=1)
+    fig.add_trace(
+        go.Scatter(x=x, y=result.local_mass[head, idx].numpy(), name="local mass", mode="lines"), row=2, col=1
+    )
+    k = result.config.top_k
+    keys = result.top_keys[head, idx].numpy()  # (n, k)
+    weights = result.top_values[head, idx].numpy()
+    fig.add_trace(
+        go.Scattergl(
+            x=np.repeat(x, k),
+            y=keys.reshape(-1).astype(np.float32),
+            mode="markers",
+            name="top keys",
+            marker=dict(
+                size=3,
+                color=weights.reshape(-1).astype(np.float32),
+                colorscale="Viridis",
+                cmin=0,
+                cmax=float(max(weights.max(), 1e-6)),
+                colorbar=dict(title="p", thickness=10, len=0.3, y=0.15),
+            ),
+            hovertemplate="query %{x}<br>key %{y}<br>p = %{marker.color:.3g}<extra></extra>",
+        ),
+        row=3,
+        col=1,
+    )
+    fig.update_yaxes(title="key", row=3, col=1)
+    fig.update_xaxes(title="query position", row=3, col=1)
+    fig.update_layout(height=720, margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=1.06))
+    return fig
+
+
+def figure_bytes(fig: go.Figure) -> int:
+    """The size of the figure's JSON, which is what Streamlit sends to the browser."""
+    return len(fig.to_json())

@@ -1,0 +1,550 @@
+"""Long sequences: every head of a t = s = 8192 attention, summarised without ever holding a (t, s) map per head.
+
+``analyze`` streams the probabilities tile by tile (``engine.probability_tiles``) and keeps only what is drawn:
+each head pooled to a pixel budget (max and mean, so switching the view recomputes nothing), whether each pooled
+cell contains any attendable position, and row summaries that stay meaningful at any length (entropy, top-k keys,
+mass on the first token, mass within a local window). ``zoom`` recomputes one region at full resolution from
+its query rows only. ``to_url`` / ``from_url`` turn a config and the way it is looked at (``LongView``: pooling,
+colours, tab, zoom region, heads) into a shareable link and back. No Streamlit here.
+
+    result = analyze(LongConfig(t=8192, num_heads=16, num_kv_heads=4))
+    result.pooled_max.shape     # (16, 512, 512)
+    region = zoom(config, head=3, rows=(4000, 4064), cols=(3900, 4064))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attnviz import score_mods
+from attnviz.engine import (
+    DTYPES,
+    MASKED_ROW_POLICIES,
+    check_choice,
+    default_tile_elements,
+    probability_tiles,
+    resolve_device,
+)
+from attnviz.formats import urlstate
+from attnviz.inputs import SOURCES, MaskSpec, make_source
+from attnviz.memory import check_memory, estimate_attention_bytes, format_bytes
+from attnviz.pooling import pool_by
+
+LIMITS = {
+    "t": 16384,
+    "s": 16384,
+    "num_heads": 64,
+    "head_dim": 256,
+    "model_dim": 1024,
+    "pixels": 1024,
+    "local_window": 4096,
+    "top_k": 16,
+}
+SCORE_MODS = ("none", "alibi", "softcap")
+CAUSAL_CHOICES = ("off", "top_left", "bottom_right")
+DEVICES = ("auto", "cpu", "cuda")
+POOL_MODES = ("max", "mean")
+COLORSCALES = ("Viridis", "Magma", "Blues", "Cividis", "Turbo")
+COLOR_SCALINGS = ("log", "sqrt", "linear")  # log first: long rows spread probability thinly
+VIEW_TABS = ("heads", "zoom", "rows")  # the page's tabs: pooled heads, a zoomed region, row summaries
+# Zoomed regions are drawn cell by cell with hover values: at most this many cells.
+ZOOM_MAX_SIDE = 256
+MAX_ZOOM_CELLS = ZOOM_MAX_SIDE * ZOOM_MAX_SIDE
+# What the page's form lets a user enter for each numeric field (inclusive). The form's widgets and a shared
+# link's values are held to these; LongConfig.validate() then checks how the fields combine.
+FORM_RANGES: dict[str, tuple[float, float]] = {
+    "t": (1, LIMITS["t"]),
+    "s": (0, LIMITS["s"]),
+    "num_heads": (1, LIMITS["num_heads"]),
+    "num_kv_heads": (0, LIMITS["num_heads"]),
+    "head_dim": (1, LIMITS["head_dim"]),
+    "weight_scale": (0.1, 100.0),
+    "sliding_window": (0, max(LIMITS["t"], LIMITS["s"])),
+    "pixels": (16, LIMITS["pixels"]),
+    "local_window": (1, LIMITS["local_window"]),
+    "top_k": (1, LIMITS["top_k"]),
+    "seed": (0, 2**31 - 1),
+}
+
+
+@dataclass(frozen=True)
+class LongConfig:
+    """One long-sequence attention: synthetic inputs, per-head projections, a mask and a score modifier."""
+
+    t: int = 4096  # queries
+    s: int = 0  # keys; 0 = self-attention (s = t)
+    num_heads: int = 16  # query heads
+    num_kv_heads: int = 4  # kv heads (GQA); 0 = as many as query heads
+    head_dim: int = 64  # d per head
+    model_dim: int = 256  # width of the synthetic inputs
+    source: str = "sinusoidal"  # one of playground.SOURCES
+    weight_scale: float = 2.0  # multiplies W_q and W_k: larger = sharper attention
+    causal: str = "top_left"  # "off" | "top_left" | "bottom_right"
+    sliding_window: int = 0  # 0 = off
+    score_mod: str = "none"  # "none" | "alibi" | "softcap"
+    masked_rows: str = "zeros"
+    pixels: int = 256  # pooled cells per axis for each head's map
+    local_window: int = 64  # the row summary's "local" keys: |key - aligned query| < local_window
+    top_k: int = 4  # keys listed per query row
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+
+    @property
+    def keys(self) -> int:
+        return self.s or self.t
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    def validate(self) -> None:
+        """Raise ValueError (with the numbers) for a config the engine cannot or should not run."""
+        for name in ("t", "s", "num_heads", "head_dim", "model_dim", "pixels", "local_window", "top_k"):
+            value = getattr(self, name)
+            low = 0 if name == "s" else 1
+            if not isinstance(value, int) or not low <= value <= LIMITS[name]:
+                raise ValueError(f"{name} ({value}) must be an integer in [{low}, {LIMITS[name]}]")
+        if not 0 <= self.num_kv_heads <= self.num_heads or self.num_heads % self.kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.kv_heads})")
+        check_choice("source", self.source, tuple(SOURCES))
+        check_choice("causal", self.causal, CAUSAL_CHOICES)
+        check_choice("score_mod", self.score_mod, SCORE_MODS)
+        check_choice("masked_rows", self.masked_rows, MASKED_ROW_POLICIES)
+        check_choice("dtype", self.dtype, tuple(DTYPES))
+        if not 0 <= self.sliding_window <= max(self.t, self.keys):
+            raise ValueError(f"sliding_window ({self.sliding_window}) must be in [0, {max(self.t, self.keys)}]")
+        if not (math.isfinite(self.weight_scale) and 0 < self.weight_scale <= 100):
+            raise ValueError(f"weight_scale ({self.weight_scale}) must be in (0, 100]")
+        if self.top_k > self.keys:
+            raise ValueError(f"top_k ({self.top_k}) cannot exceed the number of keys ({self.keys})")
+        resolve_device(self.device)
+
+    def mask_spec(self) -> MaskSpec:
+        return MaskSpec(causal=self.causal, sliding_window=self.sliding_window)
+
+
+@dataclass(frozen=True)
+class LongResult:
+    """What the long-sequence views draw; every tensor is small (pooled or per row), none is (t, s) per head."""
+
+    config: LongConfig
+    pooled_max: Tensor  # (h, r, c) largest probability in each pooled cell (NaN where nothing may attend)
+    pooled_mean: Tensor  # (h, r, c) the cell's probability mass / its number of attendable positions
+    keep_any: Tensor  # (h, r, c) bool: the pooled cell contains at least one attendable position
+    row_edges: tuple[int, ...]  # first query row of each pooled row
+    col_edges: tuple[int, ...]  # first key of each pooled column
+    factor_rows: int  # query rows per pooled row
+    factor_cols: int  # keys per pooled column
+    entropy: Tensor  # (h, t) nats; log(number of attendable keys) would be uniform attention
+    top_values: Tensor  # (h, t, k) the k largest probabilities of each query row
+    top_keys: Tensor  # (h, t, k) their key positions
+    sink_mass: Tensor  # (h, t) probability on key 0 (attention sinks put most of a row here)
+    local_mass: Tensor  # (h, t) probability on keys within local_window of the query's aligned position
+    fully_masked: Tensor  # (h, t) bool
+    kv_head_of: tuple[int, ...]  # (h,) the kv head each query head reads
+    seconds: float = 0.0  # engine time, for the page's caption
+
+    @property
+    def num_heads(self) -> int:
+        return self.pooled_max.shape[0]
+
+    def pooled(self, mode: str) -> Tensor:
+        check_choice("pool mode", mode, POOL_MODES)
+        return self.pooled_max if mode == "max" else self.pooled_mean
+
+    def row_label(self, i: int) -> str:
+        return _range_label("q", self.row_edges[i], min(self.row_edges[i] + self.factor_rows, self.config.t) - 1)
+
+    def col_label(self, j: int) -> str:
+        return _range_label("k", self.col_edges[j], min(self.col_edges[j] + self.factor_cols, self.config.keys) - 1)
+
+
+@dataclass(frozen=True)
+class ZoomResult:
+    """One head's region at full resolution: every cell's probability, logit and mask."""
+
+    head: int
+    rows: tuple[int, int]  # (first, stop) query rows
+    cols: tuple[int, int]  # (first, stop) keys
+    probs: Tensor  # (rows, cols) probabilities (normalised over ALL keys of each row, not just the region)
+    logits: Tensor  # (rows, cols) logits after the score modifier, before masking
+    keep: Tensor  # (rows, cols) bool, True = may attend
+    mass: Tensor  # (rows,) share of each row's probability that falls inside the region
+
+
+def _range_label(prefix: str, first: int, last: int) -> str:
+    return f"{prefix}{first}" if first == last else f"{prefix}{first}–{last}"
+
+
+def _inputs(config: LongConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-head queries (1, h, t, d), keys (1, g, s, d) and values (1, g, s, d), seeded by the config."""
+    device = resolve_device(config.device)
+    gen = torch.Generator().manual_seed(config.seed)
+    h, g, d, dim = config.num_heads, config.kv_heads, config.head_dim, config.model_dim
+    x_q = make_source(config.source, 1, config.t, dim, gen)[0]  # (t, dim)
+    if config.s:
+        x_kv = make_source(config.source, 1, config.s, dim, gen)[0]  # (s, dim)
+        if config.source != "ones":
+            x_kv = torch.roll(x_kv, shifts=config.t // 2 + 1, dims=0)  # cross keys are not the queries' tokens
+    else:
+        x_kv = x_q
+    std = config.weight_scale / math.sqrt(dim)
+    w_q = torch.randn(dim, h, d, generator=gen) * std
+    w_k = torch.randn(dim, g, d, generator=gen) * std
+    w_v = torch.randn(dim, g, d, generator=gen) / math.sqrt(dim)
+    q = torch.einsum("tc,chd->htd", x_q, w_q)[None]  # (1, h, t, d)
+    k = torch.einsum("sc,cgd->gsd", x_kv, w_k)[None]  # (1, g, s, d)
+    v = torch.einsum("sc,cgd->gsd", x_kv, w_v)[None]  # (1, g, s, d)
+    work = DTYPES[config.dtype]
+    if work != torch.float32:
+        # Half-precision inputs (as a model would have them); the scores are computed in float32 as everywhere.
+        q, k, v = (x.to(work).float() for x in (q, k, v))
+    return q.to(device), k.to(device), v.to(device)
+
+
+def _score_mod(config: LongConfig):
+    if config.score_mod == "alibi":
+        return score_mods.alibi(config.num_heads)
+    if config.score_mod == "softcap":
+        return score_mods.softcap(30.0)
+    return None
+
+
+def _aligned_offset(config: LongConfig) -> int:
+    """Key position aligned with query 0: s - t under bottom-right causal alignment, else 0."""
+    return config.keys - config.t if config.causal == "bottom_right" else 0
+
+
+def estimate_bytes(config: LongConfig) -> int:
+    """Peak bytes of ``analyze``: the (t, s) keep-mask, one tile, and the per-head inputs and summaries."""
+    t, s, h, g, d = config.t, config.keys, config.num_heads, config.kv_heads, config.head_dim
+    per_row = h * t * (4 * 5 + 8 * config.top_k)  # entropy, masses, top-k values and int64 keys
+    base = estimate_attention_bytes(1, h, g, t, s, d, d, need_weights=False)
+    tile = min(h * t * s, default_tile_elements(resolve_device(config.device)))  # a tile's cells (larger on a GPU)
+    return base + per_row + 2 * h * config.pixels**2 * 4 + 4 * tile * 8
+
+
+def analyze(config: LongConfig, memory_budget: int | None = None) -> LongResult:
+    """Stream every head's probabilities once and keep the pooled maps and row summaries."""
+    import time
+
+    config.validate()
+    device = resolve_device(config.device)
+    check_memory(
+        estimate_bytes(config),
+        memory_budget,
+        what=f"the long-sequence view of t={config.t}, s={config.keys}, {config.num_heads} heads",
+        device=device,
+    )
+    start = time.perf_counter()
+    t, s, h = config.t, config.keys, config.num_heads
+    q, k, v = _inputs(config)
+    mask = config.mask_spec().build(1, t, s)
+    fr, fc = math.ceil(t / config.pixels), math.ceil(s / config.pixels)
+    r, c = math.ceil(t / fr), math.ceil(s / fc)
+    kk = config.top_k
+    pooled_max = torch.empty(h, r, c)
+    pooled_sum = torch.empty(h, r, c)
+    entropy, sink, local = (torch.empty(h, t) for _ in range(3))
+    top_values, top_keys = torch.empty(h, t, kk), torch.empty(h, t, kk, dtype=torch.long)
+    fully = torch.empty(h, t, dtype=torch.bool)
+    offset = _aligned_offset(config)
+    group = h // config.kv_heads
+    w = config.local_window
+
+    with torch.no_grad():
+        # The mask is the same for every head: count its attendable positions per pooled cell once.
+        keep = mask.materialize(1, 1, t, s, device=device)[0, 0] if mask is not None else None  # (t, s)
+        counts = (
+            pool_by(keep, fr, fc, "sum").values
+            if keep is not None
+            else pool_by(torch.ones(()).expand(t, s), fr, fc, "sum").values
+        ).cpu()  # (r, c)
+        tiles = probability_tiles(
+            q,
+            k,
+            mask=mask,
+            score_mod=_score_mod(config),
+            masked_rows=config.masked_rows,
+            row_multiple=fr,
+            heads=range(h),
+        )  # per head, rows aligned to the pooling
+        for tile in tiles:
+            hi, rows = tile.h.start, tile.rows
+            p = tile.probs[0, 0]  # (tr, s); masked cells are exactly 0 (fully-masked rows follow the policy)
+            pr = slice(rows.start // fr, -(-rows.stop // fr))
+            pooled_max[hi, pr] = pool_by(p, fr, fc, "max").values.cpu()
+            pooled_sum[hi, pr] = pool_by(p, fr, fc, "sum").values.cpu()
+            entropy[hi, rows] = torch.special.entr(p).sum(-1).cpu()  # -Σ p log p, with 0 log 0 = 0
+            values, keys = torch.topk(p, kk, dim=-1)  # (tr, k)
+            top_values[hi, rows], top_keys[hi, rows] = values.cpu(), keys.cpu()
+            sink[hi, rows] = p[:, 0].cpu()
+            # Local mass only needs the band of columns the tile's windows can reach, not all s keys.
+            lo = max(0, rows.start + offset - w + 1)
+            hi_col = min(s, rows.stop - 1 + offset + w)
+            if lo < hi_col:
+                q_pos = torch.arange(rows.start, rows.stop, device=device)[:, None] + offset  # (tr, 1)
+                kv_pos = torch.arange(lo, hi_col, device=device)[None, :]  # (1, band)
+                local[hi, rows] = (p[:, lo:hi_col] * ((kv_pos - q_pos).abs() < w)).sum(-1).cpu()
+            else:
+                local[hi, rows] = 0.0
+            fully[hi, rows] = tile.fully_masked[0, 0].cpu()
+
+    keep_any = (counts > 0).expand(h, r, c)
+    pooled_max = torch.where(keep_any, pooled_max, float("nan"))
+    pooled_mean = torch.where(keep_any, pooled_sum / counts.clamp_min(1), float("nan"))
+    return LongResult(
+        config=config,
+        pooled_max=pooled_max,
+        pooled_mean=pooled_mean,
+        keep_any=keep_any,
+        row_edges=tuple(range(0, t, fr)),
+        col_edges=tuple(range(0, s, fc)),
+        factor_rows=fr,
+        factor_cols=fc,
+        entropy=entropy,
+        top_values=top_values,
+        top_keys=top_keys,
+        sink_mass=sink,
+        local_mass=local,
+        fully_masked=fully,
+        kv_head_of=tuple(u // group for u in range(h)),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def zoom(config: LongConfig, head: int, rows: tuple[int, int], cols: tuple[int, int]) -> ZoomResult:
+    """One head's region at full resolution. Only the region's query rows are scored (against every key, so the
+    probabilities are the real ones); at most MAX_ZOOM_CELLS cells."""
+    config.validate()
+    t, s = config.t, config.keys
+    if not 0 <= head < config.num_heads:
+        raise ValueError(f"head ({head}) must be in [0, {config.num_heads})")
+    (r0, r1), (c0, c1) = (int(x) for x in rows), (int(x) for x in cols)
+    if not (0 <= r0 < r1 <= t and 0 <= c0 < c1 <= s):
+        raise ValueError(f"the zoom region rows [{r0}, {r1}) x keys [{c0}, {c1}) must lie within t={t}, s={s}")
+    if (r1 - r0) * (c1 - c0) > MAX_ZOOM_CELLS:
+        raise ValueError(
+            f"the zoom region has {(r1 - r0) * (c1 - c0):,} cells; at most {MAX_ZOOM_CELLS:,} are drawn "
+            f"one by one (e.g. 256 x 256); narrow the query or key range"
+        )
+    q, k, _ = _inputs(config)
+    mask = config.mask_spec().build(1, t, s)
+    probs, logits, keep, mass = [], [], [], []
+    with torch.no_grad():
+        for tile in probability_tiles(
+            q, k, mask=mask, score_mod=_score_mod(config), masked_rows=config.masked_rows, heads=[head], rows=(r0, r1)
+        ):
+            p = tile.probs[0, 0]  # (tr, s)
+            assert tile.logits is not None  # no out-buffers given, so every tile keeps its logits
+            probs.append(p[:, c0:c1].cpu())
+            logits.append(tile.logits[0, 0, :, c0:c1].cpu())
+            k_tile = torch.ones_like(p, dtype=torch.bool) if tile.keep is None else tile.keep[0, 0]
+            keep.append(k_tile[:, c0:c1].cpu())
+            mass.append(p[:, c0:c1].sum(-1).cpu())
+    return ZoomResult(
+        head=head,
+        rows=(r0, r1),
+        cols=(c0, c1),
+        probs=torch.cat(probs),
+        logits=torch.cat(logits),
+        keep=torch.cat(keep),
+        mass=torch.cat(mass),
+    )
+
+
+def summary_frame(result: LongResult):
+    """Per-head averages of the row summaries, as a pandas DataFrame (one row per head)."""
+    import pandas as pd
+
+    live = ~result.fully_masked  # (h, t)
+    count = live.sum(-1).clamp_min(1)
+
+    def mean(x: Tensor) -> list[float]:
+        return ((x.nan_to_num(0.0) * live).sum(-1) / count).tolist()
+
+    return pd.DataFrame(
+        {
+            "head": list(range(result.num_heads)),
+            "kv head": list(result.kv_head_of),
+            "mean entropy (nats)": mean(result.entropy),
+            "mean sink mass": mean(result.sink_mass),
+            f"mean local mass (|Δ| < {result.config.local_window})": mean(result.local_mass),
+            "mean top-1 weight": mean(result.top_values[..., 0]),
+            "fully-masked rows": result.fully_masked.sum(-1).tolist(),
+        }
+    )
+
+
+def with_values(config: LongConfig, **changes) -> LongConfig:
+    """A copy with changes, each field coerced to the type of its default (URL and widget values arrive loose)."""
+    # Every LongConfig field has a plain default (int, float, str, bool), whose type converts a loose value.
+    kinds: dict[str, Callable[[Any], Any]] = {f.name: type(f.default) for f in fields(LongConfig)}
+    return replace(config, **{k: kinds[k](v) for k, v in changes.items()})
+
+
+def describe(result: LongResult) -> str:
+    c = result.config
+    cells = c.num_heads * c.t * c.keys
+    return (
+        f"{c.num_heads} query heads / {c.kv_heads} kv heads, t={c.t:,}, s={c.keys:,}: {cells:,} probabilities "
+        f"({format_bytes(cells * 4)} in float32) streamed in {result.seconds:.1f} s and pooled "
+        f"{result.factor_rows}×{result.factor_cols} to {len(result.row_edges)}×{len(result.col_edges)} per head."
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Shareable links: the config and how it is looked at, as ls_* query parameters
+# ------------------------------------------------------------------------------------------------------------
+
+URL_PREFIX = "ls_"
+# The fields the page's form sets; the others (model_dim) keep their defaults on the page, so they do not travel.
+URL_CONFIG_FIELDS = tuple(f.name for f in fields(LongConfig) if f.name != "model_dim")
+
+
+@dataclass(frozen=True)
+class LongView:
+    """How a result is looked at; changing any of it never recomputes the engine. Field names are the page's
+    widget keys (without the prefix), so a link's ``ls_zoom_q0`` is the "First query" box."""
+
+    mode: str = "max"  # pooling of the heads' maps: one of POOL_MODES
+    scaling: str = "log"  # colour scaling: one of COLOR_SCALINGS
+    colorscale: str = "Viridis"  # one of COLORSCALES
+    tab: str = "heads"  # the open tab: one of VIEW_TABS
+    zoom_head: int = 0  # the zoomed head
+    zoom_size: int = 128  # the zoomed region's side (queries and keys)
+    zoom_q0: int = 0  # its first query row
+    zoom_k0: int = 0  # its first key
+    row_head: int = 0  # the head of the row-summary plot
+
+    def region(self, config: LongConfig) -> tuple[int, tuple[int, int], tuple[int, int]]:
+        """(head, (first, stop) query rows, (first, stop) keys) of the zoom, cut at the sequence ends."""
+        rows = (self.zoom_q0, min(config.t, self.zoom_q0 + self.zoom_size))
+        cols = (self.zoom_k0, min(config.keys, self.zoom_k0 + self.zoom_size))
+        return self.zoom_head, rows, cols
+
+
+def view_bounds(config: LongConfig) -> dict[str, tuple[int, int]]:
+    """The inclusive range of each numeric LongView field for this config (the page's zoom and head widgets)."""
+    shortest = min(config.t, config.keys)
+    last_head = config.num_heads - 1
+    return {
+        "zoom_head": (0, last_head),
+        "zoom_size": (min(8, shortest), min(ZOOM_MAX_SIDE, max(shortest, 8))),
+        "zoom_q0": (0, max(0, config.t - 1)),
+        "zoom_k0": (0, max(0, config.keys - 1)),
+        "row_head": (0, last_head),
+    }
+
+
+def default_view(config: LongConfig) -> LongView:
+    """The view a config opens with: its last query rows zoomed (where causal attention has the most keys),
+    the keys around the aligned diagonal."""
+    size = min(128, min(config.t, config.keys))
+    q0 = max(0, config.t - size)
+    k0 = max(0, min(config.keys - size, q0 + _aligned_offset(config) - size // 2))
+    return LongView(zoom_size=size, zoom_q0=q0, zoom_k0=k0)
+
+
+def fit_view(view: LongView, config: LongConfig) -> tuple[LongView, tuple[str, ...]]:
+    """``view`` with every field outside this config's range (``view_bounds``) set back to ``default_view``,
+    and one message per field replaced (e.g. a region past the end after t was made shorter)."""
+    default = default_view(config)
+    changes: dict[str, Any] = {}
+    messages = []
+    for name, (low, high) in view_bounds(config).items():
+        value = getattr(view, name)
+        if not low <= value <= high:
+            changes[name] = getattr(default, name)
+            messages.append(
+                f"{URL_PREFIX}{name}: {value} is outside [{low}, {high}] for t={config.t}, s={config.keys}, "
+                f"{config.num_heads} heads; using the default {changes[name]}"
+            )
+    return replace(view, **changes), tuple(messages)
+
+
+def _config_rules() -> dict[str, urlstate.Rule]:
+    """What each config field may hold when it comes from a URL: the form's ranges and choices."""
+    from attnviz.engine import MASKED_ROW_POLICIES
+
+    R = urlstate.Rule
+    rules = {name: R(low, high) for name, (low, high) in FORM_RANGES.items()}
+    rules.update(
+        source=R(choices=tuple(SOURCES)),
+        causal=R(choices=CAUSAL_CHOICES),
+        score_mod=R(choices=SCORE_MODS),
+        masked_rows=R(choices=MASKED_ROW_POLICIES),
+        device=R(choices=DEVICES),
+        dtype=R(choices=tuple(DTYPES)),
+    )
+    return rules
+
+
+def _view_rules() -> dict[str, urlstate.Rule]:
+    """The view's choices and the widest ranges any config allows (``fit_view`` then applies the config's own)."""
+
+    R = urlstate.Rule
+    return {
+        "mode": R(choices=POOL_MODES),
+        "scaling": R(choices=COLOR_SCALINGS),
+        "colorscale": R(choices=COLORSCALES),
+        "tab": R(choices=VIEW_TABS),
+        "zoom_head": R(0, LIMITS["num_heads"] - 1),
+        "zoom_size": R(1, ZOOM_MAX_SIDE),
+        "zoom_q0": R(0, LIMITS["t"] - 1),
+        "zoom_k0": R(0, LIMITS["s"] - 1),
+        "row_head": R(0, LIMITS["num_heads"] - 1),
+    }
+
+
+def to_url(config: LongConfig, view: LongView | None = None) -> dict[str, str]:
+    """Query params for a link to this config (and view): only what differs from the defaults, where the view's
+    defaults are ``default_view(config)``. Fields without a widget on the page (model_dim) are left out."""
+    params = {
+        key: value
+        for key, value in urlstate.encode(config, prefix=URL_PREFIX).items()
+        if key[len(URL_PREFIX) :] in URL_CONFIG_FIELDS
+    }
+    if view is not None:
+        params.update(urlstate.encode(view, prefix=URL_PREFIX, defaults=default_view(config)))
+    return params
+
+
+def _last(value: Any) -> str:
+    """A query param may come repeated (a list): the last one wins, as in urlstate."""
+    if isinstance(value, (list, tuple)):
+        return str(value[-1]) if value else ""
+    return str(value)
+
+
+def from_url(params, *, cuda_available: bool | None = None) -> tuple[urlstate.Decoded, urlstate.Decoded]:
+    """(config, view) a link describes; never raises. Values outside the form's ranges or choices fall back to
+    their defaults with a notice, settings that do not work together to the default config. A config too big
+    for memory is NOT refused here: the page runs it through the same memory check as the form.
+
+    A link made on a GPU machine (``ls_device=cuda``) opened where there is none runs on what is available
+    (device "auto"), with a notice. ``cuda_available`` overrides the check (for tests).
+    """
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    names = set(URL_CONFIG_FIELDS) | {f.name for f in fields(LongView)}
+    ours = {
+        key: value for key, value in params.items() if key.startswith(URL_PREFIX) and key[len(URL_PREFIX) :] in names
+    }
+    device_key = URL_PREFIX + "device"
+    notices: list[str] = []
+    if device_key in ours and _last(ours[device_key]).strip() == "cuda" and not cuda_available:
+        del ours[device_key]
+        notices.append(f"{device_key}: the link ran on a CUDA GPU and this server has none; running on the CPU")
+    config = urlstate.decode(ours, LongConfig(), prefix=URL_PREFIX, rules=_config_rules())
+    config = replace(config, notices=(*notices, *config.notices))
+    view = urlstate.decode(ours, default_view(config.config), prefix=URL_PREFIX, rules=_view_rules(), validate=False)
+    fitted, messages = fit_view(view.config, config.config)
+    return config, replace(view, config=fitted, notices=(*view.notices, *messages))

@@ -1,1 +1,0 @@
-"""The Streamlit layer: the only part of attnviz that imports streamlit (widgets and caching wrappers)."""
