@@ -117,7 +117,10 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """'auto' (or None) picks cuda when present, else cpu; 'cuda' without a GPU is a clear ValueError."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):  # torch's own words for "gpu", 3.5, ...: ours names the choices
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but no CUDA GPU is available; use device='cpu' or 'auto'")
     if dev.type not in ("cpu", "cuda"):
@@ -132,7 +135,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         if dtype not in DTYPES.values():
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
         return dtype
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:  # a list or dict would be unhashable: TypeError
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
 

@@ -59,7 +59,7 @@ def from_keras(layer, *, device="auto", dtype="float32", masked_rows: str | None
                 num_heads=cfg["num_heads"],
                 key_dim=cfg["key_dim"],
                 value_dim=cfg.get("value_dim"),
-                output_shape=cfg.get("output_shape"),
+                output_shape=cfg.get("output_shape") or None,  # Keras: 0 and () mean the default
                 attention_axes=cfg.get("attention_axes"),
             )
         else:
@@ -179,6 +179,22 @@ def from_torch(mha: nn.MultiheadAttention, *, device="auto", dtype="float32", ma
     return mod
 
 
+def _torch_allowed(label: str, mask) -> Tensor:
+    """One torch.nn.MultiheadAttention mask (bool True = masked, or additive float 0 / -inf) as a keep-mask."""
+    m = torch.as_tensor(mask)
+    if m.dtype == torch.bool:
+        return ~m
+    if not m.is_floating_point():  # torch: "only bool and floating types of attn_mask are supported"
+        raise ValueError(f"{label} must be bool or floating point (as torch accepts), got dtype {m.dtype}")
+    bias = ~(torch.isneginf(m) | (m == 0))  # torch would add these values to the scores
+    if bool(bias.any()):
+        raise ValueError(
+            f"an additive {label} with values other than 0 and -inf is a bias, not a mask: "
+            f"got values such as {m[bias].flatten()[:3].tolist()}"
+        )
+    return torch.isfinite(m)
+
+
 def torch_masks_to_keep(
     attn_mask: Tensor | None = None,
     key_padding_mask: Tensor | None = None,
@@ -187,32 +203,55 @@ def torch_masks_to_keep(
 ) -> Tensor | None:
     """torch.nn.MultiheadAttention masks (True / -inf = masked) -> one attnviz keep-mask (True = may attend).
 
-    attn_mask: (t, s) or (b * num_heads, t, s), bool or additive float with only 0 / -inf entries.
-    key_padding_mask: (b, s), True = padding. Returns a bool tensor broadcastable to (b, h, t, s).
+    Shapes as torch takes them, for a batched query (b, t, e) or an unbatched one (t, e):
+        attn_mask:        (t, s), or (b * num_heads, t, s) batched / (num_heads, t, s) unbatched
+        key_padding_mask: (b, s) batched, (s,) unbatched (torch unsqueezes it to (1, s))
+    Each is bool (True = masked) or additive float with only 0 / -inf entries. A 1-D key_padding_mask means an
+    unbatched query (torch refuses it for a batched one), so a 3-D attn_mask with it must be (num_heads, t, s).
+    Returns a bool tensor broadcastable to (b, h, t, s); for an unbatched query call the attnviz layer on
+    query[None] (batch 1).
     """
+    if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0):
+        raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
+    pad: Tensor | None = None
+    pad_shape: tuple[int, ...] = ()
+    if key_padding_mask is not None:
+        pad = _torch_allowed("key_padding_mask", key_padding_mask)
+        pad_shape = tuple(pad.shape)
+        if pad.dim() not in (1, 2):
+            raise ValueError(
+                f"key_padding_mask must be (b, s) for a batched query or (s,) for an unbatched one, got {pad_shape}"
+            )
+        pad = pad.reshape(-1, 1, 1, pad.shape[-1])  # (b|1, 1, 1, s): an unbatched (s,) is one batch item
     keep = None
     if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            allowed = ~attn_mask
-        else:
-            finite = torch.isfinite(attn_mask)
-            if bool((attn_mask[finite] != 0).any()):
-                raise ValueError("an additive attn_mask with values other than 0 and -inf is a bias, not a mask")
-            allowed = finite
+        allowed = _torch_allowed("attn_mask", attn_mask)
+        attn_shape = tuple(allowed.shape)
         if allowed.dim() == 3:
             if num_heads is None or allowed.shape[0] % num_heads:
-                raise ValueError(f"a 3-D attn_mask {tuple(allowed.shape)} needs num_heads dividing its first dim")
+                raise ValueError(
+                    f"a 3-D attn_mask {attn_shape} needs num_heads dividing its first dim, got num_heads={num_heads}"
+                )
+            if pad is not None and allowed.shape[0] != pad.shape[0] * num_heads:
+                expected = "(num_heads, t, s)" if len(pad_shape) == 1 else "(b * num_heads, t, s)"
+                raise ValueError(
+                    f"attn_mask {attn_shape} and key_padding_mask {pad_shape} do not fit together: "
+                    f"torch expects a 3-D attn_mask {expected} = "
+                    f"({pad.shape[0] * num_heads}, {allowed.shape[1]}, {allowed.shape[2]})"
+                )
             allowed = allowed.reshape(-1, num_heads, *allowed.shape[1:])  # (b, h, t, s)
         elif allowed.dim() == 2:
             allowed = allowed[None, None]  # (1, 1, t, s)
         else:
-            raise ValueError(f"attn_mask must be (t, s) or (b*h, t, s), got {tuple(allowed.shape)}")
+            raise ValueError(f"attn_mask must be (t, s) or (b*h, t, s), got {attn_shape}")
+        if pad is not None and allowed.shape[-1] != pad.shape[-1]:
+            raise ValueError(
+                f"attn_mask {attn_shape} and key_padding_mask {pad_shape} disagree on the number of keys s: "
+                f"{allowed.shape[-1]} vs {pad.shape[-1]}"
+            )
         keep = allowed
-    if key_padding_mask is not None:
-        kp = key_padding_mask
-        allowed = ~kp if kp.dtype == torch.bool else torch.isfinite(kp)
-        allowed = allowed[:, None, None, :]  # (b, 1, 1, s)
-        keep = allowed if keep is None else keep & allowed
+    if pad is not None:
+        keep = pad if keep is None else keep & pad
     return keep
 
 

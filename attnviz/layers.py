@@ -89,6 +89,11 @@ def initialize(name: str, shape: Sequence[int], generator: torch.Generator) -> T
     return nn.init.trunc_normal_(out, std=std, a=-2 * std, b=2 * std, generator=generator)
 
 
+def _is_int(value: Any) -> bool:
+    """A Python or numpy integer; bool is not one here, though Python says it is."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 @overload
 def _positive_int(label: str, value: Any, allow_none: Literal[False] = False) -> int: ...
 @overload
@@ -96,9 +101,72 @@ def _positive_int(label: str, value: Any, allow_none: bool) -> int | None: ...
 def _positive_int(label: str, value: Any, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) <= 0:
-        raise ValueError(f"{label} must be a positive integer, got {value!r}")
+    if not _is_int(value) or int(value) <= 0:
+        raise ValueError(f"{label} must be a positive integer{' or None' if allow_none else ''}, got {value!r}")
     return int(value)
+
+
+def _flag(label: str, value: Any) -> bool:
+    """A bool argument; anything else (a string "no" is truthy) is refused rather than guessed."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{label} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _rate(label: str, value: Any) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{label} must be a number in [0, 1), got {value!r}")
+    if not 0.0 <= float(value) < 1.0:  # also refuses NaN
+        raise ValueError(f"{label} ({value!r}) must be in [0, 1)")
+    return float(value)
+
+
+def _seed(value: Any) -> int | None:
+    # torch generators take seeds in [-2**63, 2**64) (negatives wrap modulo 2**64).
+    if value is not None and (not _is_int(value) or not -(2**63) <= int(value) < 2**64):
+        raise ValueError(f"seed must be None or an integer in [-2**63, 2**64), got {value!r}")
+    return None if value is None else int(value)
+
+
+def _output_shape(value: Any) -> tuple[int, ...] | None:
+    """Keras' output_shape: an int or a list/tuple of ints, all positive; None or () for the query's dim."""
+    entries = (value,) if _is_int(value) else value
+    if value is None or (isinstance(entries, (list, tuple)) and not entries):
+        return None
+    if not isinstance(entries, (list, tuple)) or not all(_is_int(x) and int(x) > 0 for x in entries):
+        raise ValueError(f"output_shape must be a positive integer or a list/tuple of them, got {value!r}")
+    return tuple(int(x) for x in entries)
+
+
+def _attention_axes(value: Any) -> tuple[int, ...] | None:
+    """Keras' attention_axes as a tuple of ints. Which axes exist depends on the input rank, so the range is
+    checked in build(); axis 0 (batch) and -1 (features) can never be attended, whatever the rank."""
+    if value is None:
+        return None
+    axes = (value,) if _is_int(value) else value
+    if not isinstance(axes, (list, tuple)) or not axes or not all(_is_int(a) for a in axes):
+        raise ValueError(f"attention_axes must be an integer or a non-empty list/tuple of integers, got {value!r}")
+    axes = tuple(int(a) for a in axes)
+    if 0 in axes or -1 in axes:
+        raise ValueError(
+            f"attention_axes {value!r} names axis 0 (the batch) or -1 (the features), which are not attended"
+        )
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"attention_axes {value!r} names an axis twice")
+    return axes
+
+
+def _input_shape(label: str, value: Any) -> tuple[int | None, ...]:
+    """A build() shape: a list/tuple whose last entry (the features) is a positive int; other entries may be
+    None (unknown batch or length), as in Keras."""
+    if (
+        not isinstance(value, (list, tuple))
+        or not value
+        or not _is_int(value[-1])
+        or not all(x is None or (_is_int(x) and int(x) > 0) for x in value)
+    ):
+        raise ValueError(f"{label} must be a list/tuple of positive integers (None allowed but last), got {value!r}")
+    return tuple(None if x is None else int(x) for x in value)
 
 
 def _to_tensor(label: str, x, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -136,19 +204,17 @@ class _SeededModule(nn.Module):
 
     def __init__(self, *, dropout, seed, masked_rows, device, dtype):
         super().__init__()
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout ({dropout}) must be in [0, 1)")
+        self.dropout = _rate("dropout", dropout)
+        self.seed = _seed(seed)
         check_choice("masked_rows", masked_rows, MASKED_ROW_POLICIES)
-        self.dropout = float(dropout)
-        self.seed = seed
         self.masked_rows = masked_rows
-        self.device_ = resolve_device(device)
+        self.device_ = resolve_device(device)  # ValueError for anything but auto / cpu / cuda
         self.dtype_ = resolve_dtype(dtype)
         self._generator = torch.Generator()
-        if seed is None:  # as Keras: no seed, fresh random weights
+        if self.seed is None:  # as Keras: no seed, fresh random weights
             self._generator.seed()
         else:
-            self._generator.manual_seed(int(seed))
+            self._generator.manual_seed(self.seed)
         self._calls = 0  # dropout draws a fresh mask per training call, reproducibly from the seed
 
     def _param(self, initializer: str, shape) -> nn.Parameter:
@@ -166,7 +232,8 @@ class _SeededModule(nn.Module):
         if not (training and self.dropout > 0):
             return None
         self._calls += 1
-        return None if self.seed is None else int(self.seed) * 1_000_003 + self._calls
+        # Modulo 2**64 as torch wraps seeds anyway, so a large layer seed cannot overflow the generator.
+        return None if self.seed is None else (self.seed * 1_000_003 + self._calls) % 2**64
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -251,16 +318,14 @@ class MultiHeadAttention(_SeededModule):
             raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
         check_choice("score_mode", score_mode, SCORE_MODES)
         self.score_mode = score_mode
-        self.use_bias = bool(use_bias)
-        if isinstance(output_shape, (int, np.integer)):
-            output_shape = (int(output_shape),)
-        if output_shape is not None:
-            output_shape = tuple(_positive_int("output_shape entries", x) for x in output_shape) or None
-        self.output_shape = output_shape
-        if isinstance(attention_axes, (int, np.integer)):
-            attention_axes = (int(attention_axes),)
-        self.attention_axes = None if attention_axes is None else tuple(int(a) for a in attention_axes)
+        self.use_bias = _flag("use_bias", use_bias)
+        self.output_shape = _output_shape(output_shape)
+        self.attention_axes = _attention_axes(attention_axes)
         self.sliding_window = _positive_int("sliding_window", sliding_window, allow_none=True)
+        if score_mod is not None and not callable(score_mod):
+            raise ValueError(
+                f"score_mod must be None or a callable (score, b, h, q_idx, kv_idx) -> score, got {score_mod!r}"
+            )
         self.score_mod = score_mod
         check_choice("kernel_initializer", kernel_initializer, _INITIALIZERS)
         check_choice("bias_initializer", bias_initializer, _INITIALIZERS)
@@ -276,8 +341,8 @@ class MultiHeadAttention(_SeededModule):
 
     def build(self, query_shape, value_shape, key_shape=None) -> None:
         """Create the weights for inputs of these shapes (Keras builds on first call the same way)."""
-        query_shape, value_shape = tuple(query_shape), tuple(value_shape)
-        key_shape = value_shape if key_shape is None else tuple(key_shape)
+        query_shape, value_shape = _input_shape("query_shape", query_shape), _input_shape("value_shape", value_shape)
+        key_shape = value_shape if key_shape is None else _input_shape("key_shape", key_shape)
         rank = len(query_shape)
         if rank < 3:
             raise ValueError(f"query must have rank >= 3 (batch, ..., features), got shape {query_shape}")
@@ -517,14 +582,50 @@ class MultiHeadAttention(_SeededModule):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _keep_broadcast(
+    label: str, keep: Tensor, given: tuple[int, ...], target: tuple[int, ...], name: str, note: str = ""
+) -> Tensor:
+    """``keep`` broadcast TO ``target`` (called ``name`` in the error). Keras applies its masks with a broadcasting
+    ``where``; a mask that does not broadcast, or would enlarge the result (Keras then silently returns a bigger
+    output), is refused. ``given`` is the shape the caller passed, before any axis was inserted."""
+    if not masks_lib.broadcasts_to(tuple(keep.shape), target):
+        used = "" if tuple(keep.shape) == given else f" (used as {tuple(keep.shape)})"
+        raise ValueError(f"{label} of shape {given}{used} does not broadcast to {name} = {target}{note}")
+    return keep.broadcast_to(target)
+
+
 class _SingleHeadAttention(_SeededModule):
-    """Shared call of Keras' Attention and AdditiveAttention: query (b, t, d), value (b, s, dv), key (b, s, d)."""
+    """Shared call of Keras' Attention and AdditiveAttention: query (..., t, d), value (..., s, v), key (..., s, d).
+
+    The leading dims are batch dims and broadcast against each other, as in Keras (its scores are a matmul): query
+    (2, 8, 6, 4) and value (2, 8, 5, 4) give output (2, 8, 6, 4) and scores (2, 8, 6, 5). The engine sees them
+    flattened row-major into one batch axis b = prod(batch): the record's grid tensors are (b, 1, t, s).
+    """
 
     score_mode: str
 
     def _scale_and_weight(self, dim: int) -> tuple[Tensor | None, Tensor | float]:
         """(scale, concat weight) for the scores; unscaled unless a subclass learns them."""
         return None, 1.0
+
+    def _value_mask(self, value_mask, use_causal_mask: bool, scores_shape: tuple[int, ...]) -> masks_lib.Mask | None:
+        """Keras' value mask as a Mask over the grid (b, 1, t, s)."""
+        keep = _mask_tensor("value_mask", value_mask, self.device_)
+        if keep is None:
+            return None
+        given = tuple(keep.shape)
+        if keep.dim() == 2 or (use_causal_mask and keep.dim() >= 1):
+            keep = keep.unsqueeze(-2)  # (..., 1, s): Keras adds the query axis in these two cases only
+        note = (
+            "; Keras inserts a query axis at -2 into a 2-D value_mask, or into any value_mask with use_causal_mask, "
+            "and uses every other one as it is (so for N-D inputs a per-key mask is (*batch, 1, s) without "
+            "use_causal_mask, (*batch, s) with it)"
+        )
+        full = _keep_broadcast("value_mask", keep, given, scores_shape, "the scores (*batch, t, s)", note)
+        t, s = scores_shape[-2:]
+        if keep.dim() < 2 or keep.shape[-2] == 1:  # one row for every query: padded keys
+            return masks_lib.padding(key_valid=full[..., 0, :].reshape(-1, s))  # (b, s)
+        return masks_lib.from_tensor(full.reshape(-1, 1, t, s), name="value_mask")  # (b, 1, t, s)
 
     def forward(
         self,
@@ -538,36 +639,67 @@ class _SingleHeadAttention(_SeededModule):
         use_causal_mask: bool = False,
         training: bool = False,
     ) -> AttentionResult:
+        """Keras' ``layer([query, value, key], mask=[query_mask, value_mask], ...)`` with the masks as keywords.
+
+        query_mask: broadcasts to (*batch, t); zeroes the output rows of padded queries (their scores are left
+            as computed, as in Keras).
+        value_mask: broadcast against the scores (*batch, t, s) after Keras' rule (see ``_value_mask``): a
+            (b, s) mask hides padded keys.
+        mask: an attnviz extra, a Mask or a bool tensor on the grid (b, 1, t, s); with several batch dims a
+            tensor of the scores' rank is read in the scores' layout (*batch, t, s).
+        """
         query, value, key = self._inputs(query, value, key)
         for label, x in (("query", query), ("value", value), ("key", key)):
-            if x.dim() != 3:
-                raise ValueError(f"{label} must have shape (batch, length, dim), got {tuple(x.shape)}")
-        if key.shape[:2] != value.shape[:2]:
-            raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must agree in batch and length")
-        if query.shape[0] != value.shape[0]:
-            raise ValueError(f"query batch ({query.shape[0]}) and value batch ({value.shape[0]}) differ")
+            if x.dim() < 2:
+                raise ValueError(f"{label} must have shape (..., length, dim), got {tuple(x.shape)}")
+        if key.shape[-2] != value.shape[-2]:
+            raise ValueError(
+                f"key {tuple(key.shape)} and value {tuple(value.shape)} must have the same length (axis -2): "
+                f"{key.shape[-2]} vs {value.shape[-2]}"
+            )
         if query.shape[-1] != key.shape[-1]:
-            raise ValueError(f"query dim ({query.shape[-1]}) and key dim ({key.shape[-1]}) must match")
-        b, t, _ = query.shape
-        s = value.shape[1]
-        scale, weight = self._scale_and_weight(query.shape[-1])
+            raise ValueError(
+                f"query {tuple(query.shape)} and key {tuple(key.shape)} must have the same dim (last axis): "
+                f"{query.shape[-1]} vs {key.shape[-1]}"
+            )
+        try:
+            batch = tuple(torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
+        except RuntimeError:
+            raise ValueError(
+                f"the batch dims (all but the last two) of query {tuple(query.shape)}, key {tuple(key.shape)} "
+                f"and value {tuple(value.shape)} do not broadcast against each other"
+            ) from None
+        t, s = query.shape[-2], value.shape[-2]
+        b = math.prod(batch)
+        scores_shape = (*batch, t, s)
+
+        def grid(x: Tensor) -> Tensor:
+            return x.expand(*batch, *x.shape[-2:]).reshape(b, 1, *x.shape[-2:])  # (b, 1, t|s, d|v)
+
         parts = []
-        v_mask = _mask_tensor("value_mask", value_mask, self.device_)
+        v_mask = self._value_mask(value_mask, use_causal_mask, scores_shape)
         if v_mask is not None:
-            if tuple(v_mask.shape) != (b, s):
-                raise ValueError(f"value_mask shape {tuple(v_mask.shape)} must be (batch, s) = ({b}, {s})")
-            parts.append(masks_lib.padding(key_valid=v_mask))
+            parts.append(v_mask)
         if use_causal_mask:
             parts.append(masks_lib.causal())
+        if isinstance(mask, (Tensor, np.ndarray)) and len(batch) > 1 and mask.ndim == len(scores_shape):
+            m = torch.as_tensor(mask)
+            mask = _keep_broadcast("mask", m, tuple(m.shape), scores_shape, "the scores (*batch, t, s)")
+            mask = mask.reshape(b, 1, t, s)  # Keras layout -> the grid
         extra = as_mask(mask)
         if extra is not None:
             parts.append(extra)
-        mask_fn = masks_lib.all_of(parts)
+        q_keep = _mask_tensor("query_mask", query_mask, self.device_)
+        if q_keep is not None:
+            # Keras: where(query_mask[..., None], output, 0), i.e. the mask broadcasts to (*batch, t).
+            q_keep = _keep_broadcast("query_mask", q_keep, tuple(q_keep.shape), (*batch, t), "the queries (*batch, t)")
+            q_keep = q_keep.reshape(b, t, 1)
+        scale, weight = self._scale_and_weight(query.shape[-1])
         core = attention(
-            query[:, None],
-            key[:, None],
-            value[:, None],  # (b, 1, t|s, d)
-            mask=mask_fn,
+            grid(query),
+            grid(key),
+            grid(value),
+            mask=masks_lib.all_of(parts),
             score_mode=self.score_mode,
             scale=scale,
             concat_weight=weight,
@@ -576,21 +708,18 @@ class _SingleHeadAttention(_SeededModule):
             seed=self._dropout_seed(training),
             masked_rows=self.masked_rows,
         )
-        output = core.head_outputs[:, 0]  # (b, t, dv)
-        q_mask = _mask_tensor("query_mask", query_mask, self.device_)
-        if q_mask is not None:
-            # Keras zeroes the output rows of padded queries; their scores are left as computed.
-            if tuple(q_mask.shape) != (b, t):
-                raise ValueError(f"query_mask shape {tuple(q_mask.shape)} must be (batch, t) = ({b}, {t})")
-            output = output * q_mask[..., None].to(output.dtype)
+        out_grid = core.head_outputs[:, 0]  # (b, t, v)
+        if q_keep is not None:
+            out_grid = torch.where(q_keep, out_grid, 0.0)  # padded queries' rows are 0, even if NaN before
+        output = out_grid.reshape(*batch, t, out_grid.shape[-1])  # (*batch, t, v) as Keras returns it
         return replace(
             core,
             output=output,
-            scores=core.scores[:, 0],  # (b, t, s) as Keras returns them
-            logits=None if core.logits is None else core.logits[:, 0],
-            head_contributions=output[:, None],
-            output_grid=output,
-            shapes=core.shapes + (("output (b, t, v)", tuple(output.shape)),),
+            scores=core.scores.reshape(scores_shape),  # (*batch, t, s) as Keras returns them
+            logits=None if core.logits is None else core.logits.reshape(scores_shape),
+            head_contributions=out_grid[:, None],  # (b, 1, t, v)
+            output_grid=out_grid,
+            shapes=core.shapes + (("output (*batch, t, v)", tuple(output.shape)),),
         )
 
 
@@ -599,6 +728,7 @@ class DotProductAttention(_SingleHeadAttention):
 
     ``use_scale=True`` adds a learned scalar (initialised to 1) multiplying the scores ("dot") or the sum
     inside tanh ("concat"). Keras fills fully-masked rows uniformly; pass masked_rows="uniform" to match it.
+    Inputs may have any number of leading batch dims, as in Keras (see ``_SingleHeadAttention``).
     """
 
     def __init__(
@@ -614,7 +744,7 @@ class DotProductAttention(_SingleHeadAttention):
         super().__init__(dropout=dropout, seed=seed, masked_rows=masked_rows, device=device, dtype=dtype)
         check_choice("score_mode", score_mode, ("dot", "concat"))
         self.score_mode = score_mode
-        self.use_scale = bool(use_scale)
+        self.use_scale = _flag("use_scale", use_scale)
         self.scale = self._param("ones", ()) if self.use_scale else None
         self.concat_score_weight = self._param("ones", ()) if score_mode == "concat" else None
 
@@ -641,8 +771,9 @@ class AdditiveAttention(_SingleHeadAttention):
         dim: int | None = None,
     ):
         super().__init__(dropout=dropout, seed=seed, masked_rows=masked_rows, device=device, dtype=dtype)
-        self.use_scale = bool(use_scale)
+        self.use_scale = _flag("use_scale", use_scale)
         self.scale: nn.Parameter | None = None  # (dim,), built from the first query's dim
+        dim = _positive_int("dim", dim, allow_none=True)
         if dim is not None:
             self.build(dim)
 
