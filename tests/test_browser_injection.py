@@ -22,7 +22,17 @@ from urllib.parse import urlencode, urlsplit
 import numpy as np
 import pytest
 
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, app_url, playwright_api, wait_idle  # noqa: F401
+from tests.browser_support import (  # noqa: F401
+    app_url,
+    expect,
+    launch,
+    new_page,
+    playwright_api,
+    poll,
+    rerun,
+    stable,
+    wait_idle,
+)
 from tests.test_text_injection import COMBINED, PAYLOADS, url_fields
 
 pytestmark = pytest.mark.browser
@@ -104,14 +114,17 @@ TEXT_BOXES = "input[type='text']:not([role='combobox']), textarea"
 @pytest.fixture(scope="module")
 def browser(app_url):  # noqa: F811
     with playwright_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        chromium = launch(p)
         # A fresh server may run a first deep link without app.py's navigation; open the root page first.
-        warm = chromium.new_page()
+        warm = new_page(chromium)
         warm.goto(app_url)
         wait_idle(warm)
-        warm.close()
+        warm.context.close()
         yield chromium
         chromium.close()
+
+
+CLOSED_EXPANDERS = "() => document.querySelectorAll(\"[data-testid='stExpander'] details:not([open])\").length"
 
 
 class Visit:
@@ -119,7 +132,7 @@ class Visit:
 
     def __init__(self, browser, app_url: str, path: str):  # noqa: F811
         self.origin = urlsplit(app_url)
-        self.page = browser.new_page(viewport={"width": 1500, "height": 1200})
+        self.page = new_page(browser, 1500, 1200)  # a fresh context: a new visitor
         self.requests: list[str] = []
         self.page.on("request", lambda request: self.requests.append(request.url))
         self.app_url = app_url
@@ -128,10 +141,14 @@ class Visit:
     def open(self, params: dict[str, str]) -> None:
         query = "?" + urlencode(params) if params else ""
         self.page.goto(self.app_url + self.path + query)
-        self.page.wait_for_selector("[data-testid='stMain'] h1", timeout=120_000)  # the page's script has run
+        expect(self.page.locator("[data-testid='stMain'] h1")).to_be_visible()  # the page's script has run
         wait_idle(self.page)
 
+    def close(self) -> None:
+        self.page.context.close()
+
     def check(self, when: str) -> None:
+        """Call once the page shows the result of the last action (``rerun`` waited for its script run)."""
         findings = self.page.evaluate(FINDINGS)
         outside = [url for url in self.requests if not self._own(url)]
         exceptions = self.page.locator("[data-testid='stException']").all_inner_texts()
@@ -146,11 +163,20 @@ class Visit:
             self.origin.port,
         )
 
-    def text_boxes(self) -> list:
+    def open_expanders(self) -> None:
+        """Open every expander (the browser's own toggle: no script run) and wait until all are open."""
         self.page.evaluate(OPEN_EXPANDERS)
-        self.page.wait_for_timeout(300)
+        assert poll(self.page, CLOSED_EXPANDERS, lambda closed: closed == 0) == 0, "an expander did not open"
+
+    def text_boxes(self) -> list:
+        self.open_expanders()
         boxes = self.page.locator(TEXT_BOXES)
-        return [boxes.nth(i) for i in range(boxes.count()) if boxes.nth(i).is_visible() and boxes.nth(i).is_editable()]
+
+        def usable() -> list[int]:
+            return [i for i in range(boxes.count()) if boxes.nth(i).is_visible() and boxes.nth(i).is_editable()]
+
+        # The same boxes in two reads apart: every opened expander has shown its content.
+        return [boxes.nth(i) for i in stable(self.page, usable, lambda _: True)]
 
     def type_into_all(self, value: str) -> list[str]:
         """Type ``value`` into every visible text box (committing each); return what the boxes held before."""
@@ -166,19 +192,23 @@ class Visit:
                 self._commit(box, value)
 
     def _commit(self, box, value: str) -> None:
-        box.fill(value)
-        # Streamlit commits a text input on Enter, a text area on Ctrl+Enter; both on blur.
-        box.press("Control+Enter" if box.evaluate("e => e.tagName") == "TEXTAREA" else "Enter")
-        wait_idle(self.page)
-        self.page.wait_for_timeout(500)  # a rerun that starts late still shows its messages before the check
+        """Fill and commit ``box``; return once the script run that the new value starts has been drawn."""
+        with rerun(self.page):
+            box.fill(value)
+            # Streamlit commits a text input on Enter, a text area on Ctrl+Enter; both on blur.
+            box.press("Control+Enter" if box.evaluate("e => e.tagName") == "TEXTAREA" else "Enter")
 
     def uploaders(self):
-        self.page.evaluate(OPEN_EXPANDERS)
-        self.page.wait_for_timeout(300)
+        self.open_expanders()
         return self.page.locator("[data-testid='stFileUploader'] input[type='file']")
 
     def figure_drawn(self, timeout_ms: int = 120_000) -> None:
         self.page.wait_for_function(MAIN_FIGURE, timeout=timeout_ms)
+
+    def shows(self, text: str) -> int:
+        """How many elements show ``text`` (waiting for at least one; 0 only after the timeout)."""
+        found = self.page.get_by_text(text, exact=False)
+        return poll(self.page, found.count, lambda n: n >= 1)
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -202,9 +232,9 @@ def test_no_user_text_is_rendered_as_html(browser, app_url, prefix, path):  # no
         params = hostile_params(prefix, url_fields().get(prefix, []))
         visit.open(params)
         if params:  # the notice comes with the page's first full run (after a model load, a long computation)
-            visit.page.get_by_text("were not valid and were replaced by defaults").first.wait_for(timeout=120_000)
+            expect(visit.page.get_by_text("were not valid and were replaced by defaults").first).to_be_visible()
             # The payloads are shown as the text they are.
-            assert visit.page.get_by_text("onerror=", exact=False).count() >= 1
+            assert visit.shows("onerror=") >= 1
         visit.figure_drawn()
         visit.check(f"{path} opened with hostile URL values {sorted(params)}")
 
@@ -214,19 +244,20 @@ def test_no_user_text_is_rendered_as_html(browser, app_url, prefix, path):  # no
         visit.restore(originals)
 
         if path == "/real_model":  # the model directory box shows only for a local model
-            visit.page.get_by_text("Local model directory", exact=True).click()
-            wait_idle(visit.page)
+            with rerun(visit.page):
+                visit.page.get_by_text("Local model directory", exact=True).click()
+            expect(visit.page.get_by_label("Model directory", exact=True)).to_be_visible()
             originals = visit.type_into_all(COMBINED)
             visit.check("/real_model with every payload as the model directory")
             visit.restore(originals)
-            visit.page.get_by_text("Packaged MiniLM", exact=False).first.click()
-            wait_idle(visit.page)
+            with rerun(visit.page):
+                visit.page.get_by_text("Packaged MiniLM", exact=False).first.click()
 
         assert visit.uploaders().count() == 0 or path in UPLOAD_PAGES, f"add {path} to UPLOAD_PAGES"
         visit.figure_drawn()
         visit.check(f"{path} at the end")
     finally:
-        visit.page.close()
+        visit.close()
 
 
 @pytest.mark.parametrize("path", UPLOAD_PAGES, ids=[p.strip("/") or "playground" for p in UPLOAD_PAGES])
@@ -239,13 +270,13 @@ def test_uploaded_file_names_are_text(browser, app_url, path):  # noqa: F811
         uploader = visit.uploaders()
         assert uploader.count() >= 1, f"no file uploader on {path}"
         for name, data in ((FILE_NAME + ".npy", GOOD_NPY), (FILE_NAME + " (refused).npy", b"not a .npy file")):
-            uploader.first.set_input_files({"name": name, "mimeType": "application/octet-stream", "buffer": data})
-            wait_idle(visit.page)
+            with rerun(visit.page):
+                uploader.first.set_input_files({"name": name, "mimeType": "application/octet-stream", "buffer": data})
             visit.check(f"{path} after uploading a file named {name!r}")
-        assert visit.page.get_by_text("onerror=", exact=False).count() >= 1, "the file name is not shown"
+        assert visit.shows("onerror=") >= 1, "the file name is not shown"
         visit.figure_drawn()
     finally:
-        visit.page.close()
+        visit.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,20 +12,35 @@ import pytest
 pytestmark = pytest.mark.browser
 
 
-# The app server, Chromium settings and the idle wait are test_browser's (one copy for every browser test).
-from test_browser import CHROMIUM, CHROMIUM_ARGS, app_url, playwright_api, wait_idle  # noqa: E402, F401
+# The app server, Chromium settings and the waits are browser_support's (one copy for every browser test).
+from tests.browser_support import (  # noqa: E402, F401
+    app_url,
+    assert_no_exception,
+    expect,
+    launch,
+    new_page,
+    playwright_api,
+    poll,
+    rerun,
+    stable,
+    wait_idle,
+)
+
+
+def open_mask_lab(pg, app_url: str) -> None:  # noqa: F811
+    pg.goto(app_url)  # the app's entry point, then the Mask Lab from the navigation, as a user does
+    wait_idle(pg)
+    with rerun(pg):
+        pg.get_by_test_id("stSidebarNav").get_by_text("Mask Lab").click()
+    expect(pg.get_by_role("heading", name="Mask Lab")).to_be_visible()
 
 
 @pytest.fixture(scope="module")
 def page(app_url):  # noqa: F811  (the fixture imported above)
     with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
-        pg.goto(app_url)  # the app's entry point, then the Mask Lab from the navigation, as a user does
-        wait_idle(pg)
-        pg.get_by_test_id("stSidebarNav").get_by_text("Mask Lab").click()
-        pg.get_by_role("heading", name="Mask Lab").wait_for(timeout=90_000)
-        wait_idle(pg)
+        browser = launch(p)
+        pg = new_page(browser)
+        open_mask_lab(pg, app_url)
         yield pg
         browser.close()
 
@@ -43,41 +58,41 @@ MASK_PANELS = """() => {
 }"""
 
 
-def panels(page):
-    page.wait_for_selector(".js-plotly-plot", timeout=90_000)
-    return page.evaluate(MASK_PANELS)
+def panels(page, expected):
+    """The first chart's panels once they are ``expected`` (or, at the timeout, as drawn, for the assert)."""
+    return poll(page, MASK_PANELS, lambda p: p == expected)
 
 
 def sidebar_expander(page, title: str):
+    """Open the sidebar expander ``title`` (an expander is not a script run) and wait for its content."""
     exp = page.get_by_test_id("stSidebar").get_by_test_id("stExpander").filter(has_text=title)
-    if (
-        exp.locator("[data-testid='stExpanderDetails']").count() == 0
-        or not exp.locator("[data-testid='stExpanderDetails']").is_visible()
-    ):
+    details = exp.locator("[data-testid='stExpanderDetails']")
+    if details.count() == 0 or not details.is_visible():
         exp.locator("summary").click()
+    expect(details).to_be_visible()
     return exp
 
 
 def test_mask_lab_renders_a_mask_heatmap(page):
-    assert page.get_by_role("heading", name="Mask Lab").is_visible()
-    drawn = panels(page)
+    expect(page.get_by_role("heading", name="Mask Lab")).to_be_visible()
     # Default preset: 2 batch items, causal & padding; batch 1 has 3 fully-masked rows.
-    assert [name for name, _ in drawn] == ["batch 0", "batch 1 — 3 fully-masked rows"]
-    assert [masked for _, masked in drawn] == [28, 49]  # 64 - 36 causal cells; 64 - 15 for 5 real tokens
-    assert page.locator(".js-plotly-plot .heatmaplayer image").count() >= 2  # drawn as images, not just data
-    assert page.get_by_text("3 fully-masked query row(s)").is_visible()
-    assert page.locator("[data-testid='stException']").count() == 0
+    # 64 - 36 causal cells; 64 - 15 for 5 real tokens
+    expected = [["batch 0", 28], ["batch 1 — 3 fully-masked rows", 49]]
+    assert panels(page, expected) == expected
+    expect(page.locator(".js-plotly-plot .heatmaplayer image").nth(1)).to_be_attached()  # drawn as images
+    expect(page.get_by_text("3 fully-masked query row(s)")).to_be_visible()
+    assert_no_exception(page)
 
 
 def test_switching_a_component_on_redraws_the_mask(page):
     exp = sidebar_expander(page, "Sliding window")
-    exp.get_by_text("use", exact=True).click()
-    page.wait_for_function(f"() => {{ const p = ({MASK_PANELS})(); return p && p[0][1] !== 28; }}", timeout=90_000)
-    wait_idle(page)
+    with rerun(page):
+        exp.get_by_text("use", exact=True).click()
     # causal & window(4): query i sees keys i-3..i -> 8 * 8 - (1 + 2 + 3 + 4 * 5) = 38 masked cells in batch 0
-    assert panels(page)[0] == ["batch 0", 64 - 26]
-    assert page.get_by_text("causal & window & padding").first.is_visible()
-    assert page.locator("[data-testid='stException']").count() == 0
+    drawn = poll(page, MASK_PANELS, lambda p: bool(p) and p[0] == ["batch 0", 64 - 26])
+    assert drawn[0] == ["batch 0", 64 - 26]
+    expect(page.get_by_text("causal & window & padding").first).to_be_visible()
+    assert_no_exception(page)
 
 
 def test_upload_becomes_panels(page, tmp_path):
@@ -86,29 +101,27 @@ def test_upload_becomes_panels(page, tmp_path):
     path = tmp_path / "mask.npy"
     np.save(path, grid)
     sidebar_expander(page, "Custom grid")
-    page.get_by_test_id("stSidebar").locator("input[type='file']").set_input_files(str(path))
-    page.wait_for_function(
-        f"() => {{ const p = ({MASK_PANELS})(); return p && p.length === 2 && p[1][0].startsWith('head 1'); }}",
-        timeout=90_000,
-    )
-    wait_idle(page)
-    assert panels(page) == [["head 0", 0], ["head 1 — 1 fully-masked row", 6]]
-    assert page.locator("[data-testid='stException']").count() == 0
+    with rerun(page):
+        page.get_by_test_id("stSidebar").locator("input[type='file']").set_input_files(str(path))
+    expected = [["head 0", 0], ["head 1 — 1 fully-masked row", 6]]
+    assert panels(page, expected) == expected
+    assert_no_exception(page)
 
 
 def test_invalid_formula_shows_a_message_not_a_traceback(page):
     formula = page.get_by_test_id("stSidebar").get_by_role("textbox", name="or a formula")
-    formula.fill("custom & (causal")
-    formula.press("Enter")
-    page.wait_for_selector("[data-testid='stAlertContentError']", timeout=90_000)
-    text = page.locator("[data-testid='stAlertContentError']").inner_text()
-    assert "expected ')'" in text
-    assert page.locator("[data-testid='stException']").count() == 0
-    formula.fill("")
-    formula.press("Enter")
-    page.wait_for_selector(".js-plotly-plot", timeout=90_000)
-    wait_idle(page)
-    assert page.locator("[data-testid='stAlertContentError']").count() == 0
+    with rerun(page):
+        formula.fill("custom & (causal")
+        formula.press("Enter")
+    error = page.get_by_test_id("stAlertContentError")
+    expect(error).to_contain_text("expected ')'")
+    assert_no_exception(page)
+    with rerun(page):
+        formula.fill("")
+        formula.press("Enter")
+    expect(error).to_have_count(0)
+    assert poll(page, MASK_PANELS) is not None  # the mask is drawn again
+    assert_no_exception(page)
 
 
 # Every heatmap of the first chart as drawn: trace name and z (typed arrays decoded by plotly.js; NaN -> null).
@@ -121,29 +134,24 @@ DRAWN_MASK = """() => {
 
 def test_a_shared_link_draws_the_same_mask_in_a_new_browser(page, app_url):  # noqa: F811
     browser = page.context.browser  # the module's Chromium (one sync Playwright per thread); fresh contexts below
-    teacher = browser.new_context(viewport={"width": 1400, "height": 1000})
-    pg = teacher.new_page()
-    pg.goto(app_url)  # the app's entry point first, as a user does
-    wait_idle(pg)
-    pg.get_by_test_id("stSidebarNav").get_by_text("Mask Lab").click()
-    pg.get_by_role("heading", name="Mask Lab").wait_for(timeout=90_000)
-    wait_idle(pg)
-    sidebar_expander(pg, "Prefix-LM").get_by_text("use", exact=True).click()
-    pg.wait_for_function("() => window.location.search.includes('ml_prefix_lm=1')", timeout=90_000)
-    wait_idle(pg)
-    link = pg.url
-    expected = pg.evaluate(DRAWN_MASK)
-    summary = pg.get_by_text("materialised as").inner_text()
-    assert "causal & padding & prefix_lm" in summary and len(expected) >= 2
-    teacher.close()
+    pg = new_page(browser)
+    open_mask_lab(pg, app_url)
+    with rerun(pg):
+        sidebar_expander(pg, "Prefix-LM").get_by_text("use", exact=True).click()
+    pg.wait_for_function("() => window.location.search.includes('ml_prefix_lm=1')")
+    summary = pg.get_by_text("materialised as")
+    expect(summary).to_contain_text("causal & padding & prefix_lm")
+    expected = stable(pg, DRAWN_MASK)  # (prefix n = 0 masks no more cells: the summary tells the runs apart)
+    link, summary_text = pg.evaluate("() => location.href"), summary.inner_text()
+    assert len(expected) >= 2
+    pg.context.close()
 
-    student = browser.new_context(viewport={"width": 1400, "height": 1000})  # no cookies, no session state
-    pg = student.new_page()
+    pg = new_page(browser)  # no cookies, no session state
     pg.goto(link)
-    pg.wait_for_selector(".js-plotly-plot", timeout=90_000)
     wait_idle(pg)
-    assert pg.evaluate(DRAWN_MASK) == expected  # every cell of every panel
-    assert pg.get_by_text("materialised as").inner_text() == summary
-    assert pg.url == link and pg.locator("[data-testid='stException']").count() == 0
-    assert not pg.get_by_text("were not valid").count()
-    student.close()
+    assert poll(pg, DRAWN_MASK, lambda d: d == expected) == expected  # every cell of every panel
+    expect(pg.get_by_text("materialised as")).to_have_text(summary_text)
+    assert pg.evaluate("() => location.href") == link
+    assert_no_exception(pg)
+    expect(pg.get_by_text("were not valid")).to_have_count(0)
+    pg.context.close()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from test_browser import app_url, page, wait_idle  # noqa: F401  (fixtures: the app as a user starts it)
+
+from tests.browser_support import app_url, assert_no_exception, expect, page, poll, rerun  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.browser
 
@@ -15,10 +16,9 @@ SCATTER_POINTS = (
 
 
 def test_projections_page_draws_queries_and_keys(page):  # noqa: F811
-    wait_idle(page)
-    page.get_by_role("link", name="Projections").click()
-    page.wait_for_selector("h1:has-text('Projections')", timeout=60_000)
-    wait_idle(page)
-    page.wait_for_function(f"() => ({SCATTER_POINTS})() > 0", timeout=60_000)
-    assert page.locator(".js-plotly-plot .scatterlayer .point").count() > 0  # markers really drawn
-    assert page.locator("[data-testid='stException']").count() == 0
+    with rerun(page):
+        page.get_by_role("link", name="Projections").click()
+    expect(page.locator("h1:has-text('Projections')")).to_be_visible()
+    assert poll(page, SCATTER_POINTS, lambda n: n > 0) > 0
+    expect(page.locator(".js-plotly-plot .scatterlayer .point").first).to_be_attached()  # markers really drawn
+    assert_no_exception(page)

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, app_url, playwright_api, wait_idle  # noqa: F401
+from tests.browser_support import (  # noqa: F401
+    app_url,
+    assert_no_exception,
+    expect,
+    launch,
+    new_page,
+    playwright_api,
+    poll,
+    rerun,
+    stable,
+    wait_idle,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -17,61 +28,72 @@ DRAWN = """() => {
 }"""
 
 
-def drawn(page) -> list:
-    page.wait_for_selector(".js-plotly-plot", timeout=60_000)
-    figures = page.evaluate(DRAWN)
-    numbers = [x for fig in figures for _, rows in fig for row in rows for x in row if x is not None]
-    assert len(numbers) >= 16, figures  # real cell values came back, not empty traces
+def _numbers(figures) -> list:
+    return [x for fig in figures or [] for _, rows in fig for row in rows for x in row if x is not None]
+
+
+def drawn(page, differs_from=None) -> list:
+    """The figures once they are drawn and stay the same (and differ from ``differs_from``, the view before)."""
+    figures = stable(page, DRAWN, lambda f: len(_numbers(f)) >= 16 and f != differs_from)
+    assert len(_numbers(figures)) >= 16, figures  # real cell values came back, not empty traces
     return figures
 
 
 def open_in_new_context(browser, url: str):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    page = context.new_page()
+    page = new_page(browser)
     page.goto(url)
     wait_idle(page)
-    return context, page
+    return page
+
+
+def location(page) -> str:
+    return page.evaluate("() => location.href")
 
 
 def test_step_by_step_link_opens_the_same_numbers_elsewhere(app_url):  # noqa: F811
     with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        browser = launch(p)
         # A fresh server may run the first deep link without app.py; warm it with the root page first.
-        warm, page = open_in_new_context(browser, app_url)
-        warm.close()
-        teacher, page = open_in_new_context(browser, app_url + "/walkthrough?wt_t=6&wt_causal=1&wt_seed=5&wt_stage=7")
-        page.get_by_role("button", name="Next step ▶").click()
-        wait_idle(page)
-        page.wait_for_function("() => window.location.search.includes('wt_stage=8')", timeout=30_000)
-        link = page.url
-        expected = drawn(page)
-        title = page.get_by_role("heading", level=3).first.inner_text()
-        assert "Softmax" in title
-        teacher.close()
+        page = open_in_new_context(browser, app_url)
+        page.context.close()
+        page = open_in_new_context(browser, app_url + "/walkthrough?wt_t=6&wt_causal=1&wt_seed=5&wt_stage=7")
+        title = page.get_by_role("heading", level=3).first
+        expect(title).to_contain_text("8. Mask")
+        before = drawn(page)
+        with rerun(page):
+            page.get_by_role("button", name="Next step ▶").click()
+        page.wait_for_function("() => window.location.search.includes('wt_stage=8')")
+        expect(title).to_contain_text("Softmax")
+        expected = drawn(page, differs_from=before)
+        link, title_text = location(page), title.inner_text()
+        page.context.close()
 
-        student, page = open_in_new_context(browser, link)
-        assert page.get_by_role("heading", level=3).first.inner_text() == title
-        assert drawn(page) == expected
-        assert "wt_stage=8" in page.url and "wt_seed=5" in page.url
-        student.close()
+        page = open_in_new_context(browser, link)
+        expect(page.get_by_role("heading", level=3).first).to_have_text(title_text)
+        assert poll(page, DRAWN, lambda f: f == expected) == expected
+        url = location(page)
+        assert "wt_stage=8" in url and "wt_seed=5" in url
+        page.context.close()
 
         # A tampered link still draws the page, with a notice instead of a traceback.
-        other, page = open_in_new_context(browser, app_url + "/walkthrough?wt_t=999")
-        assert page.get_by_text("were not valid and were replaced by defaults").is_visible()
-        assert page.locator("[data-testid='stException']").count() == 0
-        other.close()
+        page = open_in_new_context(browser, app_url + "/walkthrough?wt_t=999")
+        expect(page.get_by_text("were not valid and were replaced by defaults")).to_be_visible()
+        expect(page.get_by_role("heading", level=3).first).to_contain_text("1. Input X")
+        drawn(page)
+        assert_no_exception(page)
+        page.context.close()
         browser.close()
 
 
 def test_playground_link_reproduces_the_heatmaps(app_url):  # noqa: F811
     with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        first, page = open_in_new_context(browser, app_url + "/?pg_seed=7&pg_t=6")
+        browser = launch(p)
+        page = open_in_new_context(browser, app_url + "/?pg_seed=7&pg_t=6")
         expected = drawn(page)
-        link = page.url
+        link = location(page)
         assert "pg_seed=7" in link
-        first.close()
-        second, page = open_in_new_context(browser, link)
-        assert drawn(page) == expected
-        second.close()
+        page.context.close()
+        page = open_in_new_context(browser, link)
+        assert poll(page, DRAWN, lambda f: f == expected) == expected
+        page.context.close()
         browser.close()

@@ -8,7 +8,18 @@ import pickle
 import numpy as np
 import pytest
 
-from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, app_url, playwright_api, wait_idle  # noqa: F401
+from tests.browser_support import (  # noqa: F401
+    app_url,
+    assert_no_exception,
+    expect,
+    launch,
+    new_page,
+    playwright_api,
+    poll,
+    rerun,
+    stable,
+    wait_idle,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -36,30 +47,29 @@ def test_upload_updates_the_heads_and_a_hostile_file_is_refused(app_url, tmp_pat
     hostile = tmp_path / "evil.pt"
     hostile.write_bytes(pickle.dumps({"x": Evil()}))
     with playwright_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        browser = launch(p)
+        page = new_page(browser)
         page.goto(app_url)
         wait_idle(page)
-        page.wait_for_function(f"() => ({FIRST_HEAD_SHAPE})() !== null", timeout=60_000)
-        assert page.evaluate(FIRST_HEAD_SHAPE) == [8, 8]  # the default preset: t = s = 8
-        page.get_by_text("Upload inputs", exact=True).click()
+        assert poll(page, FIRST_HEAD_SHAPE, lambda s: s == [8, 8]) == [8, 8]  # the default preset: t = s = 8
+        page.get_by_text("Upload inputs", exact=True).click()  # an expander: no script run
         uploader = page.locator("[data-testid='stFileUploader'] input[type='file']")
-        uploader.set_input_files(str(good))
-        page.wait_for_function(f"() => {{ const s = ({FIRST_HEAD_SHAPE})(); return s && s[0] === 5; }}", timeout=60_000)
-        wait_idle(page)
-        assert page.evaluate(FIRST_HEAD_SHAPE) == [5, 5]
-        assert page.get_by_text("Using uploaded inputs").count() == 1
-        assert page.locator("[data-testid='stException']").count() == 0
+        with rerun(page):
+            uploader.set_input_files(str(good))
+        assert poll(page, FIRST_HEAD_SHAPE, lambda s: s == [5, 5]) == [5, 5]
+        expect(page.get_by_text("Using uploaded inputs")).to_have_count(1)
+        assert_no_exception(page)
 
-        uploader.set_input_files(str(hostile))
-        page.wait_for_selector("[data-testid='stAlertContentError']", timeout=60_000)
-        wait_idle(page)
-        errors = page.locator("[data-testid='stAlertContentError']").all_inner_texts()
+        with rerun(page):
+            uploader.set_input_files(str(hostile))
+        error = page.get_by_test_id("stAlertContentError")
+        expect(error.filter(has_text="evil.pt").first).to_be_visible()
+        expect(error.filter(has_text="still showing the previous uploaded inputs")).not_to_have_count(0)
+        errors = error.all_inner_texts()
         assert errors and all("evil.pt" in e and "refused" in e for e in errors), errors
-        assert page.locator("[data-testid='stException']").count() == 0
-        assert page.evaluate(FIRST_HEAD_SHAPE) == [5, 5]  # the previous figure stays...
-        assert any("still showing the previous uploaded inputs" in e for e in errors), errors
-        assert page.get_by_text("Using uploaded inputs").count() == 1  # ...on the previous uploaded inputs
+        assert_no_exception(page)
+        assert stable(page, FIRST_HEAD_SHAPE) == [5, 5]  # the previous figure stays...
+        expect(page.get_by_text("Using uploaded inputs")).to_have_count(1)  # ...on the previous uploaded inputs
         page.screenshot(path=str(tmp_path / "uploads.png"), full_page=True)
         browser.close()
 
@@ -68,7 +78,7 @@ def test_hostile_bytes_are_not_a_pickle_we_could_load():
     """The fixture really is hostile: a plain pickle.loads would run its payload."""
     payload = pickle.dumps({"x": Evil()})
     with pytest.raises(ValueError, match="files are never unpickled here"):
-        from attnviz import uploads
+        from attnviz.formats import uploads
 
         uploads.load_arrays("evil.pt", payload)
     assert b"print" in payload and io.BytesIO(payload).read(1) == b"\x80"
