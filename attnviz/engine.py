@@ -71,6 +71,11 @@ class AttentionResult:
     shapes: tuple[tuple[str, tuple[int, ...]], ...] = field(default=())  # (stage, shape) along the pipeline
     score_mode: str = "scaled_dot"
     output_grid: Tensor | None = None  # (b, t, o) the projected output in the grid layout (layers only)
+    # How the logits were made, so one cell can be taken apart again (attnviz.explain):
+    scale: float | Tensor | None = None  # what scaled q·k (None: the mode's default, 1/sqrt(d) or 1); a tensor
+    #   is a learned scale: () or (h, 1, 1, 1) for dot modes, (d,) or (h, 1, 1, d) for additive
+    concat_weight: float | Tensor = 1.0  # concat mode's outer weight (Keras' concat_score_weight)
+    score_mod: Callable | None = None  # the (score, b, h, q_idx, kv_idx) -> score modifier, if any
 
     @property
     def num_heads(self) -> int:
@@ -621,6 +626,9 @@ def attention(
         mask_fn=mask_fn,
         query_positions=(t,),
         key_positions=(s,),
+        scale=scale,
+        concat_weight=concat_weight,
+        score_mod=score_mod,
         shapes=(
             ("query (b, h, t, d)", tuple(query.shape)),
             ("key (b, g, s, d)", tuple(key.shape)),

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from attnviz import masks as masks_lib
-from attnviz.engine import attention, check_choice, resolve_device
+from attnviz.engine import AttentionResult, attention, check_choice, resolve_device
 from attnviz.layers import MultiHeadAttention
 
 if TYPE_CHECKING:
@@ -200,6 +200,17 @@ class AblationScan:
 
 
 @dataclass(frozen=True)
+class RotaryInputs:
+    """A RoPE layer's query and key BEFORE rotation, for attnviz.explain.rotary_split (content vs position)."""
+
+    query: Tensor  # (h, t, d) per query head, after q_proj, before RoPE
+    key: Tensor  # (g, t, d) per kv head, after k_proj, before RoPE
+    inv_freq: Tensor  # (d/2,) the rotation's frequencies (float64)
+    positions: Tensor  # (t,) the position ids the rotation used
+    scale: float  # what scales q·k
+
+
+@dataclass(frozen=True)
 class CrossCheck:
     """The attnviz engine's recomputation of one layer's attention against the model's own."""
 
@@ -211,6 +222,10 @@ class CrossCheck:
     max_diff: float  # max over heads
     output_max_diff: float  # max |engine - model| of the attention block's output (after the output projection)
     tolerance: float = CROSS_CHECK_TOLERANCE
+    # The engine's own record of the layer (batch 1), so a cell can be explained with numbers proven equal to the
+    # model's (attnviz.explain.explain_cell), and for RoPE models the query / key before rotation:
+    record: AttentionResult | None = None
+    rotary: RotaryInputs | None = None
 
     @property
     def passed(self) -> bool:
@@ -745,9 +760,9 @@ def ablation_scan(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _rope(config, head_dim: int, t: int, device) -> tuple[Tensor, Tensor]:
-    """cos, sin (t, d) of the default rotary embedding (RoFormer / Llama "rotate half" layout), computed here
-    from rope_theta rather than taken from the model."""
+def _rope(config, head_dim: int, t: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """cos, sin (t, d) and inv_freq (d/2,) of the default rotary embedding (RoFormer / Llama "rotate half"
+    layout), computed here from rope_theta rather than taken from the model."""
     params = getattr(config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
     scaling = getattr(config, "rope_scaling", None)
@@ -761,7 +776,7 @@ def _rope(config, head_dim: int, t: int, device) -> tuple[Tensor, Tensor]:
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
     angles = torch.arange(t, dtype=torch.float32, device=device)[:, None] * inv_freq[None]  # (t, d/2)
     angles = torch.cat([angles, angles], dim=-1)  # (t, d)
-    return angles.cos(), angles.sin()
+    return angles.cos(), angles.sin(), inv_freq
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -871,6 +886,7 @@ def cross_check(
     valid = enc["attention_mask"].bool()  # (1, t)
     h, g, d, hidden = info.num_heads, info.num_kv_heads, info.head_dim, info.hidden_size
 
+    rotary: RotaryInputs | None = None
     with torch.no_grad():
         if info.family in ("bert", "gpt2"):
             if info.family == "bert":
@@ -904,9 +920,16 @@ def cross_check(
             v = sa.v_proj(x).view(1, t, g, d).transpose(1, 2)  # (1, g, t, d)
             if any(hasattr(sa, n) for n in ("q_norm", "k_norm")):
                 raise ValueError("the cross-check does not model per-head q/k normalisation (q_norm / k_norm)")
-            cos, sin = _rope(config, d, t, x.device)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            cos, sin, inv_freq = _rope(config, d, t, x.device)
             scale = float(getattr(sa, "scaling", d**-0.5))
+            rotary = RotaryInputs(
+                query=q[0].float().cpu(),
+                key=k[0].float().cpu(),
+                inv_freq=inv_freq.double().cpu(),
+                positions=torch.arange(t),
+                scale=scale,
+            )
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             mask = masks_lib.causal() & masks_lib.padding(query_valid=valid, key_valid=valid)
             rec = attention(q, k, v, mask=mask, scale=scale)  # engine does the GQA repeat itself
             engine_scores = rec.scores[0]  # (h, t, t)
@@ -926,4 +949,6 @@ def cross_check(
         per_head_max_diff=diff.amax(dim=(1, 2)).cpu().numpy(),
         max_diff=float(diff.max()),
         output_max_diff=float((engine_out.float() - captured["out"].float()).abs().max()),
+        record=rec,
+        rotary=rotary,
     )

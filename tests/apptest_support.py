@@ -18,3 +18,9 @@ def assert_error(at, *fragments: str) -> str:
         assert fragment in message, (fragment, message)
     assert not at.get("plotly_chart")
     return message
+
+
+def head_heatmaps(spec: dict) -> list[dict]:
+    """The head panels of a heads-figure spec: not their masked overlays, nor the transparent click targets that
+    make the cells clickable for "Why this cell" (``figures.why.cell_picker``)."""
+    return [tr for tr in spec["data"] if not tr["name"].endswith("(masked)") and not tr["name"].startswith("pick ")]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from apptest_support import assert_clean, assert_error
+from apptest_support import assert_clean, assert_error, head_heatmaps
 
 from attnviz import figures
 from attnviz.pagemodels.playground import (
@@ -37,7 +37,7 @@ APP = str(ROOT / "app.py")
 DEFAULT = PRESETS[DEFAULT_PRESET]  # b=2, t=s=8, h=8, g=2, causal
 CROSS_PRESET = "Cross-attention: 5 queries over 9 keys"
 D2L_PRESET = "d2l 10.5: 100 hiddens, 5 heads, valid_lens [3, 2]"
-TABS = ["Heads", "Output projection", "Shapes"]
+TABS = ["Heads", "Why this cell", "Compare A/B", "Output projection", "Shapes"]
 OUTPUT_TYPES = ["heatmap", "bar", "heatmap", "heatmap"]  # output, contribution norms, contributions, head outputs
 
 
@@ -94,7 +94,7 @@ def heads_chart(at) -> dict:
 
 
 def head_panels(at) -> list[dict]:
-    return [tr for tr in heads_chart(at)["data"] if not tr["name"].endswith("(masked)")]
+    return head_heatmaps(heads_chart(at))
 
 
 def drawn_keep(record, batch_index: int) -> np.ndarray:

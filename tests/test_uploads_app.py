@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from attnviz.layers import MultiHeadAttention
 from attnviz.pagemodels import playground as pg
+from tests.apptest_support import head_heatmaps
 from tests.test_app import _decode, charts, drawn_keep
 from tests.test_uploads import Marker, npz_bytes
 
@@ -156,7 +157,7 @@ def assert_heads_chart_is(at, record, batch_index: int = 0) -> None:
     """The one Heads chart draws exactly the record's probabilities, NaN where masked (the inputs table, a
     dataframe, may be on the page too, so test_app's helper that forbids dataframes is not used)."""
     (spec,) = charts(at)
-    panels = [tr for tr in spec["data"] if not tr["name"].endswith("(masked)")]
+    panels = head_heatmaps(spec)
     assert len(panels) == record.num_heads
     expected = record.scores_grid[batch_index].float().numpy()
     keep = drawn_keep(record, batch_index)

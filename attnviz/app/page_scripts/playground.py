@@ -2,9 +2,11 @@
 
 import streamlit as st
 
-from attnviz import figures
+from attnviz import compare, explain, figures
 from attnviz.app.ui import figure_cache, sharing
+from attnviz.app.ui import why as why_ui
 from attnviz.app.ui.playground import (
+    cached_run,
     config_ui,
     input_notices,
     inputs_editor_ui,
@@ -14,7 +16,16 @@ from attnviz.app.ui.playground import (
     view_ui,
 )
 from attnviz.app.ui.widgets import CONFIG_ERRORS, fully_masked_warning, show_config_error
-from attnviz.pagemodels.playground import URL_PREFIX, describe, mask_summary, to_url
+from attnviz.figures import why as why_figures
+from attnviz.pagemodels.playground import (
+    PIN_PREFIX,
+    URL_PREFIX,
+    describe,
+    mask_summary,
+    pinned_to_url,
+    read_pinned,
+    to_url,
+)
 
 st.title("Playground")
 try:
@@ -30,19 +41,43 @@ except CONFIG_ERRORS as err:
 sharing.show_notices(URL_PREFIX)
 sharing.write_url(URL_PREFIX, to_url(config))
 
+# Compare A/B: a link may carry a pinned run A (pga_*); afterwards the pin button sets it.
+pinned_link = sharing.read_url(PIN_PREFIX, read_pinned)
+if pinned_link is not None:
+    sharing.remember_notices(PIN_PREFIX, pinned_link)
+    try:
+        st.session_state["pg_pinned"] = (pinned_link.config, cached_run(pinned_link.config), False)
+    except CONFIG_ERRORS as err:
+        st.warning(f"The link's pinned run A could not be run and was dropped: {err}", icon="🔗")
+sharing.show_notices(PIN_PREFIX)
+pinned = st.session_state.get("pg_pinned")  # (config, record, from uploaded inputs) or None
+sharing.write_url(PIN_PREFIX, pinned_to_url(pinned[0]) if pinned is not None and not pinned[2] else {})
+why_ui.sync_picked_cell("pg_heads_chart", "pg", record)  # a click on a heads cell picks it for "Why this cell"
+
 st.caption(describe(config, record))
 fully_masked_warning(record)
 view = view_ui(config)
 run = figure_cache.run_key(config)  # figures are built once per (run, view) and shared by every session
 
 # Only the open tab runs, so switching tabs or view options never rebuilds the other tabs' figures.
-heads_tab, output_tab, shapes_tab = st.tabs(["Heads", "Output projection", "Shapes"], key="pg_tab", on_change="rerun")
+heads_tab, why_tab, compare_tab, output_tab, shapes_tab = st.tabs(
+    ["Heads", "Why this cell", "Compare A/B", "Output projection", "Shapes"], key="pg_tab", on_change="rerun"
+)
+cell = why_ui.chosen_cell("pg", record)  # (head, query, key)
 if heads_tab.open:
     with heads_tab:
+        heads = figure_cache.figure("attention_heads_figure", run, record, view.batch_index, view.values)
         sharing.chart(
-            figure_cache.figure("attention_heads_figure", run, record, view.batch_index, view.values),
+            why_figures.highlight_cell(why_figures.cell_picker(heads, record), record, *cell),
             key="pg_heads",
             file_name=f"attention_heads_b{view.batch_index}_{view.values}",
+            selectable=True,
+        )
+        why = explain.explain_cell(record, view.batch_index, *cell)
+        st.caption(
+            f"Selected (click any cell): head {why.head}, q{why.query} → k{why.key}: logit {why.logit:.4g}, "
+            f"probability {why.probability:.4f}{' (masked by ' + ', '.join(why.rules) + ')' if why.masked else ''}; "
+            "its row is outlined in every head. **Why this cell** takes the logit apart."
         )
         counts = mask_summary(record, view.batch_index)
         uniform_note = (
@@ -54,6 +89,40 @@ if heads_tab.open:
             f"Batch item {view.batch_index}: {counts['kept']} of {counts['cells']} cells may attend; masked "
             f"cells are grey (hover one to see which mask rule masked it).{uniform_note}"
         )
+if why_tab.open:
+    with why_tab:
+        st.markdown(
+            "Pick a cell by number, or click it on the **Heads** tab: its logit is taken apart dimension by "
+            "dimension, with the query and key vectors, the mask rules that apply and the row's top keys."
+        )
+        head, query, key = why_ui.cell_ui("pg", record)
+        why_ui.explanation_view(explain.explain_cell(record, view.batch_index, head, query, key), key="pg_why")
+if compare_tab.open:
+    with compare_tab:
+        st.markdown(
+            "Pin this run as **A**, then change anything (preset, sizes, mask, score function, inputs): the page "
+            "shows the new run **B** beside A, their difference and what changed per head."
+        )
+        if why_ui.pin_ui("pg", "this configuration"):
+            st.session_state["pg_pinned"] = (config, record, uploaded_in_use() is not None)
+            st.rerun()
+        if pinned is None:
+            st.info("Nothing pinned yet: **Pin this run as A** keeps the current run.", icon=":material/push_pin:")
+        else:
+            a_config, a_record, a_uploaded = pinned
+            try:
+                comparison = compare.compare_records(a_record, record)
+            except compare.NotComparable as err:
+                st.error(f"A and B cannot be compared: {err}", icon="↔️")
+            else:
+                why_ui.compare_view(
+                    comparison,
+                    key="pg_compare",
+                    a_label=describe(a_config, a_record) + (" (uploaded inputs)" if a_uploaded else ""),
+                    b_label=describe(config, record),
+                )
+                if a_uploaded:
+                    st.caption("A ran on uploaded inputs, which a link cannot carry: the share link holds B only.")
 if output_tab.open:
     with output_tab:
         st.markdown("**Output** = Σ over heads of (head output · W_o[head]) + output bias")
@@ -92,4 +161,5 @@ with st.expander("Export & share: CSV, .npz, PyTorch / Keras code, link"):
             "for these numbers.",
             icon="📎",
         )
-    sharing.share_link(to_url(config), what="the Playground with this configuration")
+    link = to_url(config) | (pinned_to_url(pinned[0]) if pinned is not None and not pinned[2] else {})
+    sharing.share_link(link, what="the Playground with this configuration" + (" and its pinned A" if pinned else ""))

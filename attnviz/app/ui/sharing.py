@@ -20,9 +20,19 @@ from attnviz.formats.urlstate import Decoded
 from attnviz.pagemodels.playground import snippets
 
 
-def chart(fig: go.Figure, *, key: str, file_name: str, title: str | None = None, width="content") -> None:
-    """Draw ``fig`` (modebar camera = SVG) with a download of the same figure as a standalone offline HTML file."""
-    st.plotly_chart(fig, config=PLOTLY_CONFIG, key=f"{key}_chart", width=width)
+def chart(
+    fig: go.Figure, *, key: str, file_name: str, title: str | None = None, width="content", selectable: bool = False
+) -> None:
+    """Draw ``fig`` (modebar camera = SVG) with a download of the same figure as a standalone offline HTML file.
+
+    ``selectable``: a click on a point reruns the page, with the selection in ``st.session_state[f"{key}_chart"]``.
+    """
+    if selectable:
+        st.plotly_chart(
+            fig, config=PLOTLY_CONFIG, key=f"{key}_chart", width=width, on_select="rerun", selection_mode="points"
+        )
+    else:
+        st.plotly_chart(fig, config=PLOTLY_CONFIG, key=f"{key}_chart", width=width)
     st.download_button(
         "⬇ Interactive HTML (works offline)",
         data=lambda: exports.figure_html(fig, title or file_name),
@@ -39,7 +49,7 @@ def _params() -> dict[str, list[str]]:
     return {key: st.query_params.get_all(key) for key in st.query_params}
 
 
-def read_url(prefix: str, decode: Callable[[dict], Decoded | tuple[Decoded, ...]]):
+def read_url(prefix: str, decode: Callable[[dict], Decoded | tuple[Decoded, ...] | None]):
     """Decode this page's settings from the URL once per session (None after the first run of the page).
 
     Later runs are driven by the widgets; the URL follows them through ``write_url``.

@@ -242,6 +242,9 @@ __all__ = [
     "to_url",
     "from_url",
     "URL_PREFIX",
+    "PIN_PREFIX",
+    "pinned_to_url",
+    "read_pinned",
 ]
 
 
@@ -293,6 +296,26 @@ def from_url(params) -> urlstate.Decoded:
     """The Playground config a link describes (defaults, with notices, for anything invalid); never raises."""
     return urlstate.decode(
         params, PRESETS[DEFAULT_PRESET], prefix=URL_PREFIX, rules=_url_rules(), fix=_self_attention_fix
+    )
+
+
+# The run pinned as A for "Compare A/B" travels in the same link under its own prefix (pga_pinned=1 marks it, so
+# a pinned default configuration, which encodes to no other field, still comes back).
+PIN_PREFIX = "pga_"
+PIN_FLAG = PIN_PREFIX + "pinned"
+
+
+def pinned_to_url(config: PlaygroundConfig) -> dict[str, str]:
+    """Query params that carry ``config`` as the pinned run A of a comparison."""
+    return {PIN_FLAG: "1", **urlstate.encode(config, prefix=PIN_PREFIX, defaults=PRESETS[DEFAULT_PRESET])}
+
+
+def read_pinned(params) -> urlstate.Decoded | None:
+    """The pinned A a link carries (with notices for invalid fields), or None when the link pins nothing."""
+    if PIN_FLAG not in params:
+        return None
+    return urlstate.decode(
+        params, PRESETS[DEFAULT_PRESET], prefix=PIN_PREFIX, rules=_url_rules(), fix=_self_attention_fix
     )
 
 
