@@ -42,7 +42,9 @@ import torch
 from torch import Tensor, nn
 
 from attnviz import masks as masks_lib
+from attnviz.compare import Comparison, NotComparable, compare_probabilities
 from attnviz.engine import AttentionResult, attention, check_choice, resolve_device
+from attnviz.explain import RotarySplit, rotary_split
 from attnviz.layers import MultiHeadAttention
 
 if TYPE_CHECKING:
@@ -63,6 +65,8 @@ __all__ = [
     "AblationEffect",
     "AblationScan",
     "CrossCheck",
+    "RotaryInputs",
+    "compare_runs",
     "packaged_model_path",
     "packaged_model_shape",
     "validate_model_dir",
@@ -230,6 +234,25 @@ class CrossCheck:
     @property
     def passed(self) -> bool:
         return self.max_diff <= self.tolerance and self.output_max_diff <= 100 * self.tolerance
+
+    def rotary_split(self, head: int, query: int, key: int) -> RotarySplit:
+        """Cell (head, query, key)'s logit split into content and position parts (RoPE models only), from the
+        query and key before rotation: its total is the engine's logit, which the check shows is the model's."""
+        if self.rotary is None or self.record is None:
+            raise ValueError("this layer has no rotary positions to split (only RoPE models, e.g. Llama, have them)")
+        rot, group = self.rotary, self.record.group_size
+        h, t, _ = rot.query.shape
+        for label, value, size in (("head", head, h), ("query", query, t), ("key", key, t)):
+            if not 0 <= int(value) < size:
+                raise ValueError(f"{label} ({value}) must be in [0, {size})")
+        return rotary_split(
+            rot.query[head, query],
+            rot.key[head // group, key],
+            int(rot.positions[query]),
+            int(rot.positions[key]),
+            scale=rot.scale,
+            inv_freq=rot.inv_freq,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -664,6 +687,26 @@ def run_text(
 # ---------------------------------------------------------------------------------------------------------
 # Ablation effects
 # ---------------------------------------------------------------------------------------------------------
+
+
+def compare_runs(a: ModelRun, b: ModelRun, *, group_a: int = 1, group_b: int = 1) -> Comparison:
+    """Every layer's attention of run A against run B (two sentences, an ablation, two models of the same head
+    count): an ``attnviz.compare.Comparison`` whose leading axis is the layer. Tokens line up by position.
+    group_*: query heads per kv head of each run's model."""
+    if a.attentions.shape[0] != b.attentions.shape[0]:
+        raise NotComparable(
+            f"A has {a.attentions.shape[0]} layers and B has {b.attentions.shape[0]}: layers cannot be paired; "
+            "compare runs of models with the same number of layers"
+        )
+    return compare_probabilities(
+        a.attentions,
+        b.attentions,
+        a.keep[None, None],
+        b.keep[None, None],
+        group_a=group_a,
+        group_b=group_b,
+        batch_name="layer",
+    )
 
 
 def _kl(p: Tensor, q: Tensor) -> float:

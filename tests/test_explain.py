@@ -251,3 +251,36 @@ def test_figures_draw_the_results():
         )
         assert cells == [(u, i, j) for i in range(6) for j in range(6)]  # every cell once, customdata[:3]
     assert len(why_figures.highlight_cell(heads_fig, a, 2, 3, 1).layout.shapes) == 5  # 4 rows + 1 cell
+
+
+def test_compare_probabilities_names_its_leading_axis_and_reads_bare_masks():
+    # two "layers" of one head: layer 0 unchanged, layer 1 moves all attention from key 0 to key 1
+    a = torch.tensor([[[[1.0, 0.0]]], [[[1.0, 0.0]]]])  # (L=2, h=1, t=1, s=2)
+    b = torch.tensor([[[[1.0, 0.0]]], [[[0.0, 1.0]]]])
+    cmp = compare.compare_probabilities(a, b, batch_name="layer")
+    assert cmp.batch_name == "layer" and list(cmp.heads.columns[:2]) == ["layer", "head"]
+    assert cmp.heads["total variation"].tolist() == pytest.approx([0.0, 1.0])
+    assert not cmp.mask_changed.any()  # no masks given: every cell may attend in both
+    keep = torch.tensor([[True, False]])  # (t, s), broadcast over layers and heads
+    masked = compare.compare_probabilities(a, a, keep, None)
+    assert masked.heads["cells whose mask changed"].tolist() == [1, 1]
+    with pytest.raises(compare.NotComparable, match="shape"):
+        compare.compare_probabilities(a[0], b)
+    fig = why_figures.comparison_figure(cmp, 1, 0)
+    assert fig.layout.title.text.startswith("layer 1, head 0: max |B − A| = 1")
+
+
+def test_cross_check_rotary_split_refuses_models_without_rope():
+    from attnviz.models import CrossCheck
+
+    check = CrossCheck(
+        layer=0,
+        method="",
+        engine_scores=torch.zeros(1, 2, 2),
+        model_scores=torch.zeros(1, 2, 2),
+        per_head_max_diff=np.zeros(1),
+        max_diff=0.0,
+        output_max_diff=0.0,
+    )
+    with pytest.raises(ValueError, match="no rotary positions"):
+        check.rotary_split(0, 0, 0)

@@ -209,11 +209,38 @@ def test_llama_gqa_cross_check_with_rope(tiny_llama):
         assert float(check.model_scores.max()) > 0.5
 
 
+def test_llama_rotary_split_rebuilds_the_models_probabilities(tiny_llama):
+    """Content + position of every cell, from q and k BEFORE rotation, softmaxed over the causal row, is the
+    attention transformers reports: the split takes apart the model's own logits, not a second model of them."""
+    check = models.cross_check(tiny_llama, TEXT, layer=1)
+    h, t, _ = check.model_scores.shape
+    totals = torch.full((h, t, t), float("-inf"), dtype=torch.float64)
+    contents = torch.zeros(h, t, t, dtype=torch.float64)
+    for head in range(h):
+        for i in range(t):
+            for j in range(i + 1):
+                split = check.rotary_split(head, i, j)
+                totals[head, i, j] = split.total
+                contents[head, i, j] = float(split.content.sum())
+    torch.testing.assert_close(totals.softmax(-1).float(), check.model_scores, atol=TOL, rtol=0)
+    # the diagonal has no distance to rotate by: all content; elsewhere the position part is real
+    diag = torch.arange(t)
+    torch.testing.assert_close(contents[:, diag, diag], totals[:, diag, diag])
+    below = torch.tril(torch.ones(t, t, dtype=torch.bool), -1)
+    assert float((totals - contents)[:, below].abs().max()) > 1e-3
+    with pytest.raises(ValueError, match="query"):
+        check.rotary_split(0, t, 0)
+
+
 def test_llama_cross_check_has_teeth(tiny_llama, monkeypatch):
     """Without RoPE the engine's numbers are far from the model's: the check detects a wrong recomputation."""
 
     def no_rotation(config, head_dim, t, device):
-        return torch.ones(t, head_dim, device=device), torch.zeros(t, head_dim, device=device)
+        return (
+            torch.ones(t, head_dim, device=device),
+            torch.zeros(t, head_dim, device=device),
+            torch.zeros(head_dim // 2, device=device),
+        )
 
     monkeypatch.setattr(models, "_rope", no_rotation)
     check = models.cross_check(tiny_llama, TEXT, layer=0)

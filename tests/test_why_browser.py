@@ -114,3 +114,41 @@ def test_click_a_cell_explain_it_then_compare_two_runs(app_url):  # noqa: F811
         snapshot(page, "3_compare")
         assert_no_exception(page)
         browser.close()
+
+
+SLOW_MS = 240_000  # loading MiniLM (and a first run of it) on a busy machine
+
+
+def test_real_model_cell_click_and_comparison(app_url):  # noqa: F811
+    with playwright_api.sync_playwright() as p:
+        browser = launch(p)
+        page = new_page(browser, 1500, 1400)
+        page.goto(app_url + "/real_model?rm_tab=why&rm_why_layer=2")
+        wait_idle(page, timeout_ms=SLOW_MS)
+        expect(page.get_by_role("heading", name="Real model")).to_be_visible(timeout=SLOW_MS)
+        expect(page.get_by_text("matches the probabilities the model reports")).to_be_visible(timeout=SLOW_MS)
+        page.locator(".js-plotly-plot").first.scroll_into_view_if_needed()
+        point = stable(page, CELL_CENTRE, lambda c: c is not None, arg=[7, 4, 1])
+        page.mouse.move(point["x"], point["y"])
+        with rerun(page):
+            page.mouse.click(point["x"], point["y"])
+        titles = poll(page, PLOT_TITLES, lambda ts: any("head 7, query 4 → key 1" in t for t in ts))
+        assert any("head 7, query 4 → key 1" in t and "= logit" in t for t in titles), titles
+        rows = poll(page, OUTLINED_ROWS, lambda r: len(r) == 12 and {tuple(x) for x in r} == {(3.5, 4.5)})
+        assert len(rows) == 12 and {tuple(x) for x in rows} == {(3.5, 4.5)}, rows  # query 4 in every head
+        snapshot(page, "4_real_model_why")
+
+        open_tab(page, "Compare A/B")
+        with rerun(page):
+            page.get_by_role("button", name="Pin this run as A").click()
+        expect(page.get_by_role("button", name="Unpin A")).to_be_visible()
+        box = page.get_by_role("textbox", name="Sentence", exact=True)
+        box.fill("Dogs bark at night.")
+        with rerun(page):
+            box.press("Enter")
+        titles = poll(page, PLOT_TITLES, lambda ts: any("|A|B|B − A" in t for t in ts))
+        assert any("|A|B|B − A" in t and "layer 0, head" in t for t in titles), titles
+        assert "rma_pinned=1" in page.evaluate("() => location.href")
+        snapshot(page, "5_real_model_compare")
+        assert_no_exception(page)
+        browser.close()

@@ -45,6 +45,9 @@ __all__ = [
     "parse_heads",
     "to_url",
     "from_url",
+    "PIN_PREFIX",
+    "pinned_to_url",
+    "read_pinned",
 ]
 
 URL_PREFIX = "rm_"
@@ -62,6 +65,8 @@ TABS: dict[str, str] = {
     "metrics": "Head metrics",
     "ablation": "Ablation",
     "check": "Engine cross-check",
+    "why": "Why this cell",
+    "compare": "Compare A/B",
 }
 THUMB_SCALES: tuple[str, ...] = ("shared", "per_head")  # one 0-1 scale, or each thumbnail to its own max
 SORTS: tuple[str, ...] = ("layer", *METRICS)  # "layer": the model's order (layer, then head)
@@ -94,6 +99,11 @@ class RealModelView:
     check_layer: int = 0  # the layer the engine cross-check recomputes
     check_all: bool = False  # cross-check every layer
     model: str = "builtin"  # one of MODEL_SOURCES; never a path
+    why_layer: int = 0  # "Why this cell": the layer, and the cell (head, query, key); query -1 = the last token
+    why_head: int = 0
+    why_query: int = -1
+    why_key: int = 0
+    compare_ablated: bool = False  # "Compare A/B": B runs with the Ablation tab's heads switched off
 
     def heads(self) -> tuple[tuple[int, int | None], ...]:
         """The ablated heads as (layer, head) pairs, head None for a whole layer (``models.expand_heads``)."""
@@ -148,6 +158,10 @@ def _rules(num_layers: int, num_heads: int) -> dict[str, urlstate.Rule]:
         "ablate_mode": R(choices=ABLATION_MODES),
         "check_layer": R(0, num_layers - 1),
         "model": R(choices=MODEL_SOURCES),
+        "why_layer": R(0, num_layers - 1),
+        "why_head": R(0, num_heads - 1),
+        "why_query": R(-1, TOKEN_LIMIT - 1),
+        "why_key": R(0, TOKEN_LIMIT - 1),
     }
 
 
@@ -170,13 +184,17 @@ def _clean_text(text: str) -> str:
     return "".join(" " if unicodedata.category(c) == "Cc" else c for c in text)
 
 
-def to_url(view: RealModelView) -> dict[str, str]:
+def to_url(view: RealModelView, prefix: str = URL_PREFIX) -> dict[str, str]:
     """Query params for a link to this view: the fields that differ from ``RealModelView()``."""
-    return urlstate.encode(_both_or_neither(view), prefix=URL_PREFIX)
+    return urlstate.encode(_both_or_neither(view), prefix=prefix)
 
 
 def from_url(
-    params: Mapping[str, Any], *, num_layers: int | None = None, num_heads: int | None = None
+    params: Mapping[str, Any],
+    *,
+    num_layers: int | None = None,
+    num_heads: int | None = None,
+    prefix: str = URL_PREFIX,
 ) -> urlstate.Decoded:
     """The view a link describes; never raises. Layer and head indices are checked against ``num_layers`` /
     ``num_heads`` (the built-in model's shape) when given. Keys that are not fields, a model path among them,
@@ -184,15 +202,15 @@ def from_url(
     layers = _GENERIC_LIMIT if num_layers is None else max(int(num_layers), 1)
     heads = _GENERIC_LIMIT if num_heads is None else max(int(num_heads), 1)
     defaults = RealModelView()
-    text_keys = {URL_PREFIX + name for name in _TEXT_FIELDS}
+    text_keys = {prefix + name for name in _TEXT_FIELDS}
     scalar = {k: v for k, v in params.items() if k not in text_keys}
     decoded = urlstate.decode(
-        scalar, defaults, prefix=URL_PREFIX, rules=_rules(layers, heads), validate=False, fix=_both_or_neither
+        scalar, defaults, prefix=prefix, rules=_rules(layers, heads), validate=False, fix=_both_or_neither
     )
     notices = list(decoded.notices)
     values: dict[str, str] = {}
     for name in _TEXT_FIELDS:
-        key = URL_PREFIX + name
+        key = prefix + name
         if key not in params:
             continue
         text = _last(params[key])
@@ -213,3 +231,26 @@ def from_url(
             values[name] = _clean_text(text)
     view = replace(decoded.config, **values)
     return urlstate.Decoded(view, tuple(notices), tuple(sorted({*decoded.read, *values})))
+
+
+# "Compare A/B": the run pinned as A travels in the same link under its own prefix: its sentence, second
+# sentence, token limit and ablated heads (rma_pinned=1 marks it, so a pinned default sentence still comes back).
+PIN_PREFIX = "rma_"
+PIN_FLAG = PIN_PREFIX + "pinned"
+
+
+def pinned_to_url(view: RealModelView) -> dict[str, str]:
+    """Query params that carry ``view``'s run (text, pair, token limit, ablation) as the pinned A."""
+    run_only = RealModelView(
+        text=view.text, pair=view.pair, max_tokens=view.max_tokens, ablate=view.ablate, ablate_mode=view.ablate_mode
+    )
+    return {PIN_FLAG: "1", **to_url(run_only, prefix=PIN_PREFIX)}
+
+
+def read_pinned(
+    params: Mapping[str, Any], *, num_layers: int | None = None, num_heads: int | None = None
+) -> urlstate.Decoded | None:
+    """The pinned A a link carries (a view whose run fields matter), or None when the link pins nothing."""
+    if PIN_FLAG not in params:
+        return None
+    return from_url(params, num_layers=num_layers, num_heads=num_heads, prefix=PIN_PREFIX)

