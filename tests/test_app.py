@@ -593,7 +593,11 @@ def test_uniform_policy_draws_fully_masked_rows_in_colour(app):
     drawn = causal.copy()
     drawn[6:] = True  # rows 6, 7 attend 1/s everywhere: drawn in colour, not grey
     spec = heads_chart(at)
-    overlays = {tr["name"][: -len(" (masked)")]: tr for tr in spec["data"] if tr["name"].endswith("(masked)")}
+    overlays = {
+        tr["name"][: -len(" (masked)")]: tr
+        for tr in spec["data"]
+        if tr["name"].endswith("(masked)") and tr["type"] == "heatmap"
+    }
     panels = head_panels(at)
     assert len(panels) == 8 and len(overlays) == 8
     for tr in panels:

@@ -9,6 +9,7 @@ so a click picks a cell and the chosen query's row is outlined in every head.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -161,6 +162,10 @@ def _head_panels(fig: go.Figure, record: AttentionResult) -> list[tuple[int, go.
     return list(zip(heads, heats, strict=True)) if len(heats) == len(heads) else []
 
 
+# Plotly builds a figure from another figure's trace objects in a way that is not thread-safe: two sessions copying
+# one cached figure at once can mix up trace types ("Invalid property ... Scatter: 'colorscale'"). Copies go one
+# at a time (a copy takes milliseconds).
+_COPY_LOCK = threading.Lock()
 PICK_CELL_BUDGET = 16_384  # cells that get a click target: each sends [head, query, key, its hover numbers]
 
 
@@ -188,7 +193,8 @@ def cell_picker(fig: go.Figure, record: AttentionResult) -> go.Figure:
     and masked cells are separate traces, as their labels differ). Grids past PICK_CELL_BUDGET get no markers:
     pick by number there.
     """
-    out = go.Figure(fig)
+    with _COPY_LOCK:  # ``fig`` may be a cached figure that other sessions' threads copy at the same time
+        out = go.Figure(fig)
     _, h, t, s = record.grid_shape
     if h * t * s > min(PICK_CELL_BUDGET, HOVER_CELL_BUDGET):
         return out
@@ -241,7 +247,8 @@ def cell_picker(fig: go.Figure, record: AttentionResult) -> go.Figure:
 def highlight_cell(fig: go.Figure, record: AttentionResult, head: int, query: int, key: int | None) -> go.Figure:
     """A copy of a heads figure with the chosen query's row outlined in every head (linked selection) and the
     chosen cell boxed in its head."""
-    out = go.Figure(fig)
+    with _COPY_LOCK:
+        out = go.Figure(fig)
     s = record.grid_shape[3]
     for u, panel in _head_panels(out, record):  # none for an image grid: nothing to outline
         xref, yref = panel.xaxis or "x", panel.yaxis or "y"
