@@ -7,7 +7,6 @@ A click on the Heads figure is simulated the way Streamlit delivers it: the char
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,6 +16,8 @@ from apptest_support import assert_clean
 
 from attnviz import compare, explain
 from attnviz.pagemodels.playground import DEFAULT_PRESET, PRESETS, MaskSpec, pinned_to_url, run, to_url
+from tests.test_app import charts as chart_specs
+from tests.test_app import open_tab
 
 st_testing = pytest.importorskip("streamlit.testing.v1")
 AppTest = st_testing.AppTest
@@ -35,18 +36,8 @@ def app(monkeypatch):
     return at
 
 
-def open_tab(at, label: str) -> None:
-    at.session_state["pg_tab"] = label
-    at.run()
-    assert_clean(at)
-
-
 def metrics(at) -> dict[str, str]:
     return {m.label: m.value for m in at.metric}
-
-
-def chart_specs(at) -> list[dict]:
-    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
 
 
 def click(at, head: int, query: int, key: int) -> None:
