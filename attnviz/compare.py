@@ -16,7 +16,9 @@ Per row (query) of each head, with p = A's row and r = B's row:
     KL(A || B)        sum_j p_j log(p_j / r_j), r floored at 1e-12   (nats; large when B drops what A used)
     entropy change    H(r) - H(p)                                    (nats; > 0: B spreads attention more)
     top key changed   argmax_j p_j != argmax_j r_j
-Rows that are fully masked in either run are left out of the row averages and counted apart.
+Rows that are fully masked in both runs are left out of the row averages and counted apart. A row fully masked in
+one run only is compared with what that run's row policy gave it (zeros, uniform; NaN counts as 0), so a change
+that masks or unmasks whole rows shows in every summary.
 """
 
 from __future__ import annotations
@@ -127,15 +129,17 @@ def compare_probabilities(
             f"A has {sa} keys and B has {sb}: rows keep all {ns}; a key one run lacks counts as probability 0 there"
         )
     if ba != bb:
-        notes.append(f"A has {ba} {batch_name}s and B has {bb}: the first {nb} are compared")
+        items = "batch items" if batch_name == "batch" else f"{batch_name}s"
+        notes.append(f"A has {ba} {items} and B has {bb}: the first {nb} are compared")
     p = _aligned(prob_a.detach().double().cpu(), nb, nt, ns, 0.0)  # (nb, h, nt, ns)
     r = _aligned(prob_b.detach().double().cpu(), nb, nt, ns, 0.0)
     full_a = keep_a.detach().cpu().bool().expand(ba, ha, ta, sa)
     full_b = keep_b.detach().cpu().bool().expand(bb, hb, tb, sb)
-    dead = ~full_a.any(-1)[:nb, :, :nt] | ~full_b.any(-1)[:nb, :, :nt]  # (nb, h, nt) fully masked in A or B
+    dead_a, dead_b = ~full_a.any(-1)[:nb, :, :nt], ~full_b.any(-1)[:nb, :, :nt]  # (nb, h, nt) fully masked rows
+    dead = dead_a & dead_b  # fully masked in both runs: nothing to compare
     keep_a = _aligned(full_a, nb, nt, ns, False)
     keep_b = _aligned(full_b, nb, nt, ns, False)
-    # NaN rows (masked_rows="nan") would poison every sum: they are fully masked rows, left out below.
+    # NaN rows (masked_rows="nan") would poison every sum: they are fully masked rows, counted as 0.
     p, r = torch.nan_to_num(p, nan=0.0), torch.nan_to_num(r, nan=0.0)
     diff = r - p  # (nb, h, nt, ns)
 
@@ -166,7 +170,8 @@ def compare_probabilities(
                     "entropy change": mean(d_entropy),
                     "top key changed": int(top_changed[bi, h][ok].sum()),
                     "rows compared": n,
-                    "rows masked in A or B": int(dead[bi, h].sum()),
+                    "rows masked in both": int(dead[bi, h].sum()),
+                    "rows masked in one run": int((dead_a[bi, h] ^ dead_b[bi, h]).sum()),
                     "cells whose mask changed": int((keep_a[bi, h] ^ keep_b[bi, h]).sum()),
                     "max |B - A|": float(diff[bi, h].abs().max()) if diff[bi, h].numel() else 0.0,
                 }

@@ -73,7 +73,7 @@ class AttentionResult:
     output_grid: Tensor | None = None  # (b, t, o) the projected output in the grid layout (layers only)
     # How the logits were made, so one cell can be taken apart again (attnviz.explain):
     scale: float | Tensor | None = None  # what scaled q·k (None: the mode's default, 1/sqrt(d) or 1); a tensor
-    #   is a learned scale: () or (h, 1, 1, 1) for dot modes, (d,) or (h, 1, 1, d) for additive
+    #   is a learned scale: () for dot modes (Keras' use_scale), (d,) or (h, 1, 1, d) for additive
     concat_weight: float | Tensor = 1.0  # concat mode's outer weight (Keras' concat_score_weight)
     score_mod: Callable | None = None  # the (score, b, h, q_idx, kv_idx) -> score modifier, if any
 

@@ -42,7 +42,8 @@ TERM_FORMULAS = {
     "concat": "w · tanh(scale · (q[d] + k[d]))",
     "additive": "scale[d] · tanh(q[d] + k[d])",
 }
-CHECK_TOLERANCE = 1e-4  # |sum of parts - the record's logit|, relative to max(1, |logit|)
+CHECK_TOLERANCE = 1e-4  # |sum of parts - the record's logit|, relative to max(1, |logit|), at float32 or better
+CHECK_EPS_FACTOR = 16  # half precision: the record's logits are rounded, so the check allows 16 of its eps
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class CellExplanation:
     top_keys: tuple[tuple[int, float], ...]  # the row's largest probabilities, (key, probability), best first
     query_vector: np.ndarray  # (d,) the head's projected query
     key_vector: np.ndarray  # (d,) the kv head's projected key
+    tolerance: float = CHECK_TOLERANCE  # what check() allows, relative: wider for float16 / bfloat16 records
 
     @property
     def error(self) -> float:
@@ -81,7 +83,7 @@ class CellExplanation:
 
     def check(self) -> None:
         """Raise if the terms without a modifier do not reproduce the record's logit (a scale or mode mismatch)."""
-        if self.modifier_name is None and abs(self.raw - self.logit) > CHECK_TOLERANCE * max(1.0, abs(self.logit)):
+        if self.modifier_name is None and abs(self.raw - self.logit) > self.tolerance * max(1.0, abs(self.logit)):
             raise ValueError(
                 f"the terms add up to {self.raw:.6g} but the record's logit is {self.logit:.6g}: the record was not "
                 f"computed the way its score_mode ({self.score_mode!r}) and scale say"
@@ -145,7 +147,9 @@ def explain_cell(
     if not keep:
         mask_fn = record.mask_fn
         rules = tuple(mask_fn.explain(batch, head, query, key, t=t, s=s)) if mask_fn is not None else ("mask",)
-    order = torch.argsort(probs, descending=True, stable=True)[: max(0, int(top))]
+    # NaN rows (masked_rows="nan") have no top keys
+    ranked = torch.argsort(torch.nan_to_num(probs, nan=-1.0), descending=True, stable=True).tolist()
+    order = [j for j in ranked if not math.isnan(float(probs[j]))][: max(0, int(top))]
     modifier_name = None if record.score_mod is None else getattr(record.score_mod, "name", "score_mod")
     return CellExplanation(
         batch=batch,
@@ -167,6 +171,7 @@ def explain_cell(
         top_keys=tuple((int(j), float(probs[j])) for j in order),
         query_vector=q_vec.numpy(),
         key_vector=k_vec.numpy(),
+        tolerance=max(CHECK_TOLERANCE, CHECK_EPS_FACTOR * torch.finfo(record.logits.dtype).eps),
     )
 
 

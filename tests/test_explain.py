@@ -222,8 +222,27 @@ def test_compare_refuses_unpairable_heads_and_leaves_dead_rows_out():
     dead = masks.padding(query_valid=torch.tensor([[True, True, True, True, False]]))
     c = attnviz.MultiHeadAttention(num_heads=4, key_dim=2, seed=0, masked_rows="nan")(x, x, mask=dead)
     heads = compare.compare_records(a, c).heads
-    assert (heads["rows masked in A or B"] == 1).all() and (heads["rows compared"] == 4).all()
-    assert np.isfinite(heads["total variation"]).all()
+    # the row c masks (a NaN row) is compared as zeros: A's whole row is gone, TV 0.5 · Σ|0 − p| = 0.5
+    assert (heads["rows masked in one run"] == 1).all() and (heads["rows compared"] == 5).all()
+    assert (heads["rows masked in both"] == 0).all() and np.isfinite(heads["total variation"]).all()
+    assert (heads["max row TV"] >= 0.5 - 1e-9).all()
+    both = compare.compare_records(c, c).heads  # a row masked in both runs is left out
+    assert (both["rows masked in both"] == 1).all() and (both["rows compared"] == 4).all()
+    assert (both["total variation"] == 0).all()
+
+
+def test_compare_sees_rows_masked_in_one_run_only():
+    """Masking the last two queries under the 'uniform' policy moves those rows from real attention to 1/s: the
+    summaries show it (they would be 0 if rows masked in either run were left out)."""
+    x = torch.randn(1, 6, 8)
+    layer = attnviz.MultiHeadAttention(num_heads=2, key_dim=4, seed=1, masked_rows="uniform")
+    a = layer(x, x)
+    b = layer(x, x, mask=masks.padding(query_valid=torch.tensor([[True] * 4 + [False] * 2])))
+    heads = compare.compare_records(a, b).heads
+    assert (heads["rows masked in one run"] == 2).all() and (heads["rows compared"] == 6).all()
+    expected = 0.5 * (b.scores[0] - a.scores[0]).detach().abs().sum(-1).mean(-1).double()  # (h,) over all 6 rows
+    np.testing.assert_allclose(heads["total variation"].to_numpy(), expected.numpy(), rtol=1e-6)
+    assert (heads["total variation"] > 0).all()
 
 
 def test_figures_draw_the_results():
@@ -284,3 +303,23 @@ def test_cross_check_rotary_split_refuses_models_without_rope():
     )
     with pytest.raises(ValueError, match="no rotary positions"):
         check.rotary_split(0, 0, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_check_allows_half_precision_rounding(dtype):
+    q, k = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    rec = attention(q.to(dtype), k.to(dtype), k.to(dtype))
+    for i in range(6):
+        explain.explain_cell(rec, 0, 1, i, (i * 5) % 6).check()  # rounding of the record's logits is allowed
+    with pytest.raises(ValueError, match="add up to"):
+        bad = explain.explain_cell(rec, 0, 1, 0, 0)
+        type(bad).check(type(bad)(**{**bad.__dict__, "logit": bad.logit + 1.0}))
+
+
+def test_fully_masked_nan_row_has_no_top_keys():
+    x = torch.randn(1, 4, 8)
+    dead = masks.padding(query_valid=torch.tensor([[True, True, True, False]]))
+    rec = attnviz.MultiHeadAttention(num_heads=2, key_dim=4, seed=0, masked_rows="nan")(x, x, mask=dead)
+    why = explain.explain_cell(rec, 0, 0, 3, 1)
+    assert why.fully_masked_row and why.masked and why.top_keys == ()
+    assert explain.explain_cell(rec, 0, 0, 2, 1).top_keys  # a live row still has them

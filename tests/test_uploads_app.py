@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from apptest_support import head_heatmaps
 
 from attnviz.layers import MultiHeadAttention
 from attnviz.pagemodels import playground as pg
-from tests.apptest_support import head_heatmaps
 from tests.test_app import _decode, charts, drawn_keep
 from tests.test_uploads import Marker, npz_bytes
 

@@ -105,6 +105,14 @@ def test_a_click_sets_the_explained_cell_and_its_numbers_are_the_records(app):
     assert metrics(at)["probability"] == "0.0000"
     assert any("is **masked** by" in w.value and "causal" in w.value for w in at.warning)
 
+    # clicking the same cell again (after a click that deselected it) picks it again
+    at.session_state["pg_heads_chart"] = {"selection": {"points": [], "point_indices": [], "box": [], "lasso": []}}
+    at.run()
+    click(at, 6, 7, 3)
+    assert [at.number_input(key=f"pg_why_{n}").value for n in ("head", "query", "key")] == [6, 7, 3]
+    at.number_input(key="pg_why_query").set_value(2).run()
+    at.number_input(key="pg_why_key").set_value(7).run()
+
     # the choice survives a trip to another tab (a closed lazy tab drops its widgets' state)
     open_tab(at, "Heads")
     assert any("head 6, q2 → k7" in c.value for c in at.caption)
@@ -135,9 +143,19 @@ def test_pin_then_change_compares_b_with_a(app):
     assert at.number_input(key="pg_compare_head").value == int(np.nanargmax(want["total variation"]))
     assert {tr["name"] for tr in maps["data"]} >= {"A", "B", "B − A", "mask changed"}
 
+    # another B: the head that changed most opens again (here not head 0)
+    at.sidebar.number_input(key="pg_seed").set_value(1).run()
+    assert_clean(at)
+    seeded = compare.compare_records(run(DEFAULT), run(replace(b_config, seed=1))).heads
+    worst = int(np.nanargmax(seeded[seeded["batch"] == 0]["total variation"]))
+    assert worst != 0 and at.number_input(key="pg_compare_head").value == worst
+    at.number_input(key="pg_compare_head").set_value(2).run()  # a head chosen by hand stays
+    at.selectbox(key="pg_compare_metric").set_value("KL(A||B)").run()  # an unrelated rerun
+    assert at.number_input(key="pg_compare_head").value == 2
+
     # the share link holds both runs: B as pg_*, A as pga_*
     assert at.query_params.get("pga_pinned") == "1"
-    assert at.query_params.get("pg_causal") == "off"
+    assert at.query_params.get("pg_causal") == "off" and at.query_params.get("pg_seed") == "1"
 
     at.button(key="pg_unpin").click().run()
     assert_clean(at)

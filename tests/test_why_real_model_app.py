@@ -78,7 +78,7 @@ def test_minilm_cell_is_explained_with_the_models_numbers(monkeypatch, minilm):
     assert_clean(at)
     assert [at.number_input(key=f"rm_why_{n}").value for n in ("head", "query", "key")] == [7, 4, 1]
     probs = model_attention(minilm, DEFAULT_TEXT, 2)  # (12, t, t) as the model reports them
-    assert metrics(at)["probability"] == f"{float(probs[7, 4, 1]):.4f}"
+    assert float(metrics(at)["probability"]) == pytest.approx(float(probs[7, 4, 1]), abs=5e-5 + 1e-5)  # 4 decimals
     check = models.cross_check(minilm, DEFAULT_TEXT, layer=2)
     why = explain.explain_cell(check.record, 0, 7, 4, 1)
     why.check()  # the per-dimension terms add up to the engine's logit

@@ -220,7 +220,8 @@ def current_view(
 
 
 def _why_cell_fields() -> dict[str, int]:
-    """The chosen cell for the link; none while it is the default (head 0, the last token, key 0)."""
+    """The chosen cell for the link, once one is chosen (or the Why tab has been opened); before that none, so
+    the receiver starts at head 0, the last token, key 0."""
     cell = st.session_state.get(WHY_CELL)
     if cell is None:
         return {}

@@ -40,7 +40,10 @@ def sync_picked_cell(chart_key: str, prefix: str, record: AttentionResult) -> No
     """Copy a new click into the chosen cell before the pickers are drawn (a click wins over the numbers)."""
     picked = picked_cell(chart_key)
     last = f"{prefix}_why_last_click"
-    if picked is None or st.session_state.get(last) == picked:
+    if picked is None:  # nothing selected (a second click on a point deselects it): the next click counts again
+        st.session_state.pop(last, None)
+        return
+    if st.session_state.get(last) == picked:  # the same selection as on an earlier run: the numbers may have moved on
         return
     st.session_state[last] = picked
     _, h, t, s = record.grid_shape
@@ -98,13 +101,17 @@ def explanation_view(
     cols[3].metric("kv head", why.kv_head)
     if why.masked:
         rules = ", ".join(why.rules) or "the mask"
+        after = (
+            f"every key of this row is masked, so its probability ({why.probability:.4g}) comes from the page's "
+            "fully-masked-row policy, not from the logits"
+            if why.fully_masked_row
+            else "its probability is 0"
+        )
         st.warning(
             f"{literal(q_name)} → {literal(k_name)} is **masked** by {literal(rules)}: its logit below is what the "
-            "scores say before masking; its probability is 0.",
+            f"scores say before masking; {after}.",
             icon="🚫",
         )
-    if why.fully_masked_row:
-        st.info("Every key of this query row is masked (a fully-masked row): see the page's row policy.", icon="⚠️")
     modifier = (
         f" The score modifier {literal(why.modifier_name)} adds {why.modifier:+.4g}."
         if why.modifier_name is not None
@@ -162,7 +169,10 @@ def compare_view(
     batch = int(cols[0].number_input(axis, 0, nb - 1, step=1, key=f"{key}_batch")) if nb > 1 else 0
     worst = cmp.heads[cmp.heads[cmp.batch_name] == batch]["total variation"].to_numpy(dtype=float)
     default_head = int(np.nanargmax(worst)) if np.isfinite(worst).any() else 0
-    if f"{key}_head" not in st.session_state:
+    # The head that changed most opens first, again whenever A or B changes; a head chosen by hand stays until then.
+    signature = (a_label, b_label, batch, tuple(np.round(np.nan_to_num(worst, nan=-1.0), 9)))
+    if st.session_state.get(f"{key}_head_for") != signature or f"{key}_head" not in st.session_state:
+        st.session_state[f"{key}_head_for"] = signature
         st.session_state[f"{key}_head"] = default_head
     st.session_state[f"{key}_head"] = min(int(st.session_state[f"{key}_head"]), h - 1)
     head = int(
