@@ -41,6 +41,11 @@ __all__ = [
     "figures",
     "longseq",
     "models",
+    "explain",
+    "compare",
+    "trace",
+    "capture",
+    "load_trace",
 ]
 
 # Module paths of attnviz 0.1, before the layers got folders. Each old name is the same module object as the new
@@ -82,8 +87,10 @@ if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
 
 def __getattr__(name: str):
     # Submodules load on first use: figures pulls in plotly, which a pure-engine user may not need.
-    if name in ("interop", "figures", "models", "experiment", "inputs"):
+    if name in ("interop", "figures", "models", "experiment", "inputs", "explain", "compare", "trace"):
         return importlib.import_module(f"attnviz.{name}")
+    if name in ("capture", "load_trace"):  # attnviz.capture(model): see attnviz.trace
+        return getattr(importlib.import_module("attnviz.trace"), name)
     if f"attnviz.{name}" in MOVED_MODULES:
         return importlib.import_module(f"attnviz.{name}")
     raise AttributeError(f"module 'attnviz' has no attribute {name!r}")

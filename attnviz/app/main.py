@@ -28,6 +28,7 @@ PAGES = (
     ("long_sequences.py", "Long sequences", ":material/straighten:"),
     ("walkthrough.py", "Step by step", ":material/stairs:"),
     ("projections.py", "Projections", ":material/scatter_plot:"),
+    ("trace.py", "Trace", ":material/timeline:"),
 )
 
 

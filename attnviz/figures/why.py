@@ -228,7 +228,9 @@ def cell_picker(fig: go.Figure, record: AttentionResult) -> go.Figure:
                     x=[xs[k] for k in ki],
                     y=[ys[q] for q in qi],
                     mode="markers",
-                    marker=dict(size=12, color="rgba(0,0,0,0)", symbol="square"),
+                    # tiny markers: Plotly picks the marker nearest to the pointer (hoverdistance -1 below), which
+                    # is the centre of the cell under it; big ones would overlap their neighbours and tie
+                    marker=dict(size=2, color="rgba(0,0,0,0)", symbol="square"),
                     selected=dict(marker=dict(opacity=1)),  # a click must not dim the other cells' markers
                     unselected=dict(marker=dict(opacity=1)),
                     customdata=custom,  # plain lists: the selection event returns them as they are
@@ -240,7 +242,7 @@ def cell_picker(fig: go.Figure, record: AttentionResult) -> go.Figure:
                     yaxis=panel.yaxis,
                 )
             )
-    out.update_layout(clickmode="event+select", dragmode=False)
+    out.update_layout(clickmode="event+select", dragmode=False, hoverdistance=-1)
     return out
 
 
