@@ -293,6 +293,29 @@ def rerun(page, timeout_ms: int = TIMEOUT_MS):
     wait_idle(page, timeout_ms)
 
 
+def click_for_rerun(page, click: Callable[[], None], *, attempts: int = 3, start_ms: int = 20_000) -> None:
+    """Do ``click`` (a mouse click on a plot point, say) until it makes the app run its script, then wait as
+    ``rerun`` does. A click on a chart that is still wiring its handlers on a busy machine can be lost without
+    any effect; trying again is then safe. Use ``rerun`` for actions whose loss would be a bug."""
+    runs = _RUNS[page]
+    for _ in range(attempts):
+        before = runs.requests
+        click()
+        deadline = time.monotonic() + start_ms / 1000
+        while runs.requests == before and time.monotonic() < deadline:
+            page.wait_for_timeout(100)
+        if runs.requests > before:
+            deadline = time.monotonic() + TIMEOUT_MS / 1000
+            while not runs.answered:
+                if time.monotonic() > deadline:
+                    raise AssertionError("the script run never finished")
+                page.wait_for_timeout(100)
+            wait_idle(page)
+            return
+        wait_idle(page)
+    raise AssertionError(f"{attempts} clicks started no script run")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Reading what the page shows
 # ---------------------------------------------------------------------------------------------------------------

@@ -237,3 +237,38 @@ def test_choosing_calls_budget_dropout_and_one_capture_at_a_time():
     with attnviz.capture(), pytest.raises(RuntimeError, match="another attnviz.capture"):
         with attnviz.capture():
             pass
+
+
+def test_mistral_sliding_window_gqa_and_left_padding_under_sdpa():
+    """A Mistral-style config (sliding window 4, 4 query heads over 2 kv heads) with a left-padded batch: the
+    sdpa calls carry transformers' 4-D mask, and the recomputed probabilities are eager attention's."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MistralConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        sliding_window=4,
+    )
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones(2, 10, dtype=torch.long)
+    attention_mask[1, :3] = 0  # left padding
+    runs = {}
+    for implementation in ("eager", "sdpa"):
+        config._attn_implementation = implementation
+        torch.manual_seed(0)
+        model = transformers.MistralForCausalLM(config).eval()
+        with torch.no_grad(), attnviz.capture(model) as trace:
+            out = model(ids, attention_mask=attention_mask, output_attentions=implementation == "eager")
+        runs[implementation] = (out, trace)
+    eager, (_, trace) = runs["eager"][0], runs["sdpa"]
+    assert [c.name for c in trace.calls] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    valid = attention_mask.bool()[:, None, :, None]  # padded query rows differ by row policy only
+    for call, attentions in zip(trace.calls, eager.attentions, strict=True):
+        assert call.output_error <= TOL
+        assert float(((call.record.scores_grid - attentions).abs() * valid).max()) <= TOL
+    assert trace.calls[0].record.mask_grid[0, 0].sum(-1).tolist() == [1, 2, 3] + [4] * 7  # the window

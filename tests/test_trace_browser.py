@@ -20,7 +20,7 @@ from tests.browser_support import (  # noqa: F401
     stable,
     wait_idle,
 )
-from tests.test_why_browser import CELL_CENTRE, PLOT_TITLES, snapshot
+from tests.test_why_browser import PLOT_TITLES, click_cell, snapshot
 
 pytestmark = pytest.mark.browser
 
@@ -40,10 +40,7 @@ def test_trace_page_example_click_and_upload(app_url, tmp_path):  # noqa: F811
         expect(page.get_by_role("heading", name="Trace")).to_be_visible()
         expect(page.get_by_text("3 attention calls")).to_be_visible()
         page.locator(".js-plotly-plot").first.scroll_into_view_if_needed()
-        point = stable(page, CELL_CENTRE, lambda c: c is not None, arg=[1, 9, 3])
-        page.mouse.move(point["x"], point["y"])
-        with rerun(page):
-            page.mouse.click(point["x"], point["y"])
+        click_cell(page, 1, 9, 3)
         snapshot(page, "6_trace_heads")
         with rerun(page):
             page.get_by_role("tab", name="Why this cell").click()

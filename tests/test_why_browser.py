@@ -14,6 +14,7 @@ import pytest
 from tests.browser_support import (  # noqa: F401
     app_url,
     assert_no_exception,
+    click_for_rerun,
     expect,
     launch,
     new_page,
@@ -65,6 +66,19 @@ def selected_caption(page) -> str:
     return next((t for t in texts if t.startswith("Selected")), "")
 
 
+def click_cell(page, head: int, query: int, key: int) -> None:
+    """Click the centre of cell (head, query, key) of the first heads figure (its position read once the layout
+    has settled, again on a retry) and wait for the run the selection asks for."""
+
+    def click() -> None:
+        point = stable(page, CELL_CENTRE, lambda c: c is not None, arg=[head, query, key])
+        page.mouse.move(point["x"], point["y"])
+        page.wait_for_timeout(200)
+        page.mouse.click(point["x"], point["y"])
+
+    click_for_rerun(page, click)
+
+
 def open_tab(page, label: str) -> None:
     with rerun(page):
         page.get_by_role("tab", name=label).click()
@@ -84,8 +98,7 @@ def test_click_a_cell_explain_it_then_compare_two_runs(app_url):  # noqa: F811
         # the click targets leave the heatmap's own hover label in place
         hover = "() => [...document.querySelectorAll('.hoverlayer .hovertext')].map(h => h.textContent).join(' ')"
         assert "query" in poll(page, hover, lambda text: "query" in text)
-        with rerun(page):
-            page.mouse.click(point["x"], point["y"])
+        click_cell(page, 3, 5, 2)
         caption = poll(page, lambda: selected_caption(page), lambda t: "head 3, q5 → k2" in t)
         assert "head 3, q5 → k2" in caption, caption
         rows = poll(page, OUTLINED_ROWS, lambda r: len(r) == 8 and {tuple(x) for x in r} == {(4.5, 5.5)})
@@ -128,10 +141,7 @@ def test_real_model_cell_click_and_comparison(app_url):  # noqa: F811
         expect(page.get_by_role("heading", name="Real model")).to_be_visible(timeout=SLOW_MS)
         expect(page.get_by_text("matches the probabilities the model reports")).to_be_visible(timeout=SLOW_MS)
         page.locator(".js-plotly-plot").first.scroll_into_view_if_needed()
-        point = stable(page, CELL_CENTRE, lambda c: c is not None, arg=[7, 4, 1])
-        page.mouse.move(point["x"], point["y"])
-        with rerun(page):
-            page.mouse.click(point["x"], point["y"])
+        click_cell(page, 7, 4, 1)
         titles = poll(page, PLOT_TITLES, lambda ts: any("head 7, query 4 → key 1" in t for t in ts))
         assert any("head 7, query 4 → key 1" in t and "= logit" in t for t in titles), titles
         rows = poll(page, OUTLINED_ROWS, lambda r: len(r) == 12 and {tuple(x) for x in r} == {(3.5, 4.5)})
