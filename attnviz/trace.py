@@ -247,13 +247,16 @@ def capture(
     *,
     calls: Iterable[str] | str | Callable[[str], bool] | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
+    wait: float = 0.0,
 ) -> Iterator[Trace]:
     """Record every attention call made in the ``with`` block (see the module docstring), by this thread.
 
     model: names calls by its module paths (otherwise "sdpa", "sdpa#1", ...). calls: names to keep (a call named
     "x#2" is kept by "x") or a predicate. max_bytes: per-call record budget; bigger calls are skipped, and listed.
+    wait: seconds to wait for another thread's capture to end (a server with several sessions); 0 refuses at once.
     """
-    if not _CAPTURE_LOCK.acquire(blocking=False):
+    acquired = _CAPTURE_LOCK.acquire(timeout=wait) if wait > 0 else _CAPTURE_LOCK.acquire(blocking=False)
+    if not acquired:
         raise RuntimeError("another attnviz.capture() is active: captures cannot be nested or run in parallel")
     recorder = _Recorder(model, calls, max_bytes)
     handles = [

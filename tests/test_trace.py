@@ -272,3 +272,24 @@ def test_mistral_sliding_window_gqa_and_left_padding_under_sdpa():
         assert call.output_error <= TOL
         assert float(((call.record.scores_grid - attentions).abs() * valid).max()) <= TOL
     assert trace.calls[0].record.mask_grid[0, 0].sum(-1).tolist() == [1, 2, 3] + [4] * 7  # the window
+
+
+def test_a_second_thread_waits_for_the_capture_to_end():
+    import threading
+
+    q = torch.randn(1, 2, 4, 8)
+    results = []
+
+    def other():
+        with attnviz.capture(wait=30) as trace:
+            F.scaled_dot_product_attention(q, q, q)
+        results.append(len(trace.calls))
+
+    with attnviz.capture() as first:
+        thread = threading.Thread(target=other)
+        thread.start()
+        F.scaled_dot_product_attention(q, q, q)
+        thread.join(0.5)
+        assert thread.is_alive()  # waiting for this capture to end
+    thread.join(30)
+    assert results == [1] and len(first.calls) == 1

@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 EXAMPLE_TEXT = "attention is all you need"  # the examples' input, one token per character
+CAPTURE_WAIT_S = 60.0  # sessions capturing at the same time take turns (a capture patches process-wide functions)
 
 
 class _CausalSelfAttention(nn.Module):
@@ -81,7 +82,7 @@ def _gpt_example(text: str) -> tuple[Trace, list[str]]:
     torch.manual_seed(0)
     model = _TinyGPT().eval()
     ids = torch.tensor([[min(ord(c), 127) for c in text]])
-    with torch.no_grad(), capture(model) as trace:
+    with torch.no_grad(), capture(model, wait=CAPTURE_WAIT_S) as trace:
         model(ids)
     return trace, list(text)
 
@@ -95,7 +96,7 @@ def _encoder_example(text: str) -> tuple[Trace, list[str]]:
     ids = torch.tensor([[min(ord(c), 127) for c in text]] * 2)
     pad = torch.zeros(ids.shape, dtype=torch.bool)
     pad[1, len(text) // 2 :] = True  # batch item 1: its second half is padding
-    with torch.no_grad(), capture(model) as trace:
+    with torch.no_grad(), capture(model, wait=CAPTURE_WAIT_S) as trace:
         model(emb(ids), src_key_padding_mask=pad)
     return trace, list(text)
 
