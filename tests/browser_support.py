@@ -313,6 +313,9 @@ def click_for_rerun(page, click: Callable[[], None], *, attempts: int = 3, start
             wait_idle(page)
             return
         wait_idle(page)
+    folder = os.environ.get("ATTNVIZ_SCREENSHOTS")
+    if folder:
+        page.screenshot(path=os.path.join(folder, "lost_click.png"), full_page=False)
     raise AssertionError(f"{attempts} clicks started no script run")
 
 

@@ -72,6 +72,13 @@ def click_cell(page, head: int, query: int, key: int) -> None:
 
     def click() -> None:
         point = stable(page, CELL_CENTRE, lambda c: c is not None, arg=[head, query, key])
+        width, height = page.viewport_size["width"], page.viewport_size["height"]
+        if not 80 < point["y"] < height - 80:  # a tall figure: bring the cell itself into view (a click outside
+            page.mouse.move(width / 2, height / 2)  # the viewport reaches nothing), scrolling the app's main area
+            page.mouse.wheel(0, point["y"] - height / 2)
+            point = stable(
+                page, CELL_CENTRE, lambda c: c is not None and 80 < c["y"] < height - 80, arg=[head, query, key]
+            )
         page.mouse.move(point["x"], point["y"])
         page.wait_for_timeout(200)
         page.mouse.click(point["x"], point["y"])
