@@ -37,7 +37,8 @@ def alibi_slopes(num_heads: int) -> Tensor:
     """ALiBi head slopes 2^(-8 u / h) for u = 1..h (Press et al.; the power-of-two formula)."""
     if num_heads < 1:
         raise ValueError(f"num_heads ({num_heads}) must be at least 1")
-    return torch.tensor([2.0 ** (-8.0 * (u + 1) / num_heads) for u in range(num_heads)])
+    # float64, cast to the scores' dtype where used: float32 slopes put 1e-8 errors into float64 records
+    return torch.tensor([2.0 ** (-8.0 * (u + 1) / num_heads) for u in range(num_heads)], dtype=torch.float64)
 
 
 def alibi(num_heads: int) -> ScoreMod:
