@@ -418,9 +418,19 @@ def _record_sdpa(recorder, query, key, value, attn_mask, dropout_p, is_causal, s
     )
 
 
-def _record_mha(recorder, module: nn.MultiheadAttention, bound: inspect.BoundArguments, out) -> None:
+def _engine_mha(module: nn.MultiheadAttention, query, key, value, attn_mask, pad):
+    """``module``'s attention recomputed on the engine (weights copied by interop.from_torch), inputs batch-first
+    (b, t, e), masks in torch's sense -> (record, keep)."""
     from attnviz.interop import from_torch, torch_masks_to_keep
 
+    keep = torch_masks_to_keep(attn_mask, pad, num_heads=module.num_heads)
+    layer = from_torch(module, device=query.device, masked_rows="nan")
+    with torch.no_grad():
+        rec = layer(query.detach().float(), value.detach().float(), key.detach().float(), attention_mask=keep)
+    return rec, keep
+
+
+def _record_mha(recorder, module: nn.MultiheadAttention, bound: inspect.BoundArguments, out) -> None:
     args = bound.arguments
     query, key, value = args["query"], args["key"], args["value"]
     unbatched = query.dim() == 2
@@ -435,10 +445,7 @@ def _record_mha(recorder, module: nn.MultiheadAttention, bound: inspect.BoundArg
     pad, attn_mask = args.get("key_padding_mask"), args.get("attn_mask")
     if unbatched and pad is not None and pad.dim() == 1:
         pad = pad[None]
-    keep = torch_masks_to_keep(attn_mask, pad, num_heads=module.num_heads)
-    layer = from_torch(module, device=query.device, masked_rows="nan")
-    with torch.no_grad():
-        rec = layer(query.detach().float(), value.detach().float(), key.detach().float(), attention_mask=keep)
+    rec, keep = _engine_mha(module, query, key, value, attn_mask, pad)
     model_out = out[0].detach().float()
     if unbatched:
         model_out = model_out[None]
@@ -467,19 +474,15 @@ def _record_mha(recorder, module: nn.MultiheadAttention, bound: inspect.BoundArg
 def _record_encoder_fast_path(recorder, layer: nn.TransformerEncoderLayer, src, src_mask, pad, out) -> None:
     """The self-attention of an encoder layer that ran torch's fused kernel: recomputed from the layer's input, and
     proven through the layer's output (the kernel returns no attention output of its own)."""
-    from attnviz.interop import from_torch, torch_masks_to_keep
-
     mha = layer.self_attn
     name = recorder.names.get(id(mha)) or recorder.next_name("multihead_attention")
     x = src if mha.batch_first else src.transpose(0, 1)  # (b, t, e)
     b, t = x.shape[0], x.shape[1]
     if not recorder.admit(name, "multihead_attention", b, mha.num_heads, t, t):
         return
-    keep = torch_masks_to_keep(src_mask, pad, num_heads=mha.num_heads)
-    engine = from_torch(mha, device=x.device, masked_rows="nan")
     with torch.no_grad():
         attn_in = layer.norm1(x) if layer.norm_first else x
-        rec = engine(attn_in.float(), attn_in.float(), attention_mask=keep)
+        rec, keep = _engine_mha(mha, attn_in, attn_in, attn_in, src_mask, pad)
         sa = rec.output.to(x.dtype)  # (b, t, e); dropout is off in eval, where the fast path runs
         if layer.norm_first:
             y = x + sa
