@@ -6,7 +6,7 @@ Shape legend (used in every shape comment in attnviz):
     t  targets (queries)      s  sources (keys / values)
     d  key/query dim per head   v  value dim per head   o  output features
 
-Everything the app shows comes from this explicit path: logits -> mask -> softmax -> (dropout) -> · V.
+Everything the app shows comes from this explicit path: logits -> mask -> softmax (+ sink) -> (dropout) -> · V.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ __all__ = [
     "attention",
     "attention_output",
     "probability_tiles",
+    "sink_share_of",
+    "validate_sinks",
     "Tile",
     "resolve_device",
     "resolve_dtype",
@@ -76,6 +78,7 @@ class AttentionResult:
     #   is a learned scale: () for dot modes (Keras' use_scale), (d,) or (h, 1, 1, d) for additive
     concat_weight: float | Tensor = 1.0  # concat mode's outer weight (Keras' concat_score_weight)
     score_mod: Callable | None = None  # the (score, b, h, q_idx, kv_idx) -> score modifier, if any
+    sinks: Tensor | None = None  # (h,) float: each query head's learned sink logit (gpt-oss), None: no sinks
 
     @property
     def num_heads(self) -> int:
@@ -116,6 +119,35 @@ class AttentionResult:
 
     def kv_head_of(self, head: int) -> int:
         return head // self.group_size
+
+    @property
+    def sink_share(self) -> Tensor:
+        """(b, h, t) float: the probability mass each query row gave to its head's sink, so that
+        ``scores_grid.sum(-1) + sink_share == 1`` on every row with sinks (a fully-masked row gives the sink all of
+        it: 1). All 0 without sinks. Computed as sigmoid(sink - logsumexp of the row's attendable logits), exact even
+        for a share near 0 or 1; a record without logits (need_logits=False) falls back to 1 - the row's sum."""
+        b, h, t, _ = self.grid_shape
+        if self.sinks is None:
+            return torch.zeros((b, h, t), dtype=self.scores.dtype, device=self.scores.device)
+        if self.logits is None:
+            return (1.0 - self.scores_grid.sum(-1)).clamp(0.0, 1.0)  # (b, h, t)
+        keep = self.mask_grid
+        share = [
+            sink_share_of(self.logits_grid[:, u], keep[:, u], self.sinks[u]) for u in range(h)
+        ]  # h x (b, t): one head at a time, so the masked copy of the logits is (b, t, s), not (b, h, t, s)
+        return torch.stack(share, dim=1).to(self.scores.dtype)  # (b, h, t)
+
+
+def sink_share_of(logits: Tensor, keep: Tensor | None, sink: Tensor | float) -> Tensor:
+    """(...) the sink's share of rows of ``logits`` (..., s) whose attendable keys are ``keep`` (bool, broadcastable;
+    None: all): exp(sink) / (exp(sink) + sum_k exp(l_k)) = sigmoid(sink - logsumexp_k l_k), in at least float32.
+    A row with no attendable key gives 1."""
+    work = torch.promote_types(logits.dtype, torch.float32)
+    x = logits.to(work)
+    if keep is not None:
+        x = x.masked_fill(~keep, float("-inf"))
+    sink_t = torch.as_tensor(sink, dtype=work, device=x.device)
+    return torch.sigmoid(sink_t - torch.logsumexp(x, dim=-1))  # (...); logsumexp of an all -inf row is -inf -> 1
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -200,23 +232,63 @@ def compute_logits(
     return torch.cat(out, dim=2)  # (b, h, t, s)
 
 
-def masked_softmax(logits: Tensor, mask: Tensor | None, masked_rows: str) -> tuple[Tensor, Tensor]:
+def masked_softmax(
+    logits: Tensor, mask: Tensor | None, masked_rows: str, sinks: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Softmax over s with masked cells exactly 0; returns (probs (b, h, t, s), fully_masked (b, h, t)).
 
     A row with no attendable key follows the policy: "zeros" (SDPA on CPU, FlexAttention, Keras' manual path),
     "uniform" (1/s everywhere: Keras' Attention layer and d2l, which add a large negative number), or "nan"
-    (torch.nn.MultiheadAttention).
+    (torch.nn.MultiheadAttention). With ``sinks`` (h,) the softmax has one more logit per row, the head's sink, which
+    is dropped afterwards (see ``attention``): such a row is all 0 whatever the policy.
     """
     check_choice("masked_rows", masked_rows, MASKED_ROW_POLICIES)
     b, h, t, s = logits.shape
     masked_logits = logits if mask is None else logits.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(masked_logits, dim=-1)  # fully-masked rows become NaN
     # A row is fully masked when no key is left: by the mask, or by a score_mod that sent every logit to -inf.
     fully_masked = torch.isneginf(masked_logits).all(dim=-1)  # (b, h, t)
+    if sinks is not None:
+        sink = validate_sinks(sinks, h).to(logits.dtype).view(1, h, 1, 1)  # (1, h, 1, 1)
+        return _softmax_with_sink(masked_logits, sink), fully_masked
+    probs = torch.softmax(masked_logits, dim=-1)  # fully-masked rows become NaN
     if masked_rows != "nan" and bool(fully_masked.any()):
         fill = 0.0 if masked_rows == "zeros" else 1.0 / s
         probs = torch.where(fully_masked.unsqueeze(-1), torch.full_like(probs, fill), probs)
     return probs, fully_masked
+
+
+def validate_sinks(sinks, num_heads: int) -> Tensor:
+    """``sinks`` as a float tensor of shape (num_heads,) (one logit per query head), or a ValueError with the numbers.
+    Integers become float32; a float tensor keeps its dtype (and its autograd history)."""
+    if not isinstance(sinks, Tensor):
+        try:
+            sinks = torch.as_tensor(sinks, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"sinks must be a tensor of shape (num_heads,) = ({num_heads},), got {sinks!r}") from None
+    if sinks.dtype == torch.bool or sinks.is_complex():
+        raise ValueError(f"sinks must be real numbers, got dtype {sinks.dtype}")
+    if not sinks.is_floating_point():
+        sinks = sinks.to(torch.float32)
+    if tuple(sinks.shape) != (num_heads,):
+        raise ValueError(f"sinks must have shape (num_heads,) = ({num_heads},), got {tuple(sinks.shape)}")
+    finite = torch.isfinite(sinks.detach())
+    if not bool(finite.all()):
+        bad = [(int(u), float(sinks[u])) for u in torch.nonzero(~finite).flatten()[:4]]
+        raise ValueError(f"sinks must be finite, got (head, value) {bad}")
+    return sinks
+
+
+def _softmax_with_sink(masked: Tensor, sink: Tensor, out: Tensor | None = None) -> Tensor:
+    """exp(l_j) / (exp(sink) + sum_k exp(l_k)) over the last axis of ``masked`` (tb, th, tr, s) (masked cells
+    -inf), with ``sink`` (1|tb, th, 1, 1): gpt-oss' softmax over [logits, sink] with the sink column dropped, so the
+    row sums to 1 - the sink's share. Stable: the row max includes the sink, which is finite, so a row whose keys
+    are all masked gives exp(-inf) = 0 everywhere. ``out`` may be ``masked`` itself (normalised in place)."""
+    row_max = torch.maximum(masked.amax(dim=-1, keepdim=True), sink)  # (tb, th, tr, 1), finite
+    if out is None:
+        probs = torch.exp(masked - row_max)  # (tb, th, tr, s), differentiable
+        return probs / (probs.sum(dim=-1, keepdim=True) + torch.exp(sink - row_max))
+    probs = torch.sub(masked, row_max, out=out).exp_()  # (tb, th, tr, s)
+    return probs.div_(probs.sum(dim=-1, keepdim=True).add_(torch.exp(sink - row_max)))
 
 
 def apply_dropout(probs: Tensor, rate: float, seed: int | None) -> Tensor:
@@ -298,11 +370,13 @@ def _score_block(
     may_be_infinite: bool,
     logits_out: Tensor | None = None,
     probs_out: Tensor | None = None,
+    sinks: Tensor | None = None,  # (1, th, 1, 1) the sink logit of each query head of this block (None: no sinks)
 ) -> tuple[Tensor | None, Tensor, Tensor]:
     """Logits, probabilities and fully-masked rows of one block; writes into the *_out views when given.
 
     With ``probs_out`` but no ``logits_out`` the logits are scored into ``probs_out`` and normalised there in place
-    (no second buffer), and the returned logits are None: they no longer exist.
+    (no second buffer), and the returned logits are None: they no longer exist. With ``sinks`` each row's softmax
+    also counts its head's sink (``_softmax_with_sink``) and ``masked_rows`` does not apply: a fully-masked row is 0.
     """
     scratch = logits_out is None and probs_out is not None  # score, mask and normalise inside probs_out
     target = probs_out if scratch else logits_out
@@ -330,6 +404,8 @@ def _score_block(
         fully_masked = torch.isneginf(masked).all(dim=-1)  # (tb, th, tr), before softmax may overwrite masked
     else:
         fully_masked = torch.zeros((tb, th, tr), dtype=torch.bool, device=logits.device)
+    if sinks is not None:
+        return (None if scratch else logits), _softmax_with_sink(masked, sinks, out=probs_out), fully_masked
     probs = torch.softmax(masked, dim=-1) if probs_out is None else torch.softmax(masked, dim=-1, out=probs_out)
     if masked_rows != "nan" and bool(fully_masked.any()):
         fill = 0.0 if masked_rows == "zeros" else 1.0 / s
@@ -384,6 +460,7 @@ def probability_tiles(
     heads: Sequence[int] | None = None,
     rows: tuple[int, int] | None = None,
     row_multiple: int = 1,
+    sinks: Tensor | None = None,
 ) -> Iterator[Tile]:
     """Attention probabilities one tile at a time: (batch item, query head, block of query rows).
 
@@ -395,9 +472,12 @@ def probability_tiles(
     ``heads`` and ``rows`` (first, stop) restrict the work to those query heads and rows, with their true
     positions for masks and score_mods (a zoomed region costs its rows, not the whole map). ``row_multiple``
     makes every tile but the last a multiple of that many rows, so a caller can pool rows tile by tile.
+
+    ``sinks`` (h,): one sink logit per query head, as in ``attention`` (each tile's rows then sum to less than 1).
     """
     _validate_qkv(query, key, None, score_mode)
     check_choice("masked_rows", masked_rows, MASKED_ROW_POLICIES)
+    sink_h = None if sinks is None else validate_sinks(sinks, query.shape[1]).to(device=query.device, dtype=query.dtype)
     tile_elements = default_tile_elements(query.device) if tile_elements is None else int(tile_elements)
     query, key = query.contiguous(), key.contiguous()  # no copy when they already are
     b, h, t, d = query.shape
@@ -428,6 +508,7 @@ def probability_tiles(
             scale=scale,
             logits_out=logits_out,
             probs_out=probs_out,
+            sinks=None if sink_h is None else sink_h.view(1, h, 1, 1),  # (1, h, 1, 1)
             **common,
         )
         yield Tile(slice(0, b), slice(0, h), slice(0, t), logits, probs, fully, mask_t)
@@ -453,6 +534,7 @@ def probability_tiles(
             h_idx = torch.arange(hs.start, hs.stop, device=device).view(1, -1, 1, 1)
             k_heads = _per_query_head(key, slice(bi, bi + 1), hs, group)  # (1, th, s, d): the kv head of each
             head_scale = _head_scale(scale, hs, h)
+            head_sinks = None if sink_h is None else sink_h[hs].view(1, -1, 1, 1)  # (1, th, 1, 1): true head indices
             for r0 in range(first, stop, step):
                 r = slice(r0, min(stop, r0 + step))
                 m = None
@@ -470,6 +552,7 @@ def probability_tiles(
                     scale=head_scale,
                     logits_out=None if logits_out is None else logits_out[here],
                     probs_out=None if probs_out is None else probs_out[here],
+                    sinks=head_sinks,
                     **common,
                 )
                 yield Tile(*here, logits, probs, fully, m)
@@ -503,6 +586,7 @@ def attention(
     masked_rows: str = "zeros",
     memory_budget: int | None = None,
     need_logits: bool = True,
+    sinks: Tensor | None = None,
 ) -> AttentionResult:
     """Attention on per-head tensors in SDPA's layout, returning the full record.
 
@@ -521,6 +605,12 @@ def attention(
             with a ValueError that says what would fit.
         need_logits: keep the pre-mask logits in the record (default). False halves the memory: the scores are
             normalised in place and ``logits`` is None (the figures that show logits then cannot be drawn).
+        sinks: (h,) one learned "sink" logit per QUERY head (gpt-oss; under GQA still per query head). It joins
+            each row's softmax denominator and is then dropped, so over the real keys
+            p_j = exp(l_j) / (exp(sink_h) + sum_k exp(l_k)) (masked keys left out) and a row sums to
+            1 - ``record.sink_share``. Computed stably (the row max includes the sink). A row whose keys are all
+            masked gives the sink the whole row: probabilities 0 and output 0 whatever ``masked_rows`` says
+            (``fully_masked_rows`` still flags it). Non-finite values or a shape other than (h,) raise ValueError.
 
     The probabilities are computed tile by tile into their final buffers (see ``probability_tiles``), so the
     peak is about the record itself: logits + probabilities, not several t*s temporaries.
@@ -532,6 +622,7 @@ def attention(
         raise ValueError(f"dropout ({dropout}) must be in [0, 1)")
     b, h, t, d = query.shape
     g, s = key.shape[1], key.shape[2]
+    sinks = None if sinks is None else validate_sinks(sinks, h)  # (h,) float
 
     def estimate(b_: int, h_: int, t_: int, s_: int) -> int:
         return estimate_attention_bytes(
@@ -568,6 +659,7 @@ def attention(
     scale_w = scale.to(work) if isinstance(scale, Tensor) else scale
     mask_fn = as_mask(mask)
     mask_t = None if mask_fn is None else mask_fn.materialize(b, h, t, s, device=q.device)  # (b|1, h|1, t, s)
+    sinks_w = None if sinks is None else sinks.to(device=q.device, dtype=work)  # (h,)
     tiles: dict[str, Any] = dict(
         mask=mask_t,
         scale=scale_w,
@@ -575,10 +667,11 @@ def attention(
         score_mod=score_mod,
         concat_weight=concat_weight,
         masked_rows=masked_rows,
+        sinks=sinks_w,
     )
 
     wants_grad = torch.is_grad_enabled() and any(
-        x.requires_grad for x in (q, k, v, scale_w, concat_weight) if isinstance(x, Tensor)
+        x.requires_grad for x in (q, k, v, scale_w, concat_weight, sinks_w) if isinstance(x, Tensor)
     )
     if wants_grad:
         # Autograd cannot track writes into preallocated buffers: one differentiable block over everything.
@@ -629,6 +722,7 @@ def attention(
         scale=scale,
         concat_weight=concat_weight,
         score_mod=score_mod,
+        sinks=None if sinks is None else sinks.to(device=q.device),
         shapes=(
             ("query (b, h, t, d)", tuple(query.shape)),
             ("key (b, g, s, d)", tuple(key.shape)),
@@ -636,6 +730,7 @@ def attention(
             ("logits (b, h, t, s)", tuple(probs.shape) if logits is not None else ()),
             ("mask (b|1, h|1, t, s)", () if mask_t is None else tuple(mask_t.shape)),
             ("probabilities (b, h, t, s)", tuple(probs.shape)),
+            *((("sinks (h,)", tuple(sinks.shape)),) if sinks is not None else ()),
             ("head outputs (b, h, t, v)", tuple(head_outputs.shape)),
         ),
         score_mode=score_mode,
@@ -652,6 +747,7 @@ def attention_output(
     score_mode: str = "scaled_dot",
     masked_rows: str = "zeros",
     memory_budget: int | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """The attention output (b, h, t, v) alone, through ``F.scaled_dot_product_attention`` (the fast path).
 
@@ -659,6 +755,10 @@ def attention_output(
     long sequences cost O(t * v) per head instead of O(t * s). Fully-masked rows follow ``masked_rows`` exactly
     as in the explicit path (SDPA's own answer for such rows differs by backend, so it is overwritten).
     Score modifiers, concat/additive scores and dropout need the explicit path: use ``attention``.
+
+    ``sinks`` (h,) as in ``attention``. SDPA has no sink, so with sinks the output is computed tile by tile on the
+    explicit path (``probability_tiles``, each tile multiplied by V and dropped): the same numbers as
+    ``attention(...).head_outputs``, still without holding a (t, s) matrix.
     """
     _validate_qkv(query, key, value, score_mode)
     check_choice("masked_rows", masked_rows, MASKED_ROW_POLICIES)
@@ -680,6 +780,31 @@ def attention_output(
     )
     mask_t = _materialized(mask, b, h, t, s, query.device)  # (b|1, h|1, t, s) or None
     out_dtype = query.dtype
+    if sinks is not None:
+        sinks = validate_sinks(sinks, h)  # (h,)
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value, sinks)):
+            # Autograd cannot track the tiles' writes into ``out``: the explicit path as one differentiable block.
+            record = attention(
+                query,
+                key,
+                value,
+                mask=mask_t,
+                scale=scale,
+                score_mode=score_mode,
+                masked_rows=masked_rows,
+                sinks=sinks,
+                memory_budget=memory_budget,
+                need_logits=False,
+            )
+            return record.head_outputs
+        work = torch.float64 if out_dtype == torch.float64 else torch.float32  # the tiles score in float32/64
+        q, k, v = (x.to(work).contiguous() for x in (query, key, value))
+        out = torch.empty((b, h, t, v_dim), dtype=work, device=q.device)  # (b, h, t, v)
+        for tile in probability_tiles(
+            q, k, mask=mask_t, scale=scale, score_mode=score_mode, masked_rows=masked_rows, sinks=sinks.to(work)
+        ):
+            torch.matmul(tile.probs, _per_query_head(v, tile.b, tile.h, h // g), out=out[tile.b, tile.h, tile.rows])
+        return out.to(out_dtype)
     # CPU kernels score half precision in float32 anyway; upcasting keeps the numbers equal to the explicit path.
     work = torch.float32 if (out_dtype in (torch.float16, torch.bfloat16) and query.device.type == "cpu") else out_dtype
     q, k, v = query.to(work), key.to(work), value.to(work)

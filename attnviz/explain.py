@@ -6,6 +6,7 @@
     why.raw + why.modifier == why.logit          # the modifier is what ALiBi / soft-capping added
     why.rules            # ('causal',) when the cell is masked: the mask rules that masked it
     why.top_keys         # the row's most attended keys, (key, probability)
+    why.sink_share       # with attention sinks (gpt-oss): the row's mass that went to the sink (0.0 without)
 
 The decomposition follows the score mode the record was computed with (``AttentionResult.score_mode``):
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from attnviz.engine import AttentionResult
+from attnviz.engine import AttentionResult, sink_share_of
 
 __all__ = ["CellExplanation", "explain_cell", "RotarySplit", "rotary_split", "rotary_inv_freq", "TERM_FORMULAS"]
 
@@ -70,6 +71,9 @@ class CellExplanation:
     query_vector: np.ndarray  # (d,) the head's projected query
     key_vector: np.ndarray  # (d,) the kv head's projected key
     tolerance: float = CHECK_TOLERANCE  # what check() allows, relative: wider for float16 / bfloat16 records
+    sink_share: float = 0.0  # the row's probability mass given to the head's sink (record.sinks); 0.0 without sinks,
+    #   1.0 for a fully-masked row with sinks. The row's probabilities sum to 1 - sink_share.
+    sink_logit: float | None = None  # the head's sink logit (None: the record has no sinks)
 
     @property
     def error(self) -> float:
@@ -151,6 +155,12 @@ def explain_cell(
     ranked = torch.argsort(torch.nan_to_num(probs, nan=-1.0), descending=True, stable=True).tolist()
     order = [j for j in ranked if not math.isnan(float(probs[j]))][: max(0, int(top))]
     modifier_name = None if record.score_mod is None else getattr(record.score_mod, "name", "score_mod")
+    sink_logit = None if record.sinks is None else float(record.sinks[head].detach())
+    sink_share = 0.0
+    if sink_logit is not None:
+        # exact from the row's logits and mask (sigmoid(sink - logsumexp)), not 1 - sum(probabilities)
+        row_keep = record.mask_grid[batch, head, query]  # (s,)
+        sink_share = float(sink_share_of(record.logits_grid[batch, head, query], row_keep, sink_logit))
     return CellExplanation(
         batch=batch,
         head=head,
@@ -172,6 +182,8 @@ def explain_cell(
         query_vector=q_vec.numpy(),
         key_vector=k_vec.numpy(),
         tolerance=max(CHECK_TOLERANCE, CHECK_EPS_FACTOR * torch.finfo(record.logits.dtype).eps),
+        sink_share=sink_share,
+        sink_logit=sink_logit,
     )
 
 
