@@ -3,11 +3,17 @@
 A 8192 x 8192 heatmap per head cannot be sent to a browser (26.7 MB per 2000 x 2000 float32 heatmap); these
 builders send what a screen can show. Large pooled maps are coloured on the server and sent as PNG images
 (a few tens of KB each); small maps stay hoverable heatmaps. Like attnviz.figures, nothing here calls Streamlit.
+
+Each builder takes the core's plain types (``attnviz.longstats.AttentionSummary`` and ``Region``), so the same
+views draw the Long sequences page's synthetic attention (``LongResult`` is a summary with its config) and a long
+attention call captured from a model; titles and labels are arguments where a caller has better names.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import plotly.graph_objects as go
@@ -15,36 +21,58 @@ from plotly.subplots import make_subplots
 
 from attnviz.engine import check_choice
 from attnviz.figures.heatmaps import MASKED_COLOR, Panel, _unit, image_grid
-from attnviz.pagemodels.longseq import COLOR_SCALINGS, LongResult, ZoomResult
+from attnviz.longstats import AttentionSummary, Region
+from attnviz.pagemodels.longseq import COLOR_SCALINGS
 
 # Pooled maps with at most this many cells per head are sent as hoverable heatmaps instead of images.
 HOVER_CELLS = 96 * 96
 MAX_COLUMNS = 8
 
 
-def _head_order(result: LongResult) -> tuple[list[int | None], int]:
+def _head_order(result: AttentionSummary) -> tuple[list[int | None], int]:
     """Panels in kv-head groups (GQA): each kv head's query heads together, rows wrapped at MAX_COLUMNS."""
-    group = result.num_heads // (max(result.kv_head_of) + 1)
-    columns = min(MAX_COLUMNS, max(group, 1)) if group > 1 else min(MAX_COLUMNS, result.num_heads)
+    n = result.num_heads
+    # Consecutive panels that read the same kv head form a group (all of them for full heads: u // group).
+    groups = [list(run) for _, run in itertools.groupby(range(n), key=lambda u: result.kv_head_of[u])]
+    largest = max(len(run) for run in groups)
+    if largest == 1:  # one kv head per query head: no groups to show, one block
+        groups = [list(range(n))]
+    columns = min(MAX_COLUMNS, largest if largest > 1 else n)
     order: list[int | None] = []
-    for start in range(0, result.num_heads, group if group > 1 else result.num_heads):
-        block: list[int | None] = list(range(start, start + (group if group > 1 else result.num_heads)))
+    for run in groups:
+        block: list[int | None] = list(run)
         block += [None] * (-len(block) % columns)  # each kv group starts a new row
         order += block
     return order, columns
 
 
+def _labels(given: Sequence[str] | None, default: list[str], what: str) -> list[str]:
+    if given is None:
+        return default
+    if len(given) != len(default):
+        raise ValueError(f"{what} has {len(given)} entries but the figure needs {len(default)}")
+    return list(given)
+
+
 def pooled_heads_figure(
-    result: LongResult,
+    result: AttentionSummary,
     mode: str = "max",
     colorscale: str = "Viridis",
     scaling: str = "log",
     panel_px: int = 220,
+    *,
+    head_titles: Sequence[str] | None = None,
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+    title: str | None = None,
 ) -> go.Figure:
     """Every head's pooled probability map in one grid, grouped by kv head.
 
     Pooled maps larger than HOVER_CELLS go as PNG images coloured here (the payload stays flat however long the
     sequence); smaller ones as hoverable heatmaps. Grey = no attendable position in the cell.
+
+    ``head_titles`` (one per panel, default "head 5 · kv 1"), ``row_labels`` / ``col_labels`` (one per pooled
+    row / column, default "q0–15" / "k0–15", shown on hover) and ``title`` replace the default names.
     """
     check_choice("scaling", scaling, COLOR_SCALINGS)
     values = result.pooled(mode).numpy()  # (h, r, c)
@@ -52,12 +80,15 @@ def pooled_heads_figure(
     vmax = float(np.nanmax(values)) if np.isfinite(values).any() else 1.0
     order, columns = _head_order(result)
     r, c = values.shape[1:]
-    title = f"{mode} pooling, {result.factor_rows}×{result.factor_cols} positions per pixel (grey: nothing may attend)"
+    heads = _labels(head_titles, [result.head_title(u) for u in range(result.num_heads)], "head_titles")
+    rows = _labels(row_labels, [result.row_label(i) for i in range(r)], "row_labels")  # hover text only
+    cols = _labels(col_labels, [result.col_label(j) for j in range(c)], "col_labels")
+    if title is None:
+        title = (
+            f"{mode} pooling, {result.factor_rows}×{result.factor_cols} positions per pixel (grey: nothing may attend)"
+        )
     if r * c > HOVER_CELLS:
-        panels = [
-            None if u is None else Panel(title=f"head {u} · kv {result.kv_head_of[u]}", values=values[u], keep=keep[u])
-            for u in order
-        ]
+        panels = [None if u is None else Panel(title=heads[u], values=values[u], keep=keep[u]) for u in order]
         return image_grid(
             panels,
             cols=columns,
@@ -70,7 +101,7 @@ def pooled_heads_figure(
             panel_px=panel_px,
         )
     n_rows = math.ceil(len(order) / columns)
-    titles = ["" if u is None else f"head {u} · kv {result.kv_head_of[u]}" for u in order]
+    titles = ["" if u is None else heads[u] for u in order]
     fig = make_subplots(
         rows=n_rows,
         cols=columns,
@@ -87,9 +118,9 @@ def pooled_heads_figure(
         z = np.where(keep[head], z * (high - low) + low, np.nan)
         text = [
             [
-                f"{result.row_label(i)} × {result.col_label(j)}<br>{mode} p = {values[head, i, j]:.4g}"
+                f"{rows[i]} × {cols[j]}<br>{mode} p = {values[head, i, j]:.4g}"
                 if keep[head, i, j]
-                else f"{result.row_label(i)} × {result.col_label(j)}<br>masked"
+                else f"{rows[i]} × {cols[j]}<br>masked"
                 for j in range(c)
             ]
             for i in range(r)
@@ -114,8 +145,9 @@ def pooled_heads_figure(
     return fig
 
 
-def zoom_figure(region: ZoomResult, colorscale: str = "Viridis") -> go.Figure:
-    """A region at full resolution: hover gives query, key, probability, logit and whether it is masked."""
+def zoom_figure(region: Region, colorscale: str = "Viridis", *, title: str | None = None) -> go.Figure:
+    """A region at full resolution: hover gives query, key, probability, logit and whether it is masked.
+    ``title`` replaces "head 3: queries 4000–4063 × keys 3900–4063 at full resolution"."""
     probs, logits, keep = region.probs.numpy(), region.logits.numpy(), region.keep.numpy()
     (r0, r1), (c0, c1) = region.rows, region.cols
     rows, cols = np.arange(r0, r1), np.arange(c0, c1)
@@ -145,7 +177,7 @@ def zoom_figure(region: ZoomResult, colorscale: str = "Viridis") -> go.Figure:
         width=int(side * min(2.0, max(0.6, len(cols) / max(len(rows), 1)))) + 120,
         margin=dict(l=10, r=10, t=40, b=10),
         title=dict(
-            text=f"head {region.head}: queries {r0}–{r1 - 1} × keys {c0}–{c1 - 1} at full resolution",
+            text=title or f"head {region.head}: queries {r0}–{r1 - 1} × keys {c0}–{c1 - 1} at full resolution",
             font=dict(size=13),
         ),
     )
@@ -157,11 +189,14 @@ def _thin(n: int, limit: int) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, min(n, limit)).round().astype(np.int64))
 
 
-def row_summary_figure(result: LongResult, head: int, max_points: int = 1500) -> go.Figure:
-    """One head's row summaries against query position: entropy, sink and local mass, and the top-k keys."""
+def row_summary_figure(
+    result: AttentionSummary, head: int, max_points: int = 1500, *, title: str | None = None
+) -> go.Figure:
+    """One panel's row summaries against query position: entropy, sink and local mass, and the top-k keys.
+    ``head`` indexes the summary's panels (query head ``result.heads[head]``); ``title`` goes above the plots."""
     if not 0 <= head < result.num_heads:
         raise ValueError(f"head ({head}) must be in [0, {result.num_heads})")
-    t = result.config.t
+    t = result.t
     idx = _thin(t, max_points)
     fig = make_subplots(
         rows=3,
@@ -170,8 +205,8 @@ def row_summary_figure(result: LongResult, head: int, max_points: int = 1500) ->
         vertical_spacing=0.06,
         subplot_titles=(
             "entropy (nats) — log(#attendable keys) would be uniform",
-            f"mass on key 0 (sink) and within ±{result.config.local_window} of the query (local)",
-            f"top-{result.config.top_k} keys per query (colour: weight)",
+            f"mass on key 0 (sink) and within ±{result.local_window} of the query (local)",
+            f"top-{result.top_k} keys per query (colour: weight)",
         ),
     )
     x = idx.astype(np.float32)
@@ -180,7 +215,7 @@ def row_summary_figure(result: LongResult, head: int, max_points: int = 1500) ->
     fig.add_trace(
         go.Scatter(x=x, y=result.local_mass[head, idx].numpy(), name="local mass", mode="lines"), row=2, col=1
     )
-    k = result.config.top_k
+    k = result.top_k
     keys = result.top_keys[head, idx].numpy()  # (n, k)
     weights = result.top_values[head, idx].numpy()
     fig.add_trace(
@@ -205,6 +240,8 @@ def row_summary_figure(result: LongResult, head: int, max_points: int = 1500) ->
     fig.update_yaxes(title="key", row=3, col=1)
     fig.update_xaxes(title="query position", row=3, col=1)
     fig.update_layout(height=720, margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=1.06))
+    if title is not None:
+        fig.update_layout(title=dict(text=title, font=dict(size=13)), margin=dict(t=80))
     return fig
 
 

@@ -1,11 +1,12 @@
 """Long sequences: every head of a t = s = 8192 attention, summarised without ever holding a (t, s) map per head.
 
-``analyze`` streams the probabilities tile by tile (``engine.probability_tiles``) and keeps only what is drawn:
-each head pooled to a pixel budget (max and mean, so switching the view recomputes nothing), whether each pooled
-cell contains any attendable position, and row summaries that stay meaningful at any length (entropy, top-k keys,
-mass on the first token, mass within a local window). ``zoom`` recomputes one region at full resolution from
-its query rows only. ``to_url`` / ``from_url`` turn a config and the way it is looked at (``LongView``: pooling,
-colours, tab, zoom region, heads) into a shareable link and back. No Streamlit here.
+``analyze`` makes a config's inputs and streams them through ``attnviz.longstats.summarize``, which keeps only
+what is drawn: each head pooled to a pixel budget (max and mean, so switching the view recomputes nothing),
+whether each pooled cell contains any attendable position, and row summaries that stay meaningful at any length
+(entropy, top-k keys, mass on the first token, mass within a local window). ``zoom`` recomputes one region at
+full resolution from its query rows only (``longstats.zoom``). ``to_url`` / ``from_url`` turn a config and the
+way it is looked at (``LongView``: pooling, colours, tab, zoom region, heads) into a shareable link and back.
+No Streamlit here.
 
     result = analyze(LongConfig(t=8192, num_heads=16, num_kv_heads=4))
     result.pooled_max.shape     # (16, 512, 512)
@@ -15,26 +16,20 @@ colours, tab, zoom region, heads) into a shareable link and back. No Streamlit h
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from attnviz import score_mods
-from attnviz.engine import (
-    DTYPES,
-    MASKED_ROW_POLICIES,
-    check_choice,
-    default_tile_elements,
-    probability_tiles,
-    resolve_device,
-)
+from attnviz import longstats, score_mods
+from attnviz.engine import DTYPES, MASKED_ROW_POLICIES, check_choice, resolve_device
 from attnviz.formats import urlstate
 from attnviz.inputs import SOURCES, MaskSpec, make_source
-from attnviz.memory import check_memory, estimate_attention_bytes, format_bytes
-from attnviz.pooling import pool_by
+from attnviz.longstats import POOL_MODES, AttentionSummary, Region
+from attnviz.memory import check_memory, format_bytes
 
 LIMITS = {
     "t": 16384,
@@ -49,7 +44,6 @@ LIMITS = {
 SCORE_MODS = ("none", "alibi", "softcap")
 CAUSAL_CHOICES = ("off", "top_left", "bottom_right")
 DEVICES = ("auto", "cpu", "cuda")
-POOL_MODES = ("max", "mean")
 COLORSCALES = ("Viridis", "Magma", "Blues", "Cividis", "Turbo")
 COLOR_SCALINGS = ("log", "sqrt", "linear")  # log first: long rows spread probability thinly
 VIEW_TABS = ("heads", "zoom", "rows")  # the page's tabs: pooled heads, a zoomed region, row summaries
@@ -131,56 +125,16 @@ class LongConfig:
 
 
 @dataclass(frozen=True)
-class LongResult:
-    """What the long-sequence views draw; every tensor is small (pooled or per row), none is (t, s) per head."""
+class LongResult(AttentionSummary):
+    """What the long-sequence views draw (``attnviz.longstats.AttentionSummary``: every tensor is small, pooled or
+    per row, none is (t, s) per head) and the config it was computed from."""
 
-    config: LongConfig
-    pooled_max: Tensor  # (h, r, c) largest probability in each pooled cell (NaN where nothing may attend)
-    pooled_mean: Tensor  # (h, r, c) the cell's probability mass / its number of attendable positions
-    keep_any: Tensor  # (h, r, c) bool: the pooled cell contains at least one attendable position
-    row_edges: tuple[int, ...]  # first query row of each pooled row
-    col_edges: tuple[int, ...]  # first key of each pooled column
-    factor_rows: int  # query rows per pooled row
-    factor_cols: int  # keys per pooled column
-    entropy: Tensor  # (h, t) nats; log(number of attendable keys) would be uniform attention
-    top_values: Tensor  # (h, t, k) the k largest probabilities of each query row
-    top_keys: Tensor  # (h, t, k) their key positions
-    sink_mass: Tensor  # (h, t) probability on key 0 (attention sinks put most of a row here)
-    local_mass: Tensor  # (h, t) probability on keys within local_window of the query's aligned position
-    fully_masked: Tensor  # (h, t) bool
-    kv_head_of: tuple[int, ...]  # (h,) the kv head each query head reads
-    seconds: float = 0.0  # engine time, for the page's caption
-
-    @property
-    def num_heads(self) -> int:
-        return self.pooled_max.shape[0]
-
-    def pooled(self, mode: str) -> Tensor:
-        check_choice("pool mode", mode, POOL_MODES)
-        return self.pooled_max if mode == "max" else self.pooled_mean
-
-    def row_label(self, i: int) -> str:
-        return _range_label("q", self.row_edges[i], min(self.row_edges[i] + self.factor_rows, self.config.t) - 1)
-
-    def col_label(self, j: int) -> str:
-        return _range_label("k", self.col_edges[j], min(self.col_edges[j] + self.factor_cols, self.config.keys) - 1)
+    config: LongConfig = field(kw_only=True)
 
 
-@dataclass(frozen=True)
-class ZoomResult:
-    """One head's region at full resolution: every cell's probability, logit and mask."""
-
-    head: int
-    rows: tuple[int, int]  # (first, stop) query rows
-    cols: tuple[int, int]  # (first, stop) keys
-    probs: Tensor  # (rows, cols) probabilities (normalised over ALL keys of each row, not just the region)
-    logits: Tensor  # (rows, cols) logits after the score modifier, before masking
-    keep: Tensor  # (rows, cols) bool, True = may attend
-    mass: Tensor  # (rows,) share of each row's probability that falls inside the region
-
-
-def _range_label(prefix: str, first: int, last: int) -> str:
-    return f"{prefix}{first}" if first == last else f"{prefix}{first}–{last}"
+# One head's region at full resolution: every cell's probability, logit and mask (head, rows, cols, probs, logits,
+# keep, mass), the same type a captured long call's zoom gives.
+ZoomResult = Region
 
 
 def _inputs(config: LongConfig) -> tuple[Tensor, Tensor, Tensor]:
@@ -224,17 +178,21 @@ def _aligned_offset(config: LongConfig) -> int:
 
 def estimate_bytes(config: LongConfig) -> int:
     """Peak bytes of ``analyze``: the (t, s) keep-mask, one tile, and the per-head inputs and summaries."""
-    t, s, h, g, d = config.t, config.keys, config.num_heads, config.kv_heads, config.head_dim
-    per_row = h * t * (4 * 5 + 8 * config.top_k)  # entropy, masses, top-k values and int64 keys
-    base = estimate_attention_bytes(1, h, g, t, s, d, d, need_weights=False)
-    tile = min(h * t * s, default_tile_elements(resolve_device(config.device)))  # a tile's cells (larger on a GPU)
-    return base + per_row + 2 * h * config.pixels**2 * 4 + 4 * tile * 8
+    return longstats.estimate_bytes(
+        config.t,
+        config.keys,
+        num_heads=config.num_heads,
+        num_kv_heads=config.kv_heads,
+        head_dim=config.head_dim,
+        pixels=config.pixels,
+        top_k=config.top_k,
+        device=resolve_device(config.device),
+    )
 
 
 def analyze(config: LongConfig, memory_budget: int | None = None) -> LongResult:
-    """Stream every head's probabilities once and keep the pooled maps and row summaries."""
-    import time
-
+    """Stream every head's probabilities once and keep the pooled maps and row summaries
+    (``attnviz.longstats.summarize`` on the config's inputs)."""
     config.validate()
     device = resolve_device(config.device)
     check_memory(
@@ -244,119 +202,39 @@ def analyze(config: LongConfig, memory_budget: int | None = None) -> LongResult:
         device=device,
     )
     start = time.perf_counter()
-    t, s, h = config.t, config.keys, config.num_heads
-    q, k, v = _inputs(config)
-    mask = config.mask_spec().build(1, t, s)
-    fr, fc = math.ceil(t / config.pixels), math.ceil(s / config.pixels)
-    r, c = math.ceil(t / fr), math.ceil(s / fc)
-    kk = config.top_k
-    pooled_max = torch.empty(h, r, c)
-    pooled_sum = torch.empty(h, r, c)
-    entropy, sink, local = (torch.empty(h, t) for _ in range(3))
-    top_values, top_keys = torch.empty(h, t, kk), torch.empty(h, t, kk, dtype=torch.long)
-    fully = torch.empty(h, t, dtype=torch.bool)
-    offset = _aligned_offset(config)
-    group = h // config.kv_heads
-    w = config.local_window
-
-    with torch.no_grad():
-        # The mask is the same for every head: count its attendable positions per pooled cell once.
-        keep = mask.materialize(1, 1, t, s, device=device)[0, 0] if mask is not None else None  # (t, s)
-        counts = (
-            pool_by(keep, fr, fc, "sum").values
-            if keep is not None
-            else pool_by(torch.ones(()).expand(t, s), fr, fc, "sum").values
-        ).cpu()  # (r, c)
-        tiles = probability_tiles(
-            q,
-            k,
-            mask=mask,
-            score_mod=_score_mod(config),
-            masked_rows=config.masked_rows,
-            row_multiple=fr,
-            heads=range(h),
-        )  # per head, rows aligned to the pooling
-        for tile in tiles:
-            hi, rows = tile.h.start, tile.rows
-            p = tile.probs[0, 0]  # (tr, s); masked cells are exactly 0 (fully-masked rows follow the policy)
-            pr = slice(rows.start // fr, -(-rows.stop // fr))
-            pooled_max[hi, pr] = pool_by(p, fr, fc, "max").values.cpu()
-            pooled_sum[hi, pr] = pool_by(p, fr, fc, "sum").values.cpu()
-            entropy[hi, rows] = torch.special.entr(p).sum(-1).cpu()  # -Σ p log p, with 0 log 0 = 0
-            values, keys = torch.topk(p, kk, dim=-1)  # (tr, k)
-            top_values[hi, rows], top_keys[hi, rows] = values.cpu(), keys.cpu()
-            sink[hi, rows] = p[:, 0].cpu()
-            # Local mass only needs the band of columns the tile's windows can reach, not all s keys.
-            lo = max(0, rows.start + offset - w + 1)
-            hi_col = min(s, rows.stop - 1 + offset + w)
-            if lo < hi_col:
-                q_pos = torch.arange(rows.start, rows.stop, device=device)[:, None] + offset  # (tr, 1)
-                kv_pos = torch.arange(lo, hi_col, device=device)[None, :]  # (1, band)
-                local[hi, rows] = (p[:, lo:hi_col] * ((kv_pos - q_pos).abs() < w)).sum(-1).cpu()
-            else:
-                local[hi, rows] = 0.0
-            fully[hi, rows] = tile.fully_masked[0, 0].cpu()
-
-    keep_any = (counts > 0).expand(h, r, c)
-    pooled_max = torch.where(keep_any, pooled_max, float("nan"))
-    pooled_mean = torch.where(keep_any, pooled_sum / counts.clamp_min(1), float("nan"))
-    return LongResult(
-        config=config,
-        pooled_max=pooled_max,
-        pooled_mean=pooled_mean,
-        keep_any=keep_any,
-        row_edges=tuple(range(0, t, fr)),
-        col_edges=tuple(range(0, s, fc)),
-        factor_rows=fr,
-        factor_cols=fc,
-        entropy=entropy,
-        top_values=top_values,
-        top_keys=top_keys,
-        sink_mass=sink,
-        local_mass=local,
-        fully_masked=fully,
-        kv_head_of=tuple(u // group for u in range(h)),
-        seconds=time.perf_counter() - start,
+    q, k, _ = _inputs(config)
+    summary = longstats.summarize(
+        q,
+        k,
+        mask=config.mask_spec().build(1, config.t, config.keys),
+        score_mod=_score_mod(config),
+        masked_rows=config.masked_rows,
+        pixels=config.pixels,
+        top_k=config.top_k,
+        local_window=config.local_window,
+        aligned_offset=_aligned_offset(config),
     )
+    kept = {f.name: getattr(summary, f.name) for f in fields(summary)}
+    return LongResult(**{**kept, "seconds": time.perf_counter() - start}, config=config)
 
 
 def zoom(config: LongConfig, head: int, rows: tuple[int, int], cols: tuple[int, int]) -> ZoomResult:
     """One head's region at full resolution. Only the region's query rows are scored (against every key, so the
     probabilities are the real ones); at most MAX_ZOOM_CELLS cells."""
     config.validate()
-    t, s = config.t, config.keys
-    if not 0 <= head < config.num_heads:
-        raise ValueError(f"head ({head}) must be in [0, {config.num_heads})")
-    (r0, r1), (c0, c1) = (int(x) for x in rows), (int(x) for x in cols)
-    if not (0 <= r0 < r1 <= t and 0 <= c0 < c1 <= s):
-        raise ValueError(f"the zoom region rows [{r0}, {r1}) x keys [{c0}, {c1}) must lie within t={t}, s={s}")
-    if (r1 - r0) * (c1 - c0) > MAX_ZOOM_CELLS:
-        raise ValueError(
-            f"the zoom region has {(r1 - r0) * (c1 - c0):,} cells; at most {MAX_ZOOM_CELLS:,} are drawn "
-            f"one by one (e.g. 256 x 256); narrow the query or key range"
-        )
+    # The region is checked before the inputs are made (at t = 16384 they take seconds).
+    longstats.check_region(config.t, config.keys, config.num_heads, head, rows, cols, MAX_ZOOM_CELLS)
     q, k, _ = _inputs(config)
-    mask = config.mask_spec().build(1, t, s)
-    probs, logits, keep, mass = [], [], [], []
-    with torch.no_grad():
-        for tile in probability_tiles(
-            q, k, mask=mask, score_mod=_score_mod(config), masked_rows=config.masked_rows, heads=[head], rows=(r0, r1)
-        ):
-            p = tile.probs[0, 0]  # (tr, s)
-            assert tile.logits is not None  # no out-buffers given, so every tile keeps its logits
-            probs.append(p[:, c0:c1].cpu())
-            logits.append(tile.logits[0, 0, :, c0:c1].cpu())
-            k_tile = torch.ones_like(p, dtype=torch.bool) if tile.keep is None else tile.keep[0, 0]
-            keep.append(k_tile[:, c0:c1].cpu())
-            mass.append(p[:, c0:c1].sum(-1).cpu())
-    return ZoomResult(
+    return longstats.zoom(
+        q,
+        k,
         head=head,
-        rows=(r0, r1),
-        cols=(c0, c1),
-        probs=torch.cat(probs),
-        logits=torch.cat(logits),
-        keep=torch.cat(keep),
-        mass=torch.cat(mass),
+        rows=rows,
+        cols=cols,
+        mask=config.mask_spec().build(1, config.t, config.keys),
+        score_mod=_score_mod(config),
+        masked_rows=config.masked_rows,
+        max_cells=MAX_ZOOM_CELLS,
     )
 
 
