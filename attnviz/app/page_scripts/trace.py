@@ -1,5 +1,6 @@
 """Trace: a model's own attention calls, captured while it ran with its fused kernels, each recomputed by the
-attnviz engine and proven against the call's output; any call opened as heads and taken apart cell by cell."""
+attnviz engine and proven against the call's output; every call × head as a thumbnail, any call opened as heads
+(a vision transformer's on its patch grid), its head metrics, and any cell taken apart."""
 
 import streamlit as st
 
@@ -7,20 +8,24 @@ from attnviz import compare, explain, figures
 from attnviz.app.ui import sharing
 from attnviz.app.ui import trace as trace_ui
 from attnviz.app.ui import why as why_ui
-from attnviz.app.ui.widgets import CONFIG_ERRORS, show_config_error
+from attnviz.app.ui.widgets import CONFIG_ERRORS, literal, show_config_error
 from attnviz.figures import why as why_figures
 from attnviz.pagemodels import trace as tp
 from attnviz.trace import CROSS_TOLERANCE
 
 UPLOAD = "Upload a .trace file"
+SERVER_PATH = trace_ui.SERVER_PATH
+TABS = ["Calls × heads", "Heads", "Head metrics", "Why this cell", "Compare A/B"]
 
 st.title("Trace")
 st.caption(
-    "Your model runs unchanged, fused kernels and all, inside `with attnviz.capture(model) as trace:`; every "
-    "attention call is recorded and recomputed on the explicit path, and the table says how close each "
-    "recomputation is to the call's own output. Save with `trace.save('run.trace')` and open the file here."
+    "Your model runs unchanged, fused kernels and all, inside `with attnviz.capture(model) as trace:` (or "
+    "`attnviz trace script.py`); every attention call is recorded and recomputed on the explicit path, and the "
+    "table says how close each recomputation is to the call's own output. Save with `trace.save('run.trace')` and "
+    "open the file here."
 )
-source = st.radio("Source", [*tp.EXAMPLES, UPLOAD], key="tr_source", horizontal=True) or tp.DEFAULT_EXAMPLE
+source = st.radio("Source", [*tp.EXAMPLES, UPLOAD, SERVER_PATH], key="tr_source", horizontal=True) or tp.DEFAULT_EXAMPLE
+image = None
 try:
     if source == UPLOAD:
         uploaded = st.file_uploader(
@@ -29,13 +34,23 @@ try:
         if uploaded is None:
             st.info("Choose a `.trace` file written by `trace.save(path)`, or run one of the examples.", icon="📂")
             st.stop()
-        trace, tokens = trace_ui.cached_upload(uploaded.name, uploaded.getvalue()), None
+        trace = trace_ui.cached_upload(uploaded.name, uploaded.getvalue())
         run_key: tuple = ("upload", uploaded.name, uploaded.size)
+    elif source == SERVER_PATH:
+        opened = trace_ui.server_path_ui()
+        if opened is None:
+            st.stop()
+        trace, run_key = opened
     else:
         st.caption(tp.EXAMPLES[source][1])
-        text = st.text_input("Input (one token per character)", tp.EXAMPLE_TEXT, max_chars=64, key="tr_text")
-        trace, tokens = trace_ui.cached_example(source, text)
-        run_key = ("example", source, text)
+        if source in tp.IMAGE_EXAMPLES:  # the input is the example's own image
+            trace, _ = trace_ui.cached_example(source, "")
+            image = tp.example_image(source)
+            run_key = ("example", source)
+        else:
+            text = st.text_input("Input (one token per character)", tp.EXAMPLE_TEXT, max_chars=64, key="tr_text")
+            trace, _ = trace_ui.cached_example(source, text)
+            run_key = ("example", source, text)
 except CONFIG_ERRORS as err:
     show_config_error(err)
     st.stop()
@@ -63,21 +78,43 @@ st.download_button(
 )
 
 names = [call.name for call in trace.calls]
-if st.session_state.get("tr_call") not in names:
-    st.session_state["tr_call"] = names[0]
+trace_ui.sync_grid_click(trace)  # a click on a thumbnail opens its call and head
+if st.session_state.get("tr_call") not in names:  # at first, the first call with probabilities to draw
+    st.session_state["tr_call"] = next((c.name for c in trace.calls if not tp.is_pooled(c)), names[0])
 cols = st.columns([2, 1, 3])
 chosen = cols[0].selectbox("Call", names, key="tr_call") or names[0]
-call = trace.calls[names.index(chosen)]
-record = call.record
-nb = record.grid_shape[0]
+index = names.index(chosen)
+call = trace.calls[index]
+nb = tp.call_shape(call)[0]
+if not 0 <= st.session_state.get("tr_batch", 0) < nb:
+    st.session_state["tr_batch"] = 0
 batch = int(cols[1].number_input("Batch item", 0, nb - 1, step=1, key="tr_batch")) if nb > 1 else 0
-labels = tokens if tokens is not None and len(tokens) == record.grid_shape[2] == record.grid_shape[3] else None
+labels = tp.call_labels(trace, index, batch)  # the trace's tokens when there is one per position
+record = call.record
+if record is None:
+    st.info(
+        f"{chosen} is a pooled long call: its (t, s) probabilities were too large to keep (capture's max_bytes), so "
+        "the trace holds its per-head inputs and pooled maps only. Choose another call to draw it here.",
+        icon="📏",
+    )
+    st.stop()
 
-heads_tab, why_tab, compare_tab = st.tabs(["Heads", "Why this cell", "Compare A/B"], key="tr_tab", on_change="rerun")
+grid_tab, heads_tab, metrics_tab, why_tab, compare_tab = st.tabs(TABS, key="tr_tab", on_change="rerun")
 why_ui.sync_picked_cell("tr_heads_chart", "tr", record)  # a click on a heads cell picks it for "Why this cell"
 cell = why_ui.chosen_cell("tr", record)
+if grid_tab.open:
+    with grid_tab:
+        trace_ui.grid_view(trace, run_key, index, batch, labels)
 if heads_tab.open:
     with heads_tab:
+        try:
+            patches = tp.patch_layout(call)
+        except ValueError as err:
+            st.warning(f"The call's patch grid is not drawn: {literal(err)}", icon="🧩")
+            patches = None
+        if patches is not None:
+            trace_ui.patch_view(trace, index, batch, patches, labels, image)
+            st.markdown("**Every head as a matrix**")
         heads = figures.attention_heads_figure(record, batch, query_labels=labels, key_labels=labels)
         sharing.chart(
             why_figures.highlight_cell(why_figures.cell_picker(heads, record), record, *cell),
@@ -90,6 +127,9 @@ if heads_tab.open:
             f"{call.details.get('mask', 'none')}; max |engine − call output| {call.output_error:.1e}. Click a cell "
             "to take it apart in **Why this cell**." + (f" ({call.details['note']})" if "note" in call.details else "")
         )
+if metrics_tab.open:
+    with metrics_tab:
+        trace_ui.metrics_view(trace, run_key, index, batch)
 if why_tab.open:
     with why_tab:
         head, query, key = why_ui.cell_ui("tr", record)
@@ -113,6 +153,6 @@ if compare_tab.open:
             try:
                 comparison = compare.compare_records(pinned[1], record)
             except compare.NotComparable as err:
-                st.error(f"A and B cannot be compared: {err}", icon="↔️")
+                st.error(f"A and B cannot be compared: {literal(err)}", icon="↔️")
             else:
                 why_ui.compare_view(comparison, key="tr_compare", a_label=pinned[0], b_label=label)
