@@ -284,7 +284,7 @@ def test_many_calls_of_one_shape_are_paged_and_every_shape_is_reachable(page, tm
     assert [c[-1] for c in next(tr for tr in grid["data"] if tr["type"] == "scatter")["customdata"]] == [30, 30]
 
 
-def test_a_pooled_long_call_is_listed_and_explained_not_drawn(page, tmp_path, monkeypatch):
+def test_a_pooled_long_call_is_listed_drawn_pooled_and_zoomed(page, tmp_path, monkeypatch):
     import torch
     import torch.nn.functional as F
 
@@ -309,7 +309,16 @@ def test_a_pooled_long_call_is_listed_and_explained_not_drawn(page, tmp_path, mo
     assert [c[-1] for c in next(tr for tr in grid["data"] if tr["type"] == "scatter")["customdata"]] == [1, 1]
     at.selectbox(key="tr_call").set_value("sdpa").run()
     assert_clean(at)
-    assert any("is a pooled long call" in i.value for i in at.info) and not at.get("plotly_chart")
+    assert any("is a long call" in m.value for m in at.markdown)
+    pooled, zoom, rows = (json.loads(c.proto.spec) for c in at.get("plotly_chart"))
+    assert len([tr for tr in pooled["data"] if tr["type"] in ("heatmap", "image")]) == 2  # both heads pooled
+    # the zoom (default: all 40 × 40 cells of head 0) is the call's probabilities at full resolution
+    whole = attnviz.attention(*(x for x in (trace.calls[0].inputs.query, trace.calls[0].inputs.key,
+                                            trace.calls[0].inputs.value)))  # fmt: skip
+    (heat,) = [tr for tr in zoom["data"] if tr["type"] == "heatmap" and not tr.get("name", "").endswith("(masked)")]
+    np.testing.assert_allclose(_decode(heat["z"]), whole.scores_grid[0, 0].numpy(), atol=1e-6)
+    at.number_input(key="tr_zoom_head").set_value(1).run()
+    assert_clean(at)
 
 
 def test_a_saved_vit_trace_keeps_its_patch_grid_and_tokens(page, tmp_path):

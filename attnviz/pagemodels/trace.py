@@ -41,6 +41,8 @@ __all__ = [
     "VIT_EXAMPLE",
     "run_example",
     "example_image",
+    "LONG_EXAMPLE",
+    "zoom_call",
     "calls_table",
     "trace_from_upload",
     "trace_bytes",
@@ -113,7 +115,7 @@ def _gpt_example(text: str) -> tuple[Trace, list[str]]:
     ids = torch.tensor([[min(ord(c), 127) for c in text]])
     with torch.no_grad(), capture(model, wait=CAPTURE_WAIT_S) as trace:
         model(ids)
-    _set_tokens(trace, [list(text)])
+    trace.set_tokens([list(text)])
     return trace, list(text)
 
 
@@ -128,7 +130,7 @@ def _encoder_example(text: str) -> tuple[Trace, list[str]]:
     pad[1, len(text) // 2 :] = True  # batch item 1: its second half is padding
     with torch.no_grad(), capture(model, wait=CAPTURE_WAIT_S) as trace:
         model(emb(ids), src_key_padding_mask=pad)
-    _set_tokens(trace, [list(text)] * ids.shape[0])
+    trace.set_tokens([list(text)] * ids.shape[0])
     return trace, list(text)
 
 
@@ -244,19 +246,53 @@ def _vit_example(text: str) -> tuple[Trace, list[str]]:
         call.details["patch_grid"] = list(VIT_GRID)
         call.details["prefix_tokens"] = 1
     tokens = patch_token_labels(VIT_GRID)
-    _set_tokens(trace, [tokens])
+    trace.set_tokens([tokens])
     return trace, tokens
 
 
-def _set_tokens(trace: Trace, tokens: list[list[str]]) -> None:
-    """Put the per-batch-item token labels on the trace (``Trace.set_tokens`` where this attnviz has it)."""
-    setter = getattr(trace, "set_tokens", None)
-    if callable(setter):
-        setter(tokens)
-    else:
-        trace.__dict__["tokens"] = tokens  # an attnviz whose Trace has no tokens yet
+LONG_T = 2048  # the long example's length: its record would be 256 MiB, so the capture keeps it pooled
+LONG_WINDOW = 128
 
 
+class MistralStyleLayer(nn.Module):
+    """One decoder attention layer as Mistral runs it: 8 query heads over 2 kv heads (GQA), causal within a sliding
+    window, calling F.scaled_dot_product_attention with a boolean mask and enable_gqa."""
+
+    def __init__(self, dim: int = 64, heads: int = 8, kv_heads: int = 2, head_dim: int = 16):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.embed = nn.Embedding(128, dim)
+        self.q_proj = nn.Linear(dim, heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=False)
+
+    def forward(self, idx, window: int):  # idx: (1, t) token ids
+        t = idx.shape[1]
+        position = torch.arange(t)[:, None] / torch.pow(1e4, torch.arange(0, 64, 2) / 64)  # (t, 32) sinusoids
+        x = self.embed(idx) + torch.cat([position.sin(), position.cos()], -1)  # (1, t, 64)
+        q = self.q_proj(x).view(1, t, self.heads, self.head_dim).transpose(1, 2)  # (1, h, t, d)
+        k = self.k_proj(x).view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (1, g, t, d)
+        v = self.v_proj(x).view(1, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (1, g, t, d)
+        i, j = torch.arange(t)[:, None], torch.arange(t)[None, :]
+        keep = (j <= i) & (i - j < window)  # (t, t): causal within the window
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=True)
+
+
+def _long_example(text: str) -> tuple[Trace, list[str]]:
+    """The text repeated to 2048 tokens through one sliding-window GQA layer: too big to keep whole (capture's
+    max_bytes), so the call is kept pooled and zoomed into from its per-head inputs."""
+    torch.manual_seed(0)
+    model = MistralStyleLayer().eval()
+    chars = (text * (LONG_T // len(text) + 1))[:LONG_T]
+    ids = torch.tensor([[min(ord(c), 127) for c in chars]])
+    with torch.no_grad(), capture(model, wait=CAPTURE_WAIT_S, max_bytes=64 * 2**20) as trace:
+        model(ids, LONG_WINDOW)
+    tokens = list(chars)
+    trace.set_tokens([tokens])
+    return trace, tokens
+
+
+LONG_EXAMPLE = "Long context, pooled"
 # name -> (builder, what it shows)
 EXAMPLES = {
     "nanoGPT-style decoder": (
@@ -272,6 +308,11 @@ EXAMPLES = {
         "a tiny vision transformer (seeded random weights): a 32 × 32 synthetic image cut into 4 × 4-pixel "
         "patches, an 8 × 8 patch grid + [CLS], 2 layers × 4 heads calling F.scaled_dot_product_attention",
     ),
+    LONG_EXAMPLE: (
+        _long_example,
+        f"one Mistral-style layer, 8 query heads over 2 kv heads, causal within a {LONG_WINDOW}-token window, the text "
+        f"repeated to t = {LONG_T}: its record would need 256 MiB, so the capture keeps it pooled (max_bytes=64 MiB)",
+    ),
 }
 DEFAULT_EXAMPLE = "nanoGPT-style decoder"
 VIT_EXAMPLE = "ViT-style image encoder"
@@ -286,6 +327,29 @@ def run_example(name: str, text: str = EXAMPLE_TEXT) -> tuple[Trace, list[str]]:
     if name not in IMAGE_EXAMPLES and not 1 <= len(text) <= 64:
         raise ValueError(f"the example text must have 1 to 64 characters (one token each), got {len(text)}")
     return EXAMPLES[name][0](text)
+
+
+def zoom_call(call: CapturedCall, batch: int, head: int, rows: tuple[int, int], cols: tuple[int, int]):
+    """One head's region of a call at full resolution (longstats.zoom on the call's per-head inputs): only the
+    region's query rows are scored, against every key, so a pooled long call can be read cell by cell."""
+    from attnviz import longstats
+
+    inputs = call.inputs
+    if inputs is None:
+        raise ValueError(f"{call.name} keeps no per-head inputs to zoom into")
+    return longstats.zoom(
+        inputs.query,
+        inputs.key,
+        head=head,
+        rows=rows,
+        cols=cols,
+        mask=inputs.mask,
+        score_mod=inputs.combined_score_mod(),
+        scale=inputs.scale,
+        masked_rows=inputs.masked_rows,
+        batch=batch,
+        sinks=inputs.sinks,
+    )
 
 
 def example_image(name: str) -> np.ndarray | None:

@@ -91,12 +91,8 @@ if not 0 <= st.session_state.get("tr_batch", 0) < nb:
 batch = int(cols[1].number_input("Batch item", 0, nb - 1, step=1, key="tr_batch")) if nb > 1 else 0
 labels = tp.call_labels(trace, index, batch)  # the trace's tokens when there is one per position
 record = call.record
-if record is None:
-    st.info(
-        f"{chosen} is a pooled long call: its (t, s) probabilities were too large to keep (capture's max_bytes), so "
-        "the trace holds its per-head inputs and pooled maps only. Choose another call to draw it here.",
-        icon="📏",
-    )
+if record is None:  # a long call kept pooled: its maps, a zoom and row statistics (see attnviz.longstats)
+    trace_ui.pooled_view(trace, run_key, index, batch)
     st.stop()
 
 grid_tab, heads_tab, metrics_tab, why_tab, compare_tab = st.tabs(TABS, key="tr_tab", on_change="rerun")

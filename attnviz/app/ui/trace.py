@@ -15,6 +15,7 @@ import streamlit as st
 
 from attnviz.app.ui import sharing
 from attnviz.app.ui.widgets import literal
+from attnviz.figures import long as long_figures
 from attnviz.figures import model as model_figures
 from attnviz.figures import trace as trace_figures
 from attnviz.head_metrics import METRIC_HELP, METRICS
@@ -382,4 +383,56 @@ def patch_view(trace: Trace, index: int, batch: int, grid: tp.PatchGrid, labels:
         "Each panel is one head: the query's attention over the patches, on one colour scale from 0 to the "
         "largest patch weight; the title gives the weight on the prefix token(s) (CLS), which have no place on the "
         "grid. The full matrix of every head follows."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A pooled long call
+# ---------------------------------------------------------------------------------------------------------
+
+
+@st.cache_data(max_entries=32, show_spinner="Scoring the region at full resolution…")
+def cached_zoom(key: tuple, index: int, batch: int, head: int, rows: tuple, cols: tuple, _trace: Trace):
+    return tp.zoom_call(_trace.calls[index], batch, head, rows, cols)
+
+
+def _bounded(col, label: str, low: int, high: int, value: int, key: str) -> int:
+    """A number box whose value is put back inside [low, high] first (another call may have other bounds)."""
+    if key not in st.session_state or not low <= st.session_state[key] <= high:
+        st.session_state[key] = min(max(value, low), high)
+    return int(col.number_input(label, min_value=low, max_value=high, step=1, key=key))
+
+
+def pooled_view(trace: Trace, run_key: tuple, index: int, batch: int) -> None:
+    """A call too large to keep whole: every head's pooled map, any region at full resolution (recomputed from the
+    call's per-head inputs), and the row statistics, as on the Long sequences page."""
+    call = trace.calls[index]
+    assert call.summaries is not None and call.inputs is not None  # a pooled call keeps both
+    summary = call.summaries[batch]
+    b, h, t, s = call.grid_shape
+    st.markdown(
+        f"**{literal(call.name)}** is a long call (t = {t:,}, s = {s:,}, {h} heads): its record would need "
+        f"{2 * 4 * b * h * t * s / 2**20:,.0f} MiB, so the trace keeps each head pooled to "
+        f"{summary.pooled_max.shape[-1]} px, the row statistics, and the per-head inputs to zoom into any region. "
+        f"Its output is proven from the explicit path streamed tile by tile: max |engine − call output| "
+        f"{call.output_error:.1e}."
+    )
+    left, right = st.columns(2)
+    mode = left.segmented_control("Pooling", ["max", "mean"], default="max", key="tr_pool_mode") or "max"
+    scaling = right.segmented_control("Colour", ["log", "sqrt", "linear"], default="log", key="tr_pool_scale") or "log"
+    pooled = long_figures.pooled_heads_figure(summary, mode, scaling=scaling, title=f"{call.name}: every head pooled")
+    sharing.chart(pooled, key="tr_pooled", file_name=f"trace_{call.name}_pooled")
+    st.markdown("**Zoom**: a region of one head at full resolution (at most 256 × 256 cells).")
+    cols = st.columns(5)
+    head = _bounded(cols[0], "Head", 0, h - 1, 0, "tr_zoom_head")
+    r0 = _bounded(cols[1], "First query", 0, t - 1, max(0, t // 2 - 32), "tr_zoom_r0")
+    r1 = _bounded(cols[2], "Last query", r0, min(t - 1, r0 + 255), min(t - 1, r0 + 63), "tr_zoom_r1")
+    c0 = _bounded(cols[3], "First key", 0, s - 1, max(0, r0 - 96), "tr_zoom_c0")
+    c1 = _bounded(cols[4], "Last key", c0, min(s - 1, c0 + 255), min(s - 1, c0 + 127), "tr_zoom_c1")
+    region = cached_zoom(run_key, index, batch, head, (r0, r1 + 1), (c0, c1 + 1), trace)
+    sharing.chart(long_figures.zoom_figure(region), key="tr_zoom", file_name=f"trace_{call.name}_zoom")
+    st.plotly_chart(
+        long_figures.row_summary_figure(summary, head, title=f"head {head}: every query row"),
+        key="tr_rows_chart",
+        config=sharing.PLOTLY_CONFIG,
     )
