@@ -337,3 +337,23 @@ def test_a_saved_vit_trace_keeps_its_patch_grid_and_tokens(page, tmp_path):
     patches, heads = charts(at)  # no input image in a file: the patch grid, then the matrices
     assert "CLS → the 8 × 8 patches" in patches["layout"]["title"]["text"]
     assert heads["data"][0]["y"][:2] == ["0:CLS", "1:p(0,0)"]
+
+
+def test_the_output_tab_shows_each_heads_output_and_its_distance_to_the_calls_own(page):
+    at = page
+    at.session_state["tr_tab"] = "Output"
+    at.selectbox(key="tr_call").set_value("h.2.attn").run()
+    assert_clean(at)
+    check, outputs = (json.loads(c.proto.spec) for c in at.get("plotly_chart"))
+    trace, _ = tp.run_example(tp.DEFAULT_EXAMPLE)
+    call = trace["h.2.attn"]
+    expected = (call.record.head_outputs[0] - call.output[0]).abs().amax(dim=(1, 2)).numpy()  # (h,)
+    bars = next(tr for tr in check["data"] if tr["type"] == "bar")
+    np.testing.assert_allclose(_decode(bars["y"]), expected, rtol=1e-6, atol=1e-12)
+    assert float(expected.max()) <= 1e-5
+    panels = [tr for tr in outputs["data"] if tr["type"] == "heatmap"]
+    assert len(panels) == 4
+    np.testing.assert_allclose(_decode(panels[1]["z"]), call.record.head_outputs[0, 1].numpy(), atol=1e-6)
+    at.radio(key="tr_source").set_value("nn.TransformerEncoder with padding").run()  # output after W_o
+    assert_clean(at)
+    assert any("after its output projection" in m.value for m in at.markdown)

@@ -43,6 +43,7 @@ __all__ = [
     "example_image",
     "LONG_EXAMPLE",
     "zoom_call",
+    "per_head_output_error",
     "calls_table",
     "trace_from_upload",
     "trace_bytes",
@@ -350,6 +351,16 @@ def zoom_call(call: CapturedCall, batch: int, head: int, rows: tuple[int, int], 
         batch=batch,
         sinks=inputs.sinks,
     )
+
+
+def per_head_output_error(call: CapturedCall, batch: int) -> np.ndarray | None:
+    """(h,) max |engine head output − the call's own| of batch item ``batch`` for calls whose own output is per head
+    (SDPA, flex, transformers); None for calls whose output is after a projection (nn.MultiheadAttention)."""
+    record, own = call.record, call.output
+    if record is None or own is None or tuple(own.shape) != tuple(record.head_outputs.shape):
+        return None
+    diff = (record.head_outputs[batch].detach().float().cpu() - own[batch].float()).abs()  # (h, t, e)
+    return torch.nan_to_num(diff, nan=0.0).amax(dim=(1, 2)).numpy()
 
 
 def example_image(name: str) -> np.ndarray | None:

@@ -15,7 +15,7 @@ from attnviz.trace import CROSS_TOLERANCE
 
 UPLOAD = "Upload a .trace file"
 SERVER_PATH = trace_ui.SERVER_PATH
-TABS = ["Calls × heads", "Heads", "Head metrics", "Why this cell", "Compare A/B"]
+TABS = ["Calls × heads", "Heads", "Output", "Head metrics", "Why this cell", "Compare A/B"]
 
 st.title("Trace")
 st.caption(
@@ -95,7 +95,7 @@ if record is None:  # a long call kept pooled: its maps, a zoom and row statisti
     trace_ui.pooled_view(trace, run_key, index, batch)
     st.stop()
 
-grid_tab, heads_tab, metrics_tab, why_tab, compare_tab = st.tabs(TABS, key="tr_tab", on_change="rerun")
+grid_tab, heads_tab, output_tab, metrics_tab, why_tab, compare_tab = st.tabs(TABS, key="tr_tab", on_change="rerun")
 why_ui.sync_picked_cell("tr_heads_chart", "tr", record)  # a click on a heads cell picks it for "Why this cell"
 cell = why_ui.chosen_cell("tr", record)
 if grid_tab.open:
@@ -123,6 +123,9 @@ if heads_tab.open:
             f"{call.details.get('mask', 'none')}; max |engine − call output| {call.output_error:.1e}. Click a cell "
             "to take it apart in **Why this cell**." + (f" ({call.details['note']})" if "note" in call.details else "")
         )
+if output_tab.open:
+    with output_tab:
+        trace_ui.output_view(call, batch, labels)
 if metrics_tab.open:
     with metrics_tab:
         trace_ui.metrics_view(trace, run_key, index, batch)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from attnviz import figures
 from attnviz.app.ui import sharing
 from attnviz.app.ui.widgets import literal
 from attnviz.figures import long as long_figures
@@ -20,7 +21,7 @@ from attnviz.figures import model as model_figures
 from attnviz.figures import trace as trace_figures
 from attnviz.head_metrics import METRIC_HELP, METRICS
 from attnviz.pagemodels import trace as tp
-from attnviz.trace import Trace
+from attnviz.trace import CROSS_TOLERANCE, CapturedCall, Trace
 
 SERVER_PATH = "Trace file on the server"
 GRID_ROWS = 24  # calls per thumbnail grid; a larger shape group is shown a page of rows at a time
@@ -436,3 +437,26 @@ def pooled_view(trace: Trace, run_key: tuple, index: int, batch: int) -> None:
         key="tr_rows_chart",
         config=sharing.PLOTLY_CONFIG,
     )
+
+
+def output_view(call: CapturedCall, batch: int, labels: list[str] | None) -> None:
+    """What the engine's recomputation gives out, beside its distance to the call's own output, head by head."""
+    record = call.record
+    assert record is not None  # the page opens no pooled call here
+    errors = tp.per_head_output_error(call, batch)
+    if errors is None:
+        st.markdown(
+            f"The call's own output is after its output projection: the engine's projected output (below) is "
+            f"within **{call.output_error:.1e}** of it (max |engine − call output|)."
+        )
+        figure = figures.output_figure(record, batch, query_labels=labels)
+    else:
+        st.markdown(
+            f"Each head's output (probabilities · values) as the engine recomputed it; per head, its largest "
+            f"distance to the call's own output for batch item {batch} (all batch items: {call.output_error:.1e})."
+        )
+        sharing.chart(
+            model_figures.cross_check_figure(errors, CROSS_TOLERANCE), key="tr_output_check", file_name="trace_fidelity"
+        )
+        figure = figures.head_outputs_figure(record, batch, query_labels=labels)
+    sharing.chart(figure, key="tr_output", file_name=f"trace_{call.name}_output")
