@@ -48,6 +48,7 @@ PAGES = {
     "ls_": "/long_sequences",
     "wt_": "/walkthrough",
     "pj_": "/projections",
+    "gen_": "/generation",
 }
 # Valid values kept in the hostile links where the defaults are slow to compute: the Long sequences default
 # (t = s = 4096, 16 heads) streams 268 M probabilities, 20-70 s here; ls_t is hostile in the unit tests instead.

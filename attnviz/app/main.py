@@ -29,6 +29,7 @@ PAGES = (
     ("walkthrough.py", "Step by step", ":material/stairs:"),
     ("projections.py", "Projections", ":material/scatter_plot:"),
     ("trace.py", "Trace", ":material/timeline:"),
+    ("generation.py", "Generation", ":material/auto_awesome:"),
 )
 
 
