@@ -30,6 +30,7 @@ PAGES = (
     ("projections.py", "Projections", ":material/scatter_plot:"),
     ("trace.py", "Trace", ":material/timeline:"),
     ("generation.py", "Generation", ":material/auto_awesome:"),
+    ("head_profiles.py", "Head profiles", ":material/insights:"),
 )
 
 
