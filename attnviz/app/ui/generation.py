@@ -14,7 +14,7 @@ import streamlit as st
 
 from attnviz import models
 from attnviz.app.ui import real_model as real_model_ui
-from attnviz.app.ui import sharing
+from attnviz.app.ui import sharing, widgets
 from attnviz.app.ui.widgets import literal
 from attnviz.figures import generation as gen_figures
 from attnviz.figures.classroom import PLOTLY_CONFIG
@@ -57,30 +57,17 @@ def _key(name: str) -> str:
     return PREFIX + name
 
 
-def _shadow(name: str) -> str:
-    return "_" + PREFIX + name
-
-
 def _kept(widget, name: str, *args, **kwargs):
-    """Draw ``widget`` under key gen_<name>, its value mirrored in session state so it survives runs that do not
-    draw it (another page, an error that stops this one early): Streamlit drops the state of an undrawn widget."""
-    key, shadow = _key(name), _shadow(name)
-    if shadow in st.session_state:
-        st.session_state[key] = st.session_state[shadow]
-        for default in ("value", "index"):
-            kwargs.pop(default, None)  # the state decides; a default as well would make Streamlit warn
-    value = widget(*args, key=key, on_change=_remember, args=(name,), **kwargs)
-    st.session_state[shadow] = value
-    return value
+    """A kept widget (widgets.kept) under key gen_<name>."""
+    return widgets.kept(widget, _key(name), *args, **kwargs)
 
 
-def _remember(name: str) -> None:
-    st.session_state[_shadow(name)] = st.session_state[_key(name)]
+def _shadow(name: str) -> str:
+    return widgets.shadow_key(_key(name))
 
 
 def _set(name: str, value) -> None:
-    """Set a widget's value from code (and its mirror)."""
-    st.session_state[_key(name)] = st.session_state[_shadow(name)] = value
+    widgets.set_kept(_key(name), value)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import streamlit as st
 from attnviz import head_profiles as hp
 from attnviz import models
 from attnviz.app.ui import real_model as rm
+from attnviz.app.ui import widgets
 from attnviz.app.ui.widgets import literal
 from attnviz.figures import profiles as profile_figures
 from attnviz.pagemodels import head_profiles as hps
@@ -54,36 +55,6 @@ HELP = {
 }
 
 
-def _kept(widget, key: str, *args, **kwargs):
-    """Draw ``widget`` under ``key`` so its value survives runs that do not draw it (an error message stops the
-    page early, and Streamlit drops the state of widgets a run does not draw; the browser would then show the
-    widget's default while the page used the old value). The value is mirrored in a plain session-state entry,
-    kept current by on_change (which runs before the script), and set through the Session State API before the
-    widget is drawn, which the browser always displays."""
-    shadow = "_" + key
-    if shadow in st.session_state:
-        st.session_state[key] = st.session_state[shadow]
-        for default in ("value", "index"):
-            kwargs.pop(default, None)  # the state decides; a default as well would make Streamlit warn
-    value = widget(*args, key=key, on_change=_remember, args=(key,), **kwargs)
-    st.session_state[shadow] = value
-    return value
-
-
-def _remember(key: str) -> None:
-    st.session_state["_" + key] = st.session_state[key]
-
-
-def _set(key: str, value) -> None:
-    """Set a kept widget's value from code (and its mirror), before it is drawn."""
-    st.session_state[key] = st.session_state["_" + key] = value
-
-
-def _drop(key: str) -> None:
-    st.session_state.pop(key, None)
-    st.session_state.pop("_" + key, None)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Model and corpus
 # ---------------------------------------------------------------------------------------------------------
@@ -115,12 +86,12 @@ def model_ui() -> ModelChoice:
     sb.subheader("Model")
     options = [MINILM, *([DECODER] if decoder_path() is not None else []), LOCAL]
     if st.session_state.get("_" + PREFIX + "model", MINILM) not in options:  # the decoder went away
-        _drop(PREFIX + "model")
-    choice = _kept(sb.radio, PREFIX + "model", "Model", options, help=HELP["model"])
+        widgets.drop_kept(PREFIX + "model")
+    choice = widgets.kept(sb.radio, PREFIX + "model", "Model", options, help=HELP["model"])
     if choice == DECODER:
         return ModelChoice("decoder")
     if choice == LOCAL:
-        path = _kept(
+        path = widgets.kept(
             sb.text_input, PREFIX + "path", "Model directory", help=HELP["path"], placeholder="/path/to/a/model"
         )
         return ModelChoice("local", path)
@@ -144,7 +115,7 @@ def corpus_ui() -> tuple[hps.CorpusConfig, tuple[str, ...] | None]:
     -> (config, texts), texts None while the user has not given any yet. ValueError for a bad upload or paste."""
     sb = st.sidebar
     sb.subheader("Corpus")
-    kind = _kept(
+    kind = widgets.kept(
         sb.radio, PREFIX + "corpus", "Corpus", list(hps.CORPORA), format_func=hps.CORPORA.get, help=HELP["corpus"]
     )
     kind = kind if kind in hps.CORPORA else hps.DEFAULT_KIND
@@ -152,11 +123,13 @@ def corpus_ui() -> tuple[hps.CorpusConfig, tuple[str, ...] | None]:
     if kind in hps.BUILTIN:
         most = len(hp.NATURAL_SENTENCES) if kind == "natural" else 64
         wanted = st.session_state.get("_" + PREFIX + "num_texts", st.session_state.get(PREFIX + "num_texts", 16))
-        _set(PREFIX + "num_texts", min(int(wanted), most))  # natural sentences: at most their number
-        num_texts = _kept(sb.slider, PREFIX + "num_texts", "Texts", 1, most, help=HELP["num_texts"])
+        widgets.set_kept(PREFIX + "num_texts", min(int(wanted), most))  # natural sentences: at most their number
+        num_texts = widgets.kept(sb.slider, PREFIX + "num_texts", "Texts", 1, most, help=HELP["num_texts"])
         if kind != "natural":
-            seed = _kept(sb.number_input, PREFIX + "seed", "Seed", 0, 2**31 - 1, value=0, step=1, help=HELP["seed"])
-    max_tokens = _kept(
+            seed = widgets.kept(
+                sb.number_input, PREFIX + "seed", "Seed", 0, 2**31 - 1, value=0, step=1, help=HELP["seed"]
+            )
+    max_tokens = widgets.kept(
         sb.number_input,
         PREFIX + "max_tokens",
         "Token limit per text",
@@ -166,7 +139,7 @@ def corpus_ui() -> tuple[hps.CorpusConfig, tuple[str, ...] | None]:
         step=8,
         help=HELP["max_tokens"],
     )
-    window = _kept(
+    window = widgets.kept(
         sb.number_input, PREFIX + "window", "Local window w", 1, hps.MAX_WINDOW, value=3, help=HELP["window"]
     )
     sb.caption(
@@ -178,7 +151,7 @@ def corpus_ui() -> tuple[hps.CorpusConfig, tuple[str, ...] | None]:
         kind=kind, num_texts=int(num_texts), seed=int(seed), max_tokens=int(max_tokens), window=int(window)
     )
     if kind == "pasted":
-        pasted = _kept(
+        pasted = widgets.kept(
             st.text_area,
             PREFIX + "pasted",
             "Your texts, one per line",
@@ -339,7 +312,7 @@ def sync_click(num_layers: int, num_heads: int) -> None:
     st.session_state[last] = picked
     layer, head = picked
     if 0 <= layer < num_layers and 0 <= head < num_heads:
-        _set(PREFIX + "head", hps.head_label(layer, head))
+        widgets.set_kept(PREFIX + "head", hps.head_label(layer, head))
 
 
 def _default_head(profiles: hp.HeadProfiles, metric: str) -> str:
@@ -356,17 +329,17 @@ def scatter_ui(profiles: hp.HeadProfiles) -> tuple[int, int, str]:
     metrics = list(hp.PROFILE_METRICS)
     labels = hps.head_labels(profiles.num_layers, profiles.num_heads)
     left, right, _ = st.columns([1, 1, 2])
-    x = _kept(
+    x = widgets.kept(
         left.selectbox, PREFIX + "x", "x axis", metrics, index=metrics.index(hps.DEFAULT_X),
         format_func=profile_figures.AXIS_TITLES.get, help=HELP["axes"],
     )  # fmt: skip
-    y = _kept(
+    y = widgets.kept(
         right.selectbox, PREFIX + "y", "y axis", metrics, index=metrics.index(hps.DEFAULT_Y),
         format_func=profile_figures.AXIS_TITLES.get, help=HELP["axes"],
     )  # fmt: skip
     sync_click(profiles.num_layers, profiles.num_heads)
     if st.session_state.get("_" + PREFIX + "head") not in labels:  # at first, or a model with other heads
-        _set(PREFIX + "head", _default_head(profiles, y))
+        widgets.set_kept(PREFIX + "head", _default_head(profiles, y))
     selected = hps.parse_head_label(st.session_state["_" + PREFIX + "head"])
     st.plotly_chart(
         profile_figures.head_scatter(profiles, x, y, selected=selected),
@@ -379,7 +352,7 @@ def scatter_ui(profiles: hp.HeadProfiles) -> tuple[int, int, str]:
     hidden = int((np.isnan(profiles.metric(x)) | np.isnan(profiles.metric(y))).sum())
     note = f" {hidden} head(s) with an undefined value are not drawn." if hidden else ""
     st.caption(f"Each point is one head, its colour its layer. Click a point to open that head below.{note}")
-    label = _kept(st.columns([1, 3])[0].selectbox, PREFIX + "head", "Head", labels)
+    label = widgets.kept(st.columns([1, 3])[0].selectbox, PREFIX + "head", "Head", labels)
     layer, head = hps.parse_head_label(label)
     return layer, head, y
 
@@ -405,12 +378,14 @@ def head_view(
     left, right, _ = st.columns([1, 1, 2])
     if st.session_state.get("_" + PREFIX + "top_follow") != metric:  # a new y axis: the top texts follow it
         st.session_state["_" + PREFIX + "top_follow"] = metric
-        _set(PREFIX + "top_metric", metric)
-    top_metric = _kept(
+        widgets.set_kept(PREFIX + "top_metric", metric)
+    top_metric = widgets.kept(
         left.selectbox, PREFIX + "top_metric", "Top sequences by", metrics,
         format_func=profile_figures.AXIS_TITLES.get, help=HELP["top_metric"],
     )  # fmt: skip
-    count = _kept(right.slider, PREFIX + "top_count", "How many", 1, hp.TOP_K, value=TOP_SHOWN, help=HELP["top_count"])
+    count = widgets.kept(
+        right.slider, PREFIX + "top_count", "How many", 1, hp.TOP_K, value=TOP_SHOWN, help=HELP["top_count"]
+    )
     top = profiles.top_sequences(top_metric, layer, head, k=int(count))
     title = profile_figures.AXIS_TITLES[top_metric]
     st.markdown(f"**Top sequences of {hps.head_label(layer, head)} by {title}**")
@@ -450,11 +425,11 @@ def table_ui(profiles: hp.HeadProfiles) -> pd.DataFrame:
     """The sortable table of every head, with its CSV. -> the table as shown."""
     st.subheader("Every head")
     left, right, _ = st.columns([1, 1, 2], vertical_alignment="bottom")
-    sort = _kept(
+    sort = widgets.kept(
         left.selectbox, PREFIX + "sort", "Sort rows by", list(hps.SORTS),
         format_func=lambda s: "layer, head (model order)" if s == "layer" else profile_figures.AXIS_TITLES[s],
     )  # fmt: skip
-    descending = _kept(right.toggle, PREFIX + "descending", "Highest first")
+    descending = widgets.kept(right.toggle, PREFIX + "descending", "Highest first")
     shown = hps.sorted_table(profiles, sort, bool(descending))
     columns = {
         name: st.column_config.NumberColumn(name, help=hp.METRIC_HELP[name], format="%.3f")

@@ -14,7 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from attnviz import figures
-from attnviz.app.ui import sharing
+from attnviz.app.ui import sharing, widgets
 from attnviz.app.ui.widgets import literal
 from attnviz.figures import long as long_figures
 from attnviz.figures import model as model_figures
@@ -74,25 +74,12 @@ def cached_group_metrics(key: tuple, group: tp.CallGroup, batch: int, _trace: Tr
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _shadow(key: str) -> str:
-    return "_" + key
-
-
-def _remember(key: str) -> None:
-    st.session_state[_shadow(key)] = st.session_state[key]
-
-
-def set_value(key: str, value) -> None:
-    """Set a kept widget's value from code (a click), before it is drawn."""
-    st.session_state[key] = st.session_state[_shadow(key)] = value
-
-
 def kept_index(key: str, upper: int, default: int = 0) -> None:
     """Restore index widget ``key`` from its shadow, clamped into [0, upper) (another call may have fewer)."""
-    value = st.session_state.get(key, st.session_state.get(_shadow(key), default))
+    value = st.session_state.get(key, st.session_state.get(widgets.shadow_key(key), default))
     if not isinstance(value, int) or not 0 <= value < upper:
         value = default if 0 <= default < upper else 0
-    set_value(key, value)
+    widgets.set_kept(key, value)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -104,17 +91,17 @@ def server_path_ui() -> tuple[Trace, tuple] | None:
     """The text box for a trace file on the server -> (trace, run_key), or None while it is empty. A bad path
     raises ValueError with the reason (the page shows it with show_config_error)."""
     key = "tr_path"
-    if key not in st.session_state and _shadow(key) in st.session_state:
-        st.session_state[key] = st.session_state[_shadow(key)]
+    if key not in st.session_state and widgets.shadow_key(key) in st.session_state:
+        st.session_state[key] = st.session_state[widgets.shadow_key(key)]
     text = st.text_input(
         "Path of the trace file",
         key=key,
-        on_change=_remember,
+        on_change=widgets.remember,
         args=(key,),
         placeholder="/path/to/run.trace",
         help=HELP["path"],
     )
-    st.session_state[_shadow(key)] = text
+    st.session_state[widgets.shadow_key(key)] = text
     if not text.strip():
         st.info(
             "Enter the path of a `.trace` file on the machine running this app (written by `trace.save(path)` or "
@@ -168,7 +155,7 @@ def sync_grid_click(trace: Trace) -> None:
     index, head = int(data[-1]), int(data[1])
     if 0 <= index < len(trace.calls) and 0 <= head < tp.call_shape(trace.calls[index])[1]:
         st.session_state["tr_call"] = trace.calls[index].name
-        set_value("tr_head", head)
+        widgets.set_kept("tr_head", head)
 
 
 def _head_notes(metrics: pd.DataFrame) -> list[str]:
@@ -241,11 +228,11 @@ def grid_view(trace: Trace, run_key: tuple, index: int, batch: int, labels: list
     st.caption(f"Rows are calls, columns heads{kv}{batch_note}. Click a thumbnail to open it below{small}.")
     head = int(
         st.columns([1, 4])[0].selectbox(
-            "Head", list(range(group.heads)), key="tr_head", on_change=_remember, args=("tr_head",)
+            "Head", list(range(group.heads)), key="tr_head", on_change=widgets.remember, args=("tr_head",)
         )
         or 0
     )
-    st.session_state[_shadow("tr_head")] = head
+    st.session_state[widgets.shadow_key("tr_head")] = head
     call = trace.calls[index]
     record = call.record
     assert record is not None  # the page opens no pooled call here
@@ -328,7 +315,7 @@ def _sync_image_click(grid: tp.PatchGrid) -> None:
     if data is not None:
         r, c = int(data[0]), int(data[1])
         if 0 <= r < grid.rows and 0 <= c < grid.cols:
-            set_value("tr_query", grid.prefix + r * grid.cols + c)
+            widgets.set_kept("tr_query", grid.prefix + r * grid.cols + c)
 
 
 def patch_view(trace: Trace, index: int, batch: int, grid: tp.PatchGrid, labels: list[str] | None, image) -> None:
@@ -350,13 +337,13 @@ def patch_view(trace: Trace, index: int, batch: int, grid: tp.PatchGrid, labels:
             list(range(t)),
             format_func=lambda i: names[i],
             key="tr_query",
-            on_change=_remember,
+            on_change=widgets.remember,
             args=("tr_query",),
             help=HELP["query"],
         )
         or 0
     )
-    st.session_state[_shadow("tr_query")] = query
+    st.session_state[widgets.shadow_key("tr_query")] = query
     q_patch = (
         divmod(query - grid.prefix, grid.cols) if grid.prefix <= query < grid.prefix + grid.rows * grid.cols else None
     )

@@ -1,4 +1,5 @@
-"""Small display helpers shared by pages, and ``literal``: user text made safe to put in Streamlit markdown."""
+"""Small display helpers shared by pages, ``literal`` (user text made safe to put in Streamlit markdown), and
+``kept`` widgets whose value survives the runs that do not draw them."""
 
 from __future__ import annotations
 
@@ -97,3 +98,45 @@ def show_config_error(err: Exception) -> None:
             "Try smaller sizes, float32, or the cpu device.",
             icon="⚠️",
         )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kept widgets
+# ---------------------------------------------------------------------------------------------------------
+# Streamlit drops a widget's state when a run does not draw it (a closed lazy tab, an error that stops the page
+# early, another page), and a widget drawn again without a value shows its empty default while the page may use
+# another. So a kept widget's value is mirrored in a plain session-state entry ("_" + key), kept current by
+# on_change (which runs before the script), and set through the Session State API before the widget is drawn,
+# which the browser always displays.
+
+
+def shadow_key(key: str) -> str:
+    return "_" + key
+
+
+def kept(widget, key: str, *args, **kwargs):
+    """Draw ``widget`` (st.slider, st.selectbox, ...) under ``key``, its value kept across runs that skip it."""
+    shadow = shadow_key(key)
+    if shadow in st.session_state:
+        st.session_state[key] = st.session_state[shadow]
+        for default in ("value", "default", "index"):
+            kwargs.pop(default, None)  # the state decides; a default as well would make Streamlit warn
+    value = widget(*args, key=key, on_change=remember, args=(key,), **kwargs)
+    st.session_state[shadow] = value
+    return value
+
+
+def remember(key: str) -> None:
+    """on_change of a kept widget: mirror its new value."""
+    st.session_state[shadow_key(key)] = st.session_state[key]
+
+
+def set_kept(key: str, value) -> None:
+    """Set a kept widget's value from code (a click, a link), before it is drawn."""
+    st.session_state[key] = st.session_state[shadow_key(key)] = value
+
+
+def drop_kept(key: str) -> None:
+    """Forget a kept widget's value (it is drawn with its default next time)."""
+    st.session_state.pop(key, None)
+    st.session_state.pop(shadow_key(key), None)
