@@ -187,3 +187,13 @@ def test_record_npz_holds_every_tensor_without_pickle():
         np.testing.assert_array_equal(npz["mask_grid"], record.mask_grid.numpy())
         assert str(npz["masked_rows"]) == "zeros" and str(npz["mask_name"]) == record.mask_fn.name
         assert json.loads(str(npz["shapes"]))[0][0] == record.shapes[0][0]
+
+
+def test_record_npz_keeps_attention_sinks_and_each_rows_sink_share():
+    import attnviz
+
+    q, k, v = (torch.randn(1, 2, 4, 3, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    record = attnviz.attention(q, k, v, sinks=torch.tensor([0.5, -1.0]))
+    with np.load(io.BytesIO(exports.record_npz(record)), allow_pickle=False) as npz:
+        np.testing.assert_array_equal(npz["sinks"], [0.5, -1.0])
+        np.testing.assert_allclose(npz["sink_share"] + npz["probabilities_grid"].sum(-1), 1.0, atol=1e-6)

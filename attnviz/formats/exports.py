@@ -89,6 +89,7 @@ def record_arrays(record: AttentionResult) -> dict[str, np.ndarray]:
         "key",
         "value",
         "output_grid",
+        "sinks",
     ):
         value = getattr(record, name)
         if value is None:
@@ -99,6 +100,8 @@ def record_arrays(record: AttentionResult) -> dict[str, np.ndarray]:
         arrays[name] = value.numpy()
     arrays["probabilities_grid"] = record.scores_grid.detach().float().cpu().numpy()  # (b, h, t, s)
     arrays["mask_grid"] = record.mask_grid.detach().cpu().numpy()  # (b, h, t, s), True = may attend
+    if record.sinks is not None:
+        arrays["sink_share"] = record.sink_share.detach().float().cpu().numpy()  # (b, h, t) each row's mass on the sink
     arrays["masked_rows"] = np.array(record.masked_rows)
     arrays["score_mode"] = np.array(record.score_mode)
     arrays["mask_name"] = np.array(record.mask_fn.name if record.mask_fn is not None else "")
