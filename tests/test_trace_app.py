@@ -357,3 +357,19 @@ def test_the_output_tab_shows_each_heads_output_and_its_distance_to_the_calls_ow
     at.radio(key="tr_source").set_value("nn.TransformerEncoder with padding").run()  # output after W_o
     assert_clean(at)
     assert any("after its output projection" in m.value for m in at.markdown)
+
+
+def test_the_llama_style_example_is_a_transformers_model_captured_with_gqa(page):
+    pytest.importorskip("transformers")
+    at = page
+    at.radio(key="tr_source").set_value(tp.LLAMA_EXAMPLE).run()
+    assert_clean(at)
+    table = at.dataframe[0].value
+    assert list(table["call"]) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert (table["heads"] == 8).all() and (table["kv heads"] == 2).all() and (table["reproduced"] == "yes").all()
+    at.session_state["tr_tab"] = "Heads"
+    at.run()
+    assert_clean(at)
+    (spec,) = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    panels = [tr for tr in spec["data"] if tr["type"] == "heatmap" and not tr["name"].endswith("(masked)")]
+    assert len(panels) == 8 and panels[0]["x"][:2] == ["0:&lt;s&gt;", "1:a"]  # a BOS (escaped for Plotly), then one token per byte

@@ -293,7 +293,41 @@ def _long_example(text: str) -> tuple[Trace, list[str]]:
     return trace, tokens
 
 
+def _llama_example(text: str) -> tuple[Trace, list[str]]:
+    """A transformers Llama (RoPE, 8 query heads over 2 kv heads) run with its fused sdpa attention and captured
+    through transformers' attention dispatch: attnviz's packaged decoder where this attnviz ships one, else the same
+    architecture with seeded random weights (the attention maths is the model's either way). One token per byte."""
+    from attnviz import models
+
+    transformers = models._transformers()
+    find = getattr(models, "packaged_decoder_path", None)
+    try:
+        path = find() if find is not None else None
+    except ValueError:  # a checkout without the packaged weights
+        path = None
+    if path is not None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]  # (1, t)
+        tokens = [tokenizer.decode([i]) for i in ids[0].tolist()]
+    else:
+        config = transformers.LlamaConfig(
+            vocab_size=257, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=128, attn_implementation="sdpa",
+        )  # fmt: skip
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config).eval()
+        data = text.encode("utf-8")
+        ids = torch.tensor([[256, *data]])  # (1, t): id 256 stands for a BOS token, then one id per byte
+        tokens = ["<s>", *(bytes([x]).decode("utf-8", errors="replace") for x in data)]
+    with torch.no_grad(), capture(model, wait=CAPTURE_WAIT_S) as trace:
+        model(ids)
+    trace.set_tokens([tokens])
+    return trace, tokens
+
+
 LONG_EXAMPLE = "Long context, pooled"
+LLAMA_EXAMPLE = "Llama-style decoder (transformers, sdpa)"
 # name -> (builder, what it shows)
 EXAMPLES = {
     "nanoGPT-style decoder": (
@@ -308,6 +342,11 @@ EXAMPLES = {
         _vit_example,
         "a tiny vision transformer (seeded random weights): a 32 × 32 synthetic image cut into 4 × 4-pixel "
         "patches, an 8 × 8 patch grid + [CLS], 2 layers × 4 heads calling F.scaled_dot_product_attention",
+    ),
+    LLAMA_EXAMPLE: (
+        _llama_example,
+        "a transformers LlamaForCausalLM (2 layers, 8 query heads over 2 kv heads, RoPE; attnviz's packaged decoder "
+        "where it ships, else seeded random weights) run with its fused sdpa attention, one token per byte",
     ),
     LONG_EXAMPLE: (
         _long_example,
