@@ -372,4 +372,4 @@ def test_the_llama_style_example_is_a_transformers_model_captured_with_gqa(page)
     assert_clean(at)
     (spec,) = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
     panels = [tr for tr in spec["data"] if tr["type"] == "heatmap" and not tr["name"].endswith("(masked)")]
-    assert len(panels) == 8 and panels[0]["x"][:2] == ["0:&lt;s&gt;", "1:a"]  # a BOS (escaped for Plotly), then one token per byte
+    assert len(panels) == 8 and panels[0]["x"][:2] == ["0:&lt;s&gt;", "1:a"]  # BOS (escaped), one per byte
