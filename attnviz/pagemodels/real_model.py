@@ -67,6 +67,7 @@ TABS: dict[str, str] = {
     "check": "Engine cross-check",
     "why": "Why this cell",
     "compare": "Compare A/B",
+    "rollout": "Rollout",
 }
 THUMB_SCALES: tuple[str, ...] = ("shared", "per_head")  # one 0-1 scale, or each thumbnail to its own max
 SORTS: tuple[str, ...] = ("layer", *METRICS)  # "layer": the model's order (layer, then head)

@@ -4,6 +4,7 @@ the attnviz engine's recomputation of a layer from the model's own weights."""
 import streamlit as st
 
 from attnviz.app.ui import real_model as rm
+from attnviz.app.ui import rollout as rollout_ui
 from attnviz.app.ui import sharing
 from attnviz.app.ui.widgets import CONFIG_ERRORS, show_config_error
 from attnviz.pagemodels import real_model as rms
@@ -28,7 +29,7 @@ metrics = rm.cached_metrics(run, path, config, info.num_kv_heads)
 
 # Only the open tab runs: switching tabs never recomputes (or redraws) the others.
 rm.pinned_link_ui(loaded, path)  # a link's pinned run A (rma_*) for Compare A/B
-model_tab, layer_tab, metrics_tab, ablation_tab, check_tab, why_tab, compare_tab = st.tabs(
+model_tab, layer_tab, metrics_tab, ablation_tab, check_tab, why_tab, compare_tab, rollout_tab = st.tabs(
     rm.TABS, key="rm_tab", on_change="rerun"
 )
 if model_tab.open:
@@ -52,6 +53,9 @@ if why_tab.open:
 if compare_tab.open:
     with compare_tab:
         rm.compare_ab_view(loaded, run, path, config)
+if rollout_tab.open:
+    with rollout_tab:
+        rollout_ui.rollout_view(info, run)
 
 view = rm.current_view(info, source, config, metrics)
 sharing.write_url(rms.URL_PREFIX, rms.to_url(view))
