@@ -22,10 +22,12 @@ import importlib.abc
 import importlib.machinery
 import sys
 import types
+from typing import TYPE_CHECKING
 
-from attnviz import masks, score_mods
-from attnviz.engine import AttentionResult, attention
-from attnviz.layers import AdditiveAttention, DotProductAttention, MultiHeadAttention
+if TYPE_CHECKING:  # imported on first use (below): `import attnviz` alone does not import torch
+    from attnviz import masks, score_mods
+    from attnviz.engine import AttentionResult, attention
+    from attnviz.layers import AdditiveAttention, DotProductAttention, MultiHeadAttention
 
 __version__ = "0.1.0"
 
@@ -85,7 +87,24 @@ if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
     sys.meta_path.insert(0, _MovedModuleFinder())
 
 
+# Loaded on first use, so that `import attnviz` (and the `attnviz` command, which starts the Streamlit server while
+# torch is imported in the background, attnviz/app/warmup.py) does not wait for torch.
+_LAZY_NAMES = {
+    "AttentionResult": "attnviz.engine",
+    "attention": "attnviz.engine",
+    "MultiHeadAttention": "attnviz.layers",
+    "DotProductAttention": "attnviz.layers",
+    "AdditiveAttention": "attnviz.layers",
+}
+
+
 def __getattr__(name: str):
+    if name in _LAZY_NAMES:
+        value = getattr(importlib.import_module(_LAZY_NAMES[name]), name)
+        globals()[name] = value
+        return value
+    if name in ("masks", "score_mods"):
+        return importlib.import_module(f"attnviz.{name}")
     # Submodules load on first use: figures pulls in plotly, which a pure-engine user may not need.
     if name in ("interop", "figures", "models", "experiment", "inputs", "explain", "compare", "trace"):
         return importlib.import_module(f"attnviz.{name}")

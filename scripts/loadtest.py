@@ -49,6 +49,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -198,6 +199,36 @@ class Server:
             self.proc.wait(timeout=10)
         except ProcessLookupError:
             pass
+
+
+class ClassServer(Server):
+    """``attnviz class --workers N``: N servers behind the sticky proxy, driven through the proxy's one URL."""
+
+    def __init__(self, workers: int):
+        super().__init__()
+        self.workers = workers
+
+    def start(self, timeout: float = 120.0) -> None:
+        cmd = [sys.executable, "-m", "attnviz", "class", "--workers", str(self.workers)]
+        cmd += ["--port", str(self.port), "--address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        healthy = 0
+        while time.monotonic() < deadline and healthy < self.workers:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"attnviz class exited with {self.proc.returncode}; log: {self.log.name}")
+            # every worker answers its health check (a connection without cookies reaches each in turn)
+            try:
+                healthy += urllib.request.urlopen(self.url + "/_stcore/health", timeout=2).read() == b"ok"
+            except OSError:
+                time.sleep(0.3)
+        if healthy < self.workers:
+            raise RuntimeError(f"attnviz class was not healthy within {timeout:.0f} s; log: {self.log.name}")
+
+    @property
+    def pids(self) -> list[int]:
+        """The proxy and its workers (for RSS and CPU)."""
+        return [] if self.proc is None else [self.proc.pid, *descendants(self.proc.pid)]
 
 
 @dataclass
@@ -723,6 +754,12 @@ def main(argv: list[str] | None = None) -> int:
         "load balancer with sticky sessions does, docs/QUALITY.md)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="start `attnviz class --workers N` (N servers behind its sticky proxy) and drive the proxy's URL",
+    )
+    parser.add_argument(
         "--url", default=None, help="drive already running app(s) instead of starting them (comma-separated)"
     )
     parser.add_argument(
@@ -744,6 +781,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             urls = [u.strip().rstrip("/") for u in args.url.split(",") if u.strip()]
             pids = [int(p) for p in str(args.server_pid or "").split(",") if p.strip()]
+        elif args.workers:
+            servers.append(ClassServer(args.workers))
+            servers[-1].start()
+            urls, pids = [servers[-1].url], cast(ClassServer, servers[-1]).pids
         else:
             for _ in range(args.replicas):
                 servers.append(Server())

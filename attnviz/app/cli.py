@@ -1,5 +1,6 @@
 """The `attnviz` command (and `python -m attnviz`): start the Streamlit app on its default page (the Playground);
-`attnviz trace script.py [args...] [-o run.trace]` runs a script under attnviz.capture() instead (no Streamlit).
+`attnviz trace script.py [args...] [-o run.trace]` runs a script under attnviz.capture() instead (no Streamlit);
+`attnviz class --workers N` serves a class: N servers behind a sticky proxy (attnviz/app/classroom.py).
 
 The app, its pages and its server settings are package data, so an installed wheel serves the app from any folder.
 The settings in config.toml beside this file are passed to Streamlit as command-line flags: flags outrank every
@@ -185,6 +186,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args and args[0] == "trace":  # before Streamlit is imported: the command needs torch only
         sys.exit(trace_command(args[1:]))
+    if args and args[0] == "class":  # N servers behind a sticky proxy (attnviz/app/classroom.py)
+        from attnviz.app.classroom import class_command
+
+        sys.exit(class_command(args[1:]))
+    from attnviz.app import warmup
+
+    # torch, plotly and the default figures load in the background while Streamlit starts its server
+    warmup.start()
     from streamlit.web import cli as stcli
 
     sys.argv = ["streamlit", "run", str(app_path()), *config_flags(), *args]

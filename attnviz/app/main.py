@@ -15,7 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import streamlit as st
+from streamlit import runtime
 
+from attnviz.app import warmup
 from attnviz.app.server import skip_keras_clear_session
 
 PAGE_SCRIPTS = Path(__file__).resolve().parent / "page_scripts"
@@ -34,20 +36,31 @@ PAGES = (
 )
 
 
+def _real_server() -> bool:
+    """True under a Streamlit server; False under AppTest, which runs the script with a mock Runtime."""
+    return runtime.exists() and type(runtime.Runtime.instance()) is runtime.Runtime
+
+
 def run() -> None:
     """One script run of the app: page config, navigation, then the chosen page."""
     skip_keras_clear_session()  # once per process: see attnviz/app/server.py (0.3 CPU-s per rerun with Keras)
-    st.set_page_config(page_title="attnviz — attention explorer", page_icon="🔍", layout="wide")
-    pages = [
-        st.Page(PAGE_SCRIPTS / script, title=title, icon=icon, default=(i == 0))
-        for i, (script, title, icon) in enumerate(PAGES)
-    ]
-    navigation = st.navigation(pages)
-    st.sidebar.caption(
-        "attnviz — see every head's logits, masks and probabilities. "
-        "Semantics follow Keras MultiHeadAttention (True = may attend)."
-    )
-    navigation.run()
+    if _real_server():  # heavy imports and default figures in the background (not under AppTest)
+        warmup.start()  # once per process; the `attnviz` command has usually started it already
+    warmup.run_started()  # the warm-up's later steps wait for the first page and for idle moments
+    try:
+        st.set_page_config(page_title="attnviz — attention explorer", page_icon="🔍", layout="wide")
+        pages = [
+            st.Page(PAGE_SCRIPTS / script, title=title, icon=icon, default=(i == 0))
+            for i, (script, title, icon) in enumerate(PAGES)
+        ]
+        navigation = st.navigation(pages)
+        st.sidebar.caption(
+            "attnviz — see every head's logits, masks and probabilities. "
+            "Semantics follow Keras MultiHeadAttention (True = may attend)."
+        )
+        navigation.run()
+    finally:
+        warmup.run_finished()
 
 
 if __name__ == "__main__":  # Streamlit runs its main script as __main__

@@ -16,7 +16,6 @@ from attnviz.app.ui.playground import (
     view_ui,
 )
 from attnviz.app.ui.widgets import CONFIG_ERRORS, fully_masked_warning, show_config_error
-from attnviz.figures import why as why_figures
 from attnviz.pagemodels.playground import (
     PIN_PREFIX,
     URL_PREFIX,
@@ -66,9 +65,8 @@ heads_tab, why_tab, compare_tab, output_tab, shapes_tab = st.tabs(
 cell = why_ui.chosen_cell("pg", record)  # (head, query, key)
 if heads_tab.open:
     with heads_tab:
-        heads = figure_cache.figure("attention_heads_figure", run, record, view.batch_index, view.values)
         sharing.chart(
-            why_figures.highlight_cell(why_figures.cell_picker(heads, record), record, *cell),
+            figure_cache.heads_figure(run, record, view.batch_index, view.values, cell),
             key="pg_heads",
             file_name=f"attention_heads_b{view.batch_index}_{view.values}",
             selectable=True,

@@ -8,6 +8,10 @@ page's first run in a session; ``current_view`` reads the open view back for the
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import threading
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -459,7 +463,49 @@ def cached_block_figure(config: ml.MaskLabConfig, block: int, panels: tuple[tupl
 
 @st.cache_resource(show_spinner="Measuring what each framework does with a fully-masked row…")
 def cached_dead_row_behaviour() -> dict[str, str]:
-    return ml.dead_row_behaviour()
+    """The torch-side frameworks only (milliseconds): what the page shows until the Keras measurement is in."""
+    return ml.dead_row_behaviour(include_keras=False)
+
+
+# The full measurement imports Keras (~5 s of CPU, ~200 MB): it runs once per server in a child process, started
+# by the warm-up (attnviz/app/warmup.py) or by the page, so the server never imports Keras for it, never waits for
+# it, and no script run meets a half-imported module while it loads.
+_DEAD_ROWS: dict[str, str] | None = None
+_DEAD_ROWS_LOCK = threading.Lock()
+_DEAD_ROWS_THREAD: threading.Thread | None = None
+_PROBE = (
+    "import json; from attnviz.pagemodels.masklab import dead_row_behaviour; "
+    "print('DEAD_ROWS=' + json.dumps(dead_row_behaviour()))"
+)
+
+
+def measure_dead_rows_now(timeout: float = 600.0) -> dict[str, str]:
+    """Every framework's fully-masked-row behaviour, Keras included, measured once per process in a child
+    process (blocks until it is in; if the child fails, the torch-side measurement stands in)."""
+    global _DEAD_ROWS
+    with _DEAD_ROWS_LOCK:
+        if _DEAD_ROWS is None:
+            try:
+                out = subprocess.run(
+                    [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=timeout, check=True
+                ).stdout
+                line = next(line for line in out.splitlines() if line.startswith("DEAD_ROWS="))
+                _DEAD_ROWS = {str(k): str(v) for k, v in json.loads(line[len("DEAD_ROWS=") :]).items()}
+            except (OSError, subprocess.SubprocessError, StopIteration, ValueError):
+                _DEAD_ROWS = ml.dead_row_behaviour(include_keras=False)
+        return _DEAD_ROWS
+
+
+def dead_row_behaviour() -> tuple[dict[str, str], bool]:
+    """(framework -> what a fully-masked row becomes, complete): the full measurement once it is in, else the
+    torch-side one, with the Keras measurement started in the background (never waited for)."""
+    global _DEAD_ROWS_THREAD
+    if _DEAD_ROWS is not None:
+        return _DEAD_ROWS, True
+    if _DEAD_ROWS_THREAD is None:  # (a second thread started by a race would only wait for the first one's lock)
+        _DEAD_ROWS_THREAD = threading.Thread(target=measure_dead_rows_now, name="attnviz-keras-probe", daemon=True)
+        _DEAD_ROWS_THREAD.start()
+    return cached_dead_row_behaviour(), False
 
 
 @st.cache_resource(
@@ -512,7 +558,7 @@ def dead_rows_warning(built: Built) -> None:
         for i in range(per_batch.shape[0])
         if per_batch[i].any()
     )
-    behaviour = cached_dead_row_behaviour()
+    behaviour, complete = dead_row_behaviour()
     groups: dict[str, list[str]] = {}
     for framework, status in behaviour.items():
         groups.setdefault(status, []).append(framework)
@@ -525,7 +571,9 @@ def dead_rows_warning(built: Built) -> None:
     st.warning(
         f"**{int(per_batch.sum())} fully-masked query row(s)** — every key is masked ({where}). "
         "Softmax over nothing is undefined, and frameworks disagree; measured just now on this machine, "
-        "such rows\n" + "\n".join(lines),
+        "such rows\n"
+        + "\n".join(lines)
+        + ("" if complete else "\n\n(Keras is still being measured in the background; it is listed on a later run.)"),
         icon="🚫",
     )
 
