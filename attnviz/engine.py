@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from attnviz import masks as masks_lib
+from attnviz.fastpath import dense_applicable, dense_attention
 from attnviz.memory import check_memory, estimate_attention_bytes
 
 ScoreMode = Literal["scaled_dot", "dot", "concat", "additive"]
@@ -612,8 +613,10 @@ def attention(
             masked gives the sink the whole row: probabilities 0 and output 0 whatever ``masked_rows`` says
             (``fully_masked_rows`` still flags it). Non-finite values or a shape other than (h,) raise ValueError.
 
-    The probabilities are computed tile by tile into their final buffers (see ``probability_tiles``), so the
-    peak is about the record itself: logits + probabilities, not several t*s temporaries.
+    Dot-product scores without a score_mod or autograd (on the CPU) take the dense path (``attnviz.fastpath``):
+    one matmul into the record's probability buffer, masked and normalised in place, one matmul by V; everything
+    else is computed tile by tile into the final buffers (see ``probability_tiles``). Either way the peak is about
+    the record itself: logits + probabilities, not several t*s temporaries.
     Half-precision inputs are scored and normalised in float32 and the results cast back.
     """
     _validate_qkv(query, key, value, score_mode)
@@ -652,9 +655,7 @@ def attention(
 
     out_dtype = query.dtype
     work = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
-    # Contiguous per head: layers hand over permuted (b, t, h, d) views, and every tile would otherwise re-read
-    # keys and values strided across all heads (4x slower at t = 4096 with 16 heads).
-    q, k, v = (x.to(work).contiguous() for x in (query, key, value))
+    q, k, v = (x.to(work) for x in (query, key, value))  # layers hand over permuted (b, t, h, d) views
     group = h // g
     scale_w = scale.to(work) if isinstance(scale, Tensor) else scale
     mask_fn = as_mask(mask)
@@ -673,15 +674,36 @@ def attention(
     wants_grad = torch.is_grad_enabled() and any(
         x.requires_grad for x in (q, k, v, scale_w, concat_weight, sinks_w) if isinstance(x, Tensor)
     )
-    if wants_grad:
+    dropping = training and dropout > 0
+    dense = None
+    if dense_applicable(q, score_mode=score_mode, score_mod=score_mod, scale=scale_w, wants_grad=wants_grad):
+        # The whole (b, h, t, s) tensor is the result: a few large operations write it once (attnviz.fastpath).
+        # None back: q or k was not finite, and the tiled loop below handles rows fully masked by their logits.
+        dense = dense_attention(
+            q,
+            k,
+            v,
+            mask=mask_t,
+            scale=scale_w,
+            score_mode=score_mode,
+            masked_rows=masked_rows,
+            sinks=sinks_w,
+            need_logits=need_logits,
+            need_output=not dropping,
+        )
+    if dense is not None:
+        logits, probs, fully_masked, head_outputs = dense
+    elif wants_grad:
         # Autograd cannot track writes into preallocated buffers: one differentiable block over everything.
         (tile,) = probability_tiles(q, k, **tiles, tile_elements=b * h * t * s)
         logits, probs, fully_masked = (tile.logits if need_logits else None), tile.probs, tile.fully_masked
     else:
+        # Contiguous per head: every tile would otherwise re-read keys and values strided across all heads (4x
+        # slower at t = 4096 with 16 heads).
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         probs = torch.empty((b, h, t, s), dtype=work, device=q.device)
         logits = torch.empty_like(probs) if need_logits else None
         fully_masked = torch.empty((b, h, t), dtype=torch.bool, device=q.device)
-        dropping = training and dropout > 0
         head_outputs = None if dropping else torch.empty((b, h, t, v.shape[-1]), dtype=work, device=q.device)
         for tile in probability_tiles(q, k, **tiles, logits_out=logits, probs_out=probs):
             fully_masked[tile.b, tile.h, tile.rows] = tile.fully_masked

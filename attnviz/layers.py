@@ -18,6 +18,7 @@ from typing import Any, Literal, overload
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from attnviz import masks as masks_lib
 from attnviz.engine import (
@@ -241,10 +242,13 @@ class _SeededModule(nn.Module):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _project(x: Tensor, kernel: Tensor) -> Tensor:
-    """x (..., c) times a Keras kernel (c, heads, dim) -> (..., heads, dim)."""
+def _project(x: Tensor, kernel: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (..., c) times a Keras kernel (c, heads, dim), plus bias (heads, dim) -> (..., heads, dim).
+
+    One GEMM with the bias folded in (``F.linear`` is addmm on the (c, heads * dim) kernel, no copy of it)."""
     c, heads, dim = kernel.shape
-    return torch.matmul(x, kernel.reshape(c, heads * dim)).unflatten(-1, (heads, dim))
+    flat_bias = None if bias is None else bias.reshape(heads * dim)
+    return F.linear(x, kernel.reshape(c, heads * dim).t(), flat_bias).unflatten(-1, (heads, dim))
 
 
 class MultiHeadAttention(_SeededModule):
@@ -332,6 +336,7 @@ class MultiHeadAttention(_SeededModule):
         self.kernel_initializer = kernel_initializer
         self.bias_initializer = bias_initializer
         self.built = False
+        self._qkv_cache: tuple[tuple, Tensor, Tensor | None] | None = None  # see _fused_qkv
         if query_shape is not None:
             self.build(query_shape, value_shape if value_shape is not None else query_shape, key_shape)
 
@@ -463,6 +468,33 @@ class MultiHeadAttention(_SeededModule):
             parts.append(extra)
         return masks_lib.all_of(parts)
 
+    def _fused_qkv(self, query: Tensor, value: Tensor, key: Tensor) -> tuple[Tensor, Tensor | None] | None:
+        """The query, key and value kernels side by side, (c, h*d + g*d + g*v), and their biases, when one GEMM
+        can project all three: self-attention (one input tensor) with no gradient to track. Built once per set of
+        weights: the cache key holds each parameter's identity, storage and version counter, which every in-place
+        update (an optimizer step, ``copy_``, ``load_state_dict``) bumps. None: project separately."""
+        params = (
+            self.query_kernel,
+            self.key_kernel,
+            self.value_kernel,
+            self.query_bias,
+            self.key_bias,
+            self.value_bias,
+        )
+        if not (query is value and key is value):
+            return None
+        if torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params):
+            return None
+        stamp = tuple(None if p is None else (id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._qkv_cache is None or self._qkv_cache[0] != stamp:
+            c = self.query_kernel.shape[0]
+            kernels = (self.query_kernel, self.key_kernel, self.value_kernel)
+            kernel = torch.cat([p.detach().reshape(c, -1) for p in kernels], dim=1)  # (c, h*d + g*d + g*v)
+            biases = [p.detach().reshape(-1) for p in params[3:] if p is not None]
+            bias = torch.cat(biases) if len(biases) == 3 else None  # build() makes all three or none
+            self._qkv_cache = (stamp, kernel, bias)
+        return self._qkv_cache[1], self._qkv_cache[2]
+
     # -- call ---------------------------------------------------------------------------------------------
     def forward(
         self,
@@ -510,13 +542,19 @@ class MultiHeadAttention(_SeededModule):
                     f"axis {a} is not attended, so query and value must match there: {q_shape[a]} vs {v_shape[a]}"
                 )
 
-        # One GEMM per projection against the flattened Keras kernel (einsum takes a slower path for these).
-        q = _project(query, self.query_kernel)  # (b, *t_pos, h, d)
-        k = _project(key, self.key_kernel)  # (b, *s_pos, g, d)
-        v = _project(value, self.value_kernel)  # (b, *s_pos, g, v)
-        # build() creates the biases exactly when use_bias is set.
-        if self.query_bias is not None and self.key_bias is not None and self.value_bias is not None:
-            q, k, v = q + self.query_bias, k + self.key_bias, v + self.value_bias
+        # One GEMM per projection against the flattened Keras kernel (einsum takes a slower path for these), or
+        # one for all three in self-attention. build() creates the biases exactly when use_bias is set.
+        fused = self._fused_qkv(query, value, key)
+        if fused is not None:  # self-attention without autograd: one GEMM for all three, as torch's in_proj
+            h, g, d, v_dim = self.num_heads, self.num_kv_heads, self.key_dim, self.value_dim
+            qkv = F.linear(query, fused[0].t(), fused[1])  # (b, *pos, h*d + g*d + g*v)
+            q = qkv[..., : h * d].unflatten(-1, (h, d))  # (b, *t_pos, h, d), a view
+            k = qkv[..., h * d : (h + g) * d].unflatten(-1, (g, d))  # (b, *s_pos, g, d)
+            v = qkv[..., (h + g) * d :].unflatten(-1, (g, v_dim))  # (b, *s_pos, g, v)
+        else:
+            q = _project(query, self.query_kernel, self.query_bias)  # (b, *t_pos, h, d)
+            k = _project(key, self.key_kernel, self.key_bias)  # (b, *s_pos, g, d)
+            v = _project(value, self.value_kernel, self.value_bias)  # (b, *s_pos, g, v)
         q_grid, k_grid, v_grid = self._to_grid(q), self._to_grid(k), self._to_grid(v)  # (b', h|g, t|s, d|v)
         b_grid, _, t, _ = q_grid.shape
         s = k_grid.shape[2]
@@ -538,15 +576,16 @@ class MultiHeadAttention(_SeededModule):
             need_logits=need_logits,
         )
         out_kernel = self.output_kernel.reshape(self.num_heads, self.value_dim, -1)  # (h, v, o)
+        out_bias = None if self.output_bias is None else self.output_bias.reshape(-1)  # (o,)
         if need_contributions:
             contributions = torch.matmul(core.head_outputs, out_kernel.unsqueeze(0))  # (b', h, t, o)
             out_grid = contributions.sum(dim=1)  # (b', t, o): the output is the sum of the heads' contributions
+            if out_bias is not None:
+                out_grid = out_grid + out_bias
         else:
             contributions = None
             concat = core.head_outputs.transpose(1, 2).flatten(2)  # (b', t, h*v): the heads side by side
-            out_grid = torch.matmul(concat, out_kernel.flatten(0, 1))  # (b', t, o)
-        if self.output_bias is not None:
-            out_grid = out_grid + self.output_bias.reshape(-1)
+            out_grid = F.linear(concat, out_kernel.flatten(0, 1).t(), out_bias)  # (b', t, o), bias in the GEMM
         output = self._from_grid(out_grid, q_shape)  # (b, *t_pos, o)
         output = output.reshape(*output.shape[:-1], *(self.output_shape or (q_shape[-1],)))
 

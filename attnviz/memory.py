@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from attnviz import buffers
+
 __all__ = ["estimate_attention_bytes", "memory_budget", "check_memory", "format_bytes", "BUDGET_ENV"]
 
 BUDGET_ENV = "ATTNVIZ_MEMORY_BUDGET_GB"
@@ -80,7 +82,7 @@ def _meminfo_bytes(field: str) -> int | None:
 
 def memory_budget(device: torch.device | str | None = None) -> int:
     """Bytes one call may use on ``device``: ATTNVIZ_MEMORY_BUDGET_GB if set, else half the device's memory,
-    capped at 80% of what is free now."""
+    capped at 80% of what is free now (free buffers of attnviz.buffers count as free: they are given back first)."""
     env = os.environ.get(BUDGET_ENV)
     if env:
         try:
@@ -98,7 +100,7 @@ def memory_budget(device: torch.device | str | None = None) -> int:
     if total is None:
         pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
         total = pages * page_size
-    available = _meminfo_bytes("MemAvailable") or total
+    available = (_meminfo_bytes("MemAvailable") or total) + buffers.POOL.free_bytes()  # recycled, given back first
     return int(min(0.5 * total, 0.8 * available))
 
 

@@ -4,6 +4,7 @@
     python scripts/benchmark.py --quick         # a smoke run (seconds), what CI runs
     python scripts/benchmark.py --device cuda   # on a GPU; fp32 unless --dtype says otherwise
     python scripts/benchmark.py --json out.json # also write the raw numbers
+    python scripts/benchmark.py --sections 1 --hog   # section 1 quiet, then beside a CPU-bound process
 
 Sections (all float32 unless --dtype, batch 1, head dim 64, model dim = heads * 64):
   1. scores + output: attnviz.MultiHeadAttention vs torch.nn.MultiheadAttention(need_weights=True,
@@ -17,6 +18,12 @@ Sections (all float32 unless --dtype, batch 1, head dim 64, model dim = heads * 
      Goal: payload flat above the pixel budget, <= 2 MB at t = s = 8192 with 16 heads.
   4. peak memory of a scores+output call and of the streamed view vs the size of the probability tensor.
 Times are medians over --repeats runs after one warm-up; attnviz and torch alternate so drift hits both.
+Sections are named (scores,output,views,memory) or numbered (1,2,3,4).
+
+--hog (section 1): each case's scores+output is also timed while a CPU-bound process (`while True: pass`) runs
+beside it, busy and quiet blocks alternating (quiet, busy, quiet, busy), and a second table gives the quiet and
+busy ratios (medians over their blocks) and their quotient. Goal: busy / quiet <= 1.25, i.e.
+attnviz slows down under contention no more than 1.25x as much as torch does.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -77,6 +85,11 @@ def sync(device: torch.device) -> None:
 
 def timed(fns, repeats: int, device: torch.device) -> list[float]:
     """Median seconds of each fn, run in turn (so drift hits all alike) after one warm-up of each."""
+    return [statistics.median(ts) for ts in timed_samples(fns, repeats, device)]
+
+
+def timed_samples(fns, repeats: int, device: torch.device) -> list[list[float]]:
+    """Seconds of each run of each fn, run in turn after one warm-up of each."""
     for fn in fns:
         fn()
     sync(device)
@@ -87,7 +100,7 @@ def timed(fns, repeats: int, device: torch.device) -> list[float]:
             fn()
             sync(device)
             out.append(time.perf_counter() - start)
-    return [statistics.median(ts) for ts in times]
+    return times
 
 
 def timed_pair(a, b, repeats: int, device: torch.device) -> tuple[float, float]:
@@ -147,7 +160,20 @@ def eager_gqa(x, w_q, w_k, w_v, w_o, h: int, g: int):
     return w_o(out), weights
 
 
-def _scores_case(t: int, h: int, g: int, repeats: int, device, dtype) -> dict:
+class CpuHog:
+    """A CPU-bound process (``while True: pass``) running beside the timed code for the length of the block."""
+
+    def __enter__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.3)  # let it start spinning before anything is timed
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _scores_case(t: int, h: int, g: int, repeats: int, device, dtype, hog: bool = False) -> dict:
     e = h * HEAD_DIM
     torch.manual_seed(0)
     x = torch.randn(1, t, e, device=device, dtype=dtype)
@@ -170,19 +196,20 @@ def _scores_case(t: int, h: int, g: int, repeats: int, device, dtype) -> dict:
             return eager_gqa(x, *lin, w_o, h, g)
 
         name = "eager GQA (transformers repeat_kv)"
+
+    def run_lean():
+        return layer(x, x, need_logits=False, need_contributions=False)
+
     with torch.no_grad():
         layer(x, x)  # build
-        t_ref, t_ours, t_lean = timed(
-            [run_ref, lambda: layer(x, x), lambda: layer(x, x, need_logits=False, need_contributions=False)],
-            repeats,
-            device,
-        )
+        s_ref, s_ours, s_lean = timed_samples([run_ref, lambda: layer(x, x), run_lean], repeats, device)
+    t_ref, t_ours, t_lean = (statistics.median(ts) for ts in (s_ref, s_ours, s_lean))
     print(
         f"  scores+output t={t} h={h} g={g}: torch {t_ref:.4f}s attnviz full record {t_ours:.4f}s "
         f"({t_ours / t_ref:.2f}x) scores+output only {t_lean:.4f}s ({t_lean / t_ref:.2f}x)",
         flush=True,
     )
-    return dict(
+    row = dict(
         t=t,
         heads=h,
         kv_heads=g,
@@ -193,10 +220,43 @@ def _scores_case(t: int, h: int, g: int, repeats: int, device, dtype) -> dict:
         attnviz_lean_s=t_lean,
         lean_ratio=t_lean / t_ref,
     )
+    if hog:
+        # The same modules and input (scores+output only), busy and quiet blocks alternating twice, so that a
+        # change in the machine's own load between the blocks does not pass for robustness (or its lack).
+        quiet_ref, quiet_lean, busy_ref, busy_lean = list(s_ref), list(s_lean), [], []
+        with torch.no_grad():
+            for block in range(2):
+                with CpuHog():
+                    b_ref, b_lean = timed_samples([run_ref, run_lean], repeats, device)
+                busy_ref += b_ref
+                busy_lean += b_lean
+                if block == 0:
+                    q_ref, q_lean = timed_samples([run_ref, run_lean], repeats, device)
+                    quiet_ref += q_ref
+                    quiet_lean += q_lean
+        med = statistics.median
+        quiet_ratio = med(quiet_lean) / med(quiet_ref)
+        busy_ratio = med(busy_lean) / med(busy_ref)
+        row.update(
+            quiet_torch_s=med(quiet_ref),
+            quiet_lean_s=med(quiet_lean),
+            quiet_lean_ratio=quiet_ratio,
+            busy_torch_s=med(busy_ref),
+            busy_lean_s=med(busy_lean),
+            busy_lean_ratio=busy_ratio,
+            robustness=busy_ratio / quiet_ratio,
+        )
+        print(
+            f"  quiet t={t} h={h} g={g}: torch {med(quiet_ref):.4f}s scores+output only {med(quiet_lean):.4f}s "
+            f"({quiet_ratio:.2f}x); beside a busy process: torch {med(busy_ref):.4f}s scores+output only "
+            f"{med(busy_lean):.4f}s ({busy_ratio:.2f}x); busy / quiet ratio {busy_ratio / quiet_ratio:.2f}",
+            flush=True,
+        )
+    return row
 
 
-def bench_scores(cases, repeats, device, dtype):
-    return [_scores_case(t, h, g, repeats, device, dtype) for t, h, g in cases]
+def bench_scores(cases, repeats, device, dtype, hog: bool = False):
+    return [_scores_case(t, h, g, repeats, device, dtype, hog=hog) for t, h, g in cases]
 
 
 def _output_case(t: int, h: int, g: int, repeats: int, device, dtype) -> list[dict]:
@@ -307,6 +367,20 @@ def markdown(results) -> str:
         f"{r['attnviz_s']:.4f} | {r['ratio']:.2f} | {r['attnviz_lean_s']:.4f} | **{r['lean_ratio']:.2f}** |"
         for r in results["scores"]
     ]
+    busy = [r for r in results["scores"] if "robustness" in r]
+    if busy:
+        out.append(
+            "\nScores + output quiet and beside one CPU-bound process (`while True: pass`); "
+            "goal busy / quiet <= 1.25\n\n"
+            "| t | heads | kv heads | torch quiet (s) | attnviz quiet (s) | quiet ratio | torch busy (s) | "
+            "attnviz busy (s) | busy ratio | busy / quiet |\n|---|---|---|---|---|---|---|---|---|---|"
+        )
+        out += [
+            f"| {r['t']} | {r['heads']} | {r['kv_heads']} | {r['quiet_torch_s']:.4f} | {r['quiet_lean_s']:.4f} | "
+            f"{r['quiet_lean_ratio']:.2f} | {r['busy_torch_s']:.4f} | {r['busy_lean_s']:.4f} | "
+            f"{r['busy_lean_ratio']:.2f} | **{r['robustness']:.2f}** |"
+            for r in busy
+        ]
     out.append(
         "\n| t | heads | kv heads | mask | SDPA (s) | attnviz output-only (s) | ratio |\n|---|---|---|---|---|---|---|"
     )
@@ -344,11 +418,24 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 5, quick 2)")
     parser.add_argument("--json", type=Path, help="write the raw results here")
-    parser.add_argument("--sections", default="scores,output,views,memory")
+    parser.add_argument("--sections", default="scores,output,views,memory", help="names or numbers 1-4, commas")
+    parser.add_argument(
+        "--hog", action="store_true", help="section 1 also beside a CPU-bound process (robustness under contention)"
+    )
+    parser.add_argument(
+        "--shapes", default=None, help="section 1 shapes instead of the default list, e.g. 1024:16:16,2048:16:4 (t:h:g)"
+    )
     args = parser.parse_args(argv)
     device = attnviz.engine.resolve_device(args.device)
     dtype = attnviz.engine.resolve_dtype(args.dtype)
-    cases = QUICK if args.quick else FULL
+    cases = dict(QUICK if args.quick else FULL)
+    if args.shapes:
+        try:
+            cases["scores"] = [tuple(int(n) for n in item.split(":")) for item in args.shapes.split(",")]
+        except ValueError:
+            parser.error(f"--shapes takes t:h:g triples separated by commas, got {args.shapes!r}")
+        if any(len(c) != 3 for c in cases["scores"]):
+            parser.error(f"--shapes takes t:h:g triples separated by commas, got {args.shapes!r}")
     repeats = args.repeats or (2 if args.quick else 5)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     results = dict(
@@ -362,9 +449,13 @@ def main(argv=None) -> int:
         views=[],
         memory=[],
     )
-    sections = args.sections.split(",")
+    numbered = {"1": "scores", "2": "output", "3": "views", "4": "memory"}
+    sections = [numbered.get(x.strip(), x.strip()) for x in args.sections.split(",")]
+    unknown = sorted(set(sections) - set(numbered.values()))
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {sorted(numbered.values())} or 1-4")
     if "scores" in sections:
-        results["scores"] = bench_scores(cases["scores"], repeats, device, dtype)
+        results["scores"] = bench_scores(cases["scores"], repeats, device, dtype, hog=args.hog)
     if "output" in sections:
         results["output"] = bench_output(cases["output"], repeats, device, dtype)
     if "views" in sections:

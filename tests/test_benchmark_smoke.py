@@ -21,3 +21,16 @@ def test_benchmark_quick_run_writes_every_section(tmp_path, capsys):
     assert all(r["payload_bytes"] < 2 * 2**20 for r in results["views"])
     printed = capsys.readouterr().out
     assert "| t | heads | kv heads | reference | torch (s) | attnviz full record (s) | ratio |" in printed
+
+
+def test_benchmark_hog_measures_quiet_and_busy_ratios(tmp_path, capsys):
+    """--hog times section 1 again beside a CPU-bound process and reports both ratios and their quotient."""
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--repeats", "1", "--sections", "1", "--hog", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["scores"]
+    assert len(rows) == 2 and all(r["busy_lean_ratio"] > 0 and r["robustness"] > 0 for r in rows)
+    printed = capsys.readouterr().out
+    assert "| busy ratio | busy / quiet |" in printed
