@@ -4,12 +4,11 @@ attnviz engine and proven against the call's output; every call × head as a thu
 
 import streamlit as st
 
-from attnviz import compare, explain, figures
+from attnviz import compare, explain
 from attnviz.app.ui import sharing
 from attnviz.app.ui import trace as trace_ui
 from attnviz.app.ui import why as why_ui
 from attnviz.app.ui.widgets import CONFIG_ERRORS, literal, show_config_error
-from attnviz.figures import why as why_figures
 from attnviz.pagemodels import trace as tp
 from attnviz.trace import CROSS_TOLERANCE
 
@@ -36,6 +35,7 @@ try:
             st.stop()
         trace = trace_ui.cached_upload(uploaded.name, uploaded.getvalue())
         run_key: tuple = ("upload", uploaded.name, uploaded.size)
+        figure_key: tuple = (*run_key, uploaded.file_id)  # another file of that name and size is another trace
     elif source == SERVER_PATH:
         opened = trace_ui.server_path_ui()
         if opened is None:
@@ -51,6 +51,8 @@ try:
             text = st.text_input("Input (one token per character)", tp.EXAMPLE_TEXT, max_chars=64, key="tr_text")
             trace, _ = trace_ui.cached_example(source, text)
             run_key = ("example", source, text)
+    if source != UPLOAD:
+        figure_key = run_key
 except CONFIG_ERRORS as err:
     show_config_error(err)
     st.stop()
@@ -111,9 +113,8 @@ if heads_tab.open:
         if patches is not None:
             trace_ui.patch_view(trace, index, batch, patches, labels, image)
             st.markdown("**Every head as a matrix**")
-        heads = figures.attention_heads_figure(record, batch, query_labels=labels, key_labels=labels)
         sharing.chart(
-            why_figures.highlight_cell(why_figures.cell_picker(heads, record), record, *cell),
+            trace_ui.heads_figure(figure_key, index, batch, cell, record, labels),
             key="tr_heads",
             file_name=f"trace_{chosen}_b{batch}",
             selectable=True,

@@ -32,8 +32,8 @@ def _on_preset() -> None:
         st.session_state[_key(name)] = getattr(pj.ProjectionSettings(), name)
 
 
-def settings_ui() -> pj.ProjectionSettings:
-    """Sidebar: example and seed; above the figure: batch item, head, query, colouring and options."""
+def example_ui() -> tuple[str, int]:
+    """Sidebar: the example and its seed -> (preset, seed). A change reruns the whole page."""
     _ensure_state()
     sb = st.sidebar
     # Select boxes that start on an option never return None (Streamlit's type allows it for cleared ones).
@@ -45,6 +45,11 @@ def settings_ui() -> pj.ProjectionSettings:
         help="A Playground example; its queries and keys are projected.",
     ) or next(iter(pg.PRESETS))
     seed = sb.number_input("Seed", 0, 2**31 - 1, step=1, key=_key("seed"))
+    return preset, int(seed)
+
+
+def view_ui(preset: str, seed: int) -> pj.ProjectionSettings:
+    """Above the figure: batch item, head, query, colouring and options (drawn in the page's fragment)."""
     base = pg.PRESETS[preset]
     for name, limit in (("batch_index", base.batch), ("head", base.num_heads), ("query", base.t)):
         if not (-1 if name == "query" else 0) <= int(st.session_state.get(_key(name), 0)) < limit:
@@ -77,7 +82,7 @@ def settings_ui() -> pj.ProjectionSettings:
     outputs = o2.toggle("Show the head's outputs", key=_key("outputs"))
     return pj.ProjectionSettings(
         preset=preset,
-        seed=int(seed),
+        seed=seed,
         batch_index=int(batch_index),
         head=int(head),
         query=int(query),

@@ -11,14 +11,17 @@ state on a run that does not draw it (a closed tab), and the shadow puts it back
 from __future__ import annotations
 
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
 from attnviz import figures
 from attnviz.app.ui import sharing, widgets
 from attnviz.app.ui.widgets import literal
+from attnviz.engine import AttentionResult
 from attnviz.figures import long as long_figures
 from attnviz.figures import model as model_figures
 from attnviz.figures import trace as trace_figures
+from attnviz.figures import why as why_figures
 from attnviz.head_metrics import METRIC_HELP, METRICS
 from attnviz.pagemodels import trace as tp
 from attnviz.trace import CROSS_TOLERANCE, CapturedCall, Trace
@@ -67,6 +70,40 @@ def cached_trace_bytes(key: tuple, _trace: Trace) -> bytes:
 def cached_group_metrics(key: tuple, group: tp.CallGroup, batch: int, _trace: Trace) -> pd.DataFrame:
     """The head-metrics table of a shape group's calls (never mutated by the page)."""
     return tp.group_metrics(_trace, group, batch)
+
+
+def heads_figure(
+    key: tuple, index: int, batch: int, cell: tuple[int, int, int], record: AttentionResult, labels: list[str] | None
+) -> go.Figure:
+    """Call ``index``'s heads with a click target over every cell and ``cell`` = (head, query, key) outlined, built
+    once per (trace key, call, batch item, cell) and shared by every session, as the Playground's
+    (attnviz/app/ui/figure_cache.py): the two whole-figure copies through Plotly's validation are most of a rerun.
+    ``key`` must identify the trace (and so the record and the labels, which are not hashed)."""
+    head, query, key_index = (int(c) for c in cell)
+    return _picked_heads(key, int(index), int(batch), head, query, key_index, record, labels)
+
+
+# The chosen cell is part of the key: 256 entries hold a class's clicks on a few calls (long calls are kept
+# pooled and never drawn as this figure).
+@st.cache_resource(max_entries=256, ttl=3600, show_spinner=False)
+def _picked_heads(
+    key: tuple,
+    index: int,
+    batch: int,
+    head: int,
+    query: int,
+    key_index: int,
+    _record: AttentionResult,
+    _labels: list[str] | None,
+) -> go.Figure:
+    picker = _heads_picker(key, index, batch, _record, _labels)
+    return why_figures.highlight_cell(picker, _record, head, query, key_index)
+
+
+@st.cache_resource(max_entries=64, ttl=3600, show_spinner=False)
+def _heads_picker(key: tuple, index: int, batch: int, _record: AttentionResult, _labels: list[str] | None) -> go.Figure:
+    heads = figures.attention_heads_figure(_record, batch, query_labels=_labels, key_labels=_labels)
+    return why_figures.cell_picker(heads, _record)
 
 
 # ---------------------------------------------------------------------------------------------------------

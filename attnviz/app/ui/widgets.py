@@ -3,11 +3,28 @@
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
 import streamlit as st
 
 from attnviz.engine import AttentionResult
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def view_fragment(func: _F) -> _F:
+    """``st.fragment(func)``: a page's view options (a figure's colouring, a head, a stage) rerun only this part.
+
+    A widget inside reruns the fragment alone; a widget outside (the sidebar's configuration) reruns the whole
+    page, this part included, with the arguments of that run. ``ATTNVIZ_FRAGMENTS=0`` draws the part as a plain
+    function (every change reruns the page), to measure the difference (scripts/bench_browser.py --ab)."""
+    if os.environ.get("ATTNVIZ_FRAGMENTS", "1").strip() == "0":
+        return func
+    return st.fragment(func)
+
 
 POLICY_EFFECT = {
     "zeros": "their probabilities and head outputs are all 0 (the output is just the output bias)",
