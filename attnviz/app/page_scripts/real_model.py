@@ -12,7 +12,7 @@ from attnviz.pagemodels import real_model as rms
 st.title("Real model")
 try:
     rm.url_ui()  # a shared link (rm_* params) sets the widgets on the page's first run
-    source = rm.source_ui()
+    source = rm.source_ui()  # MiniLM, the packaged decoder, or a local directory
     config = rm.text_ui()  # drawn before the source is checked, so a bad path never hides the text
     path = rm.model_dir(source)
     loaded = rm.load_model_ui(path)

