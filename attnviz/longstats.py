@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,13 +30,15 @@ from attnviz import masks as masks_lib
 from attnviz.engine import (
     MASKED_ROW_POLICIES,
     ScoreMod,
+    _head_scale,
+    _validated_score_mod,
     as_mask,
     check_choice,
+    compute_logits,
     default_tile_elements,
     probability_tiles,
+    validate_sinks,
 )
-from attnviz.memory import estimate_attention_bytes
-from attnviz.pooling import pool_by
 
 __all__ = [
     "AttentionSummary",
@@ -71,6 +74,7 @@ class AttentionSummary:
     top_keys: Tensor  # (n, t, k) their key positions
     sink_mass: Tensor  # (n, t) probability on key 0 (attention sinks put most of a row here)
     local_mass: Tensor  # (n, t) probability on keys within local_window of the query's aligned position
+    received: Tensor  # (n, s) attention each key receives: its column sum over the query rows that attend
     fully_masked: Tensor  # (n, t) bool
     kv_head_of: tuple[int, ...]  # (n,) the kv head each summarised query head reads
     t: int  # queries
@@ -170,13 +174,6 @@ def _keep_tensor(mask, b: int, h: int, t: int, s: int, device: torch.device) -> 
     return None if mask_fn is None else mask_fn.materialize(b, h, t, s, device=device)
 
 
-def _at_batch(keep: Tensor | None, batch: int) -> Tensor | None:
-    """The (1, h|1, t, s) part of a (b|1, h|1, t, s) keep mask that belongs to batch item ``batch``."""
-    if keep is None:
-        return None
-    return keep[batch : batch + 1] if keep.shape[0] > 1 else keep
-
-
 @dataclass(frozen=True)
 class _BatchShifted:
     """A score_mod called on one batch item sliced out of the call: it still sees the item's true batch index."""
@@ -194,22 +191,27 @@ class _BatchShifted:
             check(heads)
 
 
+@dataclass(frozen=True)
+class _Shifted:
+    """A score_mod called on query rows first_row.. of one batch item: it still sees their true indices."""
+
+    fn: ScoreMod
+    batch: int
+    first_row: int
+
+    def __call__(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return self.fn(score, b + self.batch, h, q_idx + self.first_row, kv_idx)
+
+    def check(self, heads: int) -> None:
+        check = getattr(self.fn, "check", None)
+        if callable(check):
+            check(heads)
+
+
 def _check_batch(batch: int, b: int) -> int:
     if not 0 <= int(batch) < b:
         raise ValueError(f"batch ({batch}) must be in [0, {b})")
     return int(batch)
-
-
-def _one_item(query: Tensor, key: Tensor, mask, score_mod, scale, batch: int):
-    """Query (1, h, t, d), key (1, g, s, d), keep mask (1, h|1, t, s), score_mod and scale of batch item ``batch``."""
-    b, h, _, t, s = _shapes(query, key)
-    batch = _check_batch(batch, b)
-    device = query.device
-    keep = _at_batch(_keep_tensor(mask, b, h, t, s, device), batch)
-    q, scale = _prescaled(_work(query[batch : batch + 1]), scale, score_mod)  # (1, h, t, d)
-    k = _work(key[batch : batch + 1])  # (1, g, s, d)
-    mod = _BatchShifted(score_mod, batch) if score_mod is not None and batch else score_mod
-    return q, k, keep, mod, scale
 
 
 def _prescaled(q: Tensor, scale, score_mod) -> tuple[Tensor, Any]:
@@ -245,13 +247,23 @@ def estimate_bytes(
     masked: bool = True,
     device: torch.device | str = "cpu",
 ) -> int:
-    """Peak bytes of ``summarize`` beyond its inputs' own storage: the (t, s) keep mask, one tile's temporaries,
-    the per-head inputs and the summaries. Pass it to ``attnviz.memory.check_memory`` to refuse too-big work."""
+    """Peak bytes of ``summarize`` beyond its inputs' own storage: one strip of the keep mask, one tile's
+    temporaries, the per-head inputs and the summaries. No (t, s) matrix is held (a Mask function is evaluated a
+    strip of rows at a time). Pass it to ``attnviz.memory.check_memory`` to refuse too-big work."""
     h, g, d = num_heads, num_kv_heads, head_dim
-    per_row = h * t * (4 * 5 + 8 * top_k)  # entropy, masses, top-k values and int64 keys
-    base = estimate_attention_bytes(1, h, g, t, s, d, d, need_weights=False, masked=masked)
-    tile = min(h * t * s, default_tile_elements(device))  # a tile's cells (larger on a GPU)
-    return base + per_row + 2 * h * pixels**2 * 4 + 4 * tile * 8
+    per_row = h * t * (4 * 5 + 12 * top_k)  # entropy, masses, fully-masked, top-k values and int64 keys
+    inputs = 4 * d * (h * t + 2 * g * s)  # float32 queries, keys, values
+    tile = default_tile_elements(device)  # a tile's cells (larger on a GPU)
+    strip = 6 * MASK_STRIP_CELLS if masked else 0  # the mask strip, its uint8 view and block counts
+    return inputs + per_row + 4 * h * s + 3 * h * pixels**2 * 4 + 4 * tile * 4 + strip
+
+
+def _pool_factors(t: int, s: int, pixels: int, span: int) -> tuple[int, int]:
+    """Query rows and keys per pooled cell: a fixed span of positions (``span`` >= 1) or at most ``pixels``
+    cells per axis."""
+    if span:
+        return min(span, t), min(span, s)
+    return math.ceil(t / pixels), math.ceil(s / pixels)
 
 
 def summarize(
@@ -263,6 +275,7 @@ def summarize(
     scale: float | Tensor | None = None,
     masked_rows: str = "zeros",
     pixels: int = 512,
+    span: int = 0,
     top_k: int = 5,
     local_window: int = 16,
     aligned_offset: int = 0,
@@ -271,25 +284,32 @@ def summarize(
     sinks: Tensor | None = None,
     tile_elements: int | None = None,
 ) -> AttentionSummary:
-    """Stream every head of batch item ``batch`` once and keep the pooled maps and row summaries.
+    """Stream every head of batch item ``batch`` once and keep the pooled maps and row and key summaries.
 
     Args:
         query: (b, h, t, d). key: (b, g, s, d); query head u reads kv head u // (h // g).
-        mask / score_mod / scale / masked_rows / sinks: as ``attnviz.attention`` (and ``probability_tiles``).
+        mask / score_mod / scale / masked_rows / sinks: as ``attnviz.attention``.
         pixels: pooled cells per axis at most; each pooled cell covers ceil(t / pixels) x ceil(s / pixels).
+        span: pool by fixed spans of this many positions per axis instead (0 = by ``pixels``).
         top_k: keys listed per query row (at most s). local_window: local_mass counts the keys with
             |key - (query + aligned_offset)| < local_window. aligned_offset: s - t under bottom-right alignment.
         heads: the query heads to summarise (default all), in panel order.
         tile_elements: cells per tile (default: the device's, see ``engine.default_tile_elements``).
 
-    Nothing of size t*s per head is held: the keep mask is materialised once (it costs t*s booleans unless the
-    mask itself differs per head) and the probabilities exist one tile at a time.
+    One fused pass per tile (a few query rows of one or more heads against the keys those rows can reach):
+    q·kᵀ, the mask on the blocks that are only partly attendable, softmax, then every statistic from that tile
+    while it is in cache: block sums and maxima (pooling and top-k: the k largest values lie in the k blocks with
+    the largest maxima), Σ p·logit (entropy = lse − E_p[logit], with lse read off the top key), column sums
+    (attention received) as one (1, rows) x (rows, keys) product. Keys that no row of the tile can attend are
+    never scored (half the work under a causal mask). Nothing of size t*s is held.
     """
     start = time.perf_counter()
     b, h, g, t, s = _shapes(query, key)
     check_choice("masked_rows", masked_rows, MASKED_ROW_POLICIES)
     if not isinstance(pixels, int) or pixels < 1:
         raise ValueError(f"pixels ({pixels}) must be an integer of at least 1")
+    if not isinstance(span, int) or span < 0:
+        raise ValueError(f"span ({span}) must be a non-negative integer (0 = pool by pixels)")
     if not isinstance(top_k, int) or not 1 <= top_k <= s:
         raise ValueError(f"top_k ({top_k}) must be an integer in [1, {s}] (the number of keys)")
     if not isinstance(local_window, int) or local_window < 0:
@@ -297,73 +317,142 @@ def summarize(
     head_list = list(range(h)) if heads is None else [int(u) for u in heads]
     if not head_list or any(not 0 <= u < h for u in head_list) or len(set(head_list)) != len(head_list):
         raise ValueError(f"heads {head_list} must be distinct query heads in [0, {h}), at least one")
-    q, k, keep, mod, scale = _one_item(query, key, mask, score_mod, scale, batch)
-    device = q.device
+    batch = _check_batch(batch, b)
+    device = query.device
+    group = h // g
+    q, scale = _prescaled(_work(query[batch : batch + 1]), scale, score_mod)  # (1, h, t, d)
+    k = _work(key[batch : batch + 1])  # (1, g, s, d)
+    q, k = q.contiguous(), k.contiguous()
+    mod = _BatchShifted(score_mod, batch) if score_mod is not None and batch else score_mod
+    if mod is not None:
+        _validated_score_mod(mod, b, h, t, s, device)
+    sink_h = None if sinks is None else validate_sinks(sinks, h).to(device=device, dtype=q.dtype)  # (h,)
+    keep_rows = _MaskRows(mask, b, h, t, s, batch, device)
+    may_be_infinite = not (bool(torch.isfinite(q).all()) and bool(torch.isfinite(k).all()))
+    # Plain q·kᵀ into the tile (q already scaled); otherwise the engine's compute_logits and the score_mod.
+    plain = mod is None and isinstance(scale, float) and scale == 1.0 and not may_be_infinite
+    # Rows whose logits may all be -inf without the mask saying so are found in the tile (one more pass).
+    check_rows = not plain
+    policy = "zeros" if sink_h is not None else masked_rows  # with sinks a row with no key is 0 (the sink's)
+    full_span_rows = policy != "zeros"  # "uniform" / "nan" rows have a value on every key
+
     n = len(head_list)
-    position = {u: i for i, u in enumerate(head_list)}
-    fr, fc = math.ceil(t / pixels), math.ceil(s / pixels)
+    fr, fc = _pool_factors(t, s, pixels, span)
     r, c = math.ceil(t / fr), math.ceil(s / fc)
     offset, w = int(aligned_offset), local_window
+    tile_cap = default_tile_elements(device) if tile_elements is None else max(1, int(tile_elements))
 
-    # The summaries stay on the compute device until the end: one copy to the host, not one per tile.
-    pooled_max = torch.empty(n, r, c, device=device)
-    pooled_sum = torch.empty(n, r, c, device=device)
-    entropy, sink, local = (torch.empty(n, t, device=device) for _ in range(3))
-    top_values = torch.empty(n, t, top_k, device=device)
-    top_keys = torch.empty(n, t, top_k, dtype=torch.long, device=device)
-    fully = torch.empty(n, t, dtype=torch.bool, device=device)
+    pooled_max = torch.zeros(n, r, c, device=device)
+    pooled_sum = torch.zeros(n, r, c, device=device)
+    entropy, sink, local = (torch.zeros(n, t, device=device) for _ in range(3))
+    received = torch.zeros(n, s, device=device)
+    top_values = torch.zeros(n, t, top_k, device=device)
+    top_keys = torch.zeros(n, t, top_k, dtype=torch.long, device=device)
+    fully = torch.zeros(n, t, dtype=torch.bool, device=device)
+    counts = torch.zeros(1, r, c, device=device)  # attendable positions per pooled cell (per head if the mask is)
+
+    # Panels in runs of consecutive panels that read one kv head: a run's queries share one key matrix, so its
+    # heads are scored in one product.
+    runs: list[tuple[int, list[int]]] = []  # (first panel, query heads)
+    for i, u in enumerate(head_list):
+        prev = runs[-1][1][-1] if runs else -2
+        if prev + 1 == u and prev // group == u // group and len(runs[-1][1]) < max(1, tile_cap // s):
+            runs[-1][1].append(u)
+        else:
+            runs.append((i, [u]))
+    block_cells = torch.tensor([min(fc, s - j * fc) for j in range(c)], dtype=torch.int32)  # (c,)
 
     with torch.no_grad():
-        # Attendable positions per pooled cell: once when the mask is the same for every head, else per head.
-        if keep is None:
-            row_sizes = torch.tensor([min(fr, t - a) for a in range(0, t, fr)], device=device)  # (r,)
-            col_sizes = torch.tensor([min(fc, s - a) for a in range(0, s, fc)], device=device)  # (c,)
-            counts = (row_sizes[:, None] * col_sizes[None, :]).float()[None]  # (1, r, c)
-        elif keep.shape[1] == 1:
-            counts = pool_by(keep[0, 0], fr, fc, "sum").values[None]  # (1, r, c)
-        else:
-            counts = torch.stack([pool_by(keep[0, u], fr, fc, "sum").values for u in head_list])  # (n, r, c)
-
-        tiles = probability_tiles(
-            q,
-            k,
-            mask=keep,
-            scale=scale,
-            score_mod=mod,
-            masked_rows=masked_rows,
-            tile_elements=tile_elements,
-            heads=None if heads is None else head_list,
-            row_multiple=fr,  # every tile starts on a pooled row, so rows pool tile by tile
-            **_sinks(sinks),
-        )
-        for tile in tiles:
-            first = position[tile.h.start]
-            hp = slice(first, first + tile.h.stop - tile.h.start)  # panels of this tile's heads
-            rows = tile.rows
-            p = tile.probs[0]  # (th, tr, s); masked cells are exactly 0 (fully-masked rows follow the policy)
-            pr = slice(rows.start // fr, -(-rows.stop // fr))
-            pooled_max[hp, pr] = pool_by(p, fr, fc, "max").values
-            pooled_sum[hp, pr] = pool_by(p, fr, fc, "sum").values
-            entropy[hp, rows] = torch.special.entr(p).sum(-1)  # -Σ p log p, with 0 log 0 = 0
-            top_values[hp, rows], top_keys[hp, rows] = torch.topk(p, top_k, dim=-1)  # (th, tr, k) each
-            sink[hp, rows] = p[..., 0]
-            # Local mass only needs the band of columns the tile's windows can reach, not all s keys.
-            lo = max(0, rows.start + offset - w + 1)
-            hi = min(s, rows.stop - 1 + offset + w)
-            if lo < hi:
-                q_pos = torch.arange(rows.start, rows.stop, device=device)[:, None] + offset  # (tr, 1)
-                kv_pos = torch.arange(lo, hi, device=device)[None, :]  # (1, band)
-                local[hp, rows] = (p[..., lo:hi] * ((kv_pos - q_pos).abs() < w)).sum(-1)  # (th, tr)
+        strip_rows = max(fr, (MASK_STRIP_CELLS // (s * (h if keep_rows.tensor is not None else 1))) // fr * fr)
+        for s0 in range(0, t, strip_rows):
+            s1 = min(t, s0 + strip_rows)
+            rs = s1 - s0
+            if keep_rows.present:
+                keep = keep_rows.rows(s0, s1)  # (m, rs, s) bool
+                spans = _row_spans(keep, s0, fr, fc)
+                if counts.shape[0] < spans.counts.shape[0]:
+                    counts = counts.expand(spans.counts.shape[0], r, c).clone()
+                counts[:, spans.p0 : spans.p0 + spans.counts.shape[1]] += spans.counts
+                row_fully = spans.dead  # (m, rs)
+                # The mask's own spans decide which keys of a tile need masking (_ragged); first / last, the
+                # keys each row is scored against, may be wider.
+                mask_first, mask_last, dense = spans.first, spans.last, spans.interval
+                first, last = mask_first, mask_last
+                if full_span_rows:
+                    # A fully-masked row under "uniform" / "nan" has a value on every key: score it against all
+                    # (every row, when a score_mod may empty a row on its own). Only the scored span widens: the
+                    # widened rows are not attendable over it, so they must still be masked by their own spans.
+                    wide = np.ones(rs, dtype=bool) if check_rows else spans.dead.any(0).cpu().numpy()
+                    first, last = np.where(wide, 0, first), np.where(wide, s - 1, last)
             else:
-                local[hp, rows] = p[..., 0] * 0.0  # no key in reach: 0, and NaN on rows the "nan" policy left NaN
-            fully[hp, rows] = tile.fully_masked[0]
+                keep = None
+                row_fully = torch.zeros(1, rs, dtype=torch.bool, device=device)
+                first, last = np.zeros(rs, dtype=np.int64), np.full(rs, s - 1, dtype=np.int64)
+                mask_first, mask_last, dense = first, last, np.zeros(rs, dtype=bool)
+            for first_panel, run in runs:
+                th = len(run)
+                hp = slice(first_panel, first_panel + th)
+                u0 = run[0]
+                k_run = k[0, u0 // group]  # (s, d): the kv head every query head of the run reads
+                run_index = torch.tensor(run, device=device)
+                for i0, i1, lo, hi in _tiles(first, last, th, fc, s, top_k, tile_cap):
+                    rows = slice(s0 + i0, s0 + i1)
+                    tr = i1 - i0
+                    q_run = q[0, u0 : u0 + th, rows]  # (th, tr, d): consecutive query heads
+                    if plain:
+                        # One (th * tr, d) x (d, cols) product: the heads share the key matrix (kᵀ is a view).
+                        flat = q_run.reshape(th * tr, -1)
+                        logits = torch.mm(flat, k_run[lo:hi].transpose(0, 1)).view(th, tr, hi - lo)
+                    else:
+                        logits = _scored(q_run, k_run[lo:hi], scale, mod, run, rows, lo, hi, h)
+                    if keep is not None:
+                        for a, z in _ragged(mask_first[i0:i1], mask_last[i0:i1], dense[i0:i1], lo, hi):
+                            sub = keep[:, i0:i1, a:z]  # (m, tr, z - a)
+                            if sub.shape[0] > 1:
+                                sub = sub[run_index]  # (th, tr, z - a): this run's heads
+                            logits[..., a - lo : z - lo].masked_fill_(~sub, FILL)
+                    # Rows with nothing to attend: from the mask, and (score_mod, infinite inputs) from the logits.
+                    row_dead = row_fully[:, i0:i1]  # (m, tr)
+                    if row_dead.shape[0] > 1:
+                        row_dead = row_dead[run_index]
+                    row_dead = row_dead.expand(th, tr)
+                    if check_rows:
+                        row_dead = row_dead | (logits.amax(-1) <= FILL)  # NaN rows count as scored
+                    probs = torch.softmax(logits, dim=-1)  # (th, tr, cols)
+                    dead_any = bool(row_dead.any())
+                    if dead_any:
+                        fill = {"zeros": 0.0, "uniform": 1.0 / s, "nan": float("nan")}[policy]
+                        probs.masked_fill_(row_dead.unsqueeze(-1), fill)
+                    _tile_statistics(
+                        probs,
+                        logits,
+                        row_dead,
+                        dead_any,
+                        policy,
+                        None if sink_h is None else sink_h[u0 : u0 + th],
+                        out=(pooled_max, pooled_sum, entropy, sink, local, received, top_values, top_keys, fully),
+                        hp=hp,
+                        rows=rows,
+                        lo=lo,
+                        fr=fr,
+                        fc=fc,
+                        s=s,
+                        top_k=top_k,
+                        w=w,
+                        offset=offset,
+                    )
 
-    keep_any = (counts > 0).expand(n, r, c)
+    if keep_rows.present:
+        per_head = counts.shape[0] > 1
+        counts_n = counts[torch.tensor(head_list, device=device)] if per_head else counts  # (n|1, r, c)
+    else:
+        row_sizes = torch.tensor([min(fr, t - a) for a in range(0, t, fr)], device=device)  # (r,)
+        counts_n = (row_sizes[:, None] * block_cells.to(device)[None, :]).float()[None]  # (1, r, c)
+    keep_any = (counts_n > 0).expand(n, r, c)
     nan = torch.tensor(float("nan"), device=device)
-    group = h // g
     return AttentionSummary(
         pooled_max=torch.where(keep_any, pooled_max, nan).cpu(),
-        pooled_mean=torch.where(keep_any, pooled_sum / counts.clamp_min(1), nan).cpu(),
+        pooled_mean=torch.where(keep_any, pooled_sum / counts_n.clamp_min(1), nan).cpu(),
         keep_any=keep_any.cpu(),
         row_edges=tuple(range(0, t, fr)),
         col_edges=tuple(range(0, s, fc)),
@@ -374,6 +463,7 @@ def summarize(
         top_keys=top_keys.cpu(),
         sink_mass=sink.cpu(),
         local_mass=local.cpu(),
+        received=received.cpu(),
         fully_masked=fully.cpu(),
         kv_head_of=tuple(u // group for u in head_list),
         t=t,
@@ -385,6 +475,293 @@ def summarize(
         masked_rows=masked_rows,
         seconds=time.perf_counter() - start,
     )
+
+
+@dataclass(frozen=True)
+class _Spans:
+    """What one strip of the keep mask says about its rows (m = 1 or every query head)."""
+
+    first: np.ndarray  # (rs,) first attendable key of each row in any head (s if none)
+    last: np.ndarray  # (rs,) last attendable key (-1 if none)
+    interval: np.ndarray  # (rs,) bool: the row's attendable keys are exactly first..last in every head
+    dead: Tensor  # (m, rs) bool: the row has no attendable key
+    p0: int  # first pooled row of the strip
+    counts: Tensor  # (m, pooled rows, c) attendable cells per pooled cell
+
+
+def _row_spans(keep: Tensor, s0: int, fr: int, fc: int) -> _Spans:
+    """Per-row key spans of a mask strip (m, rs, s) and its attendable cells per pooled cell: a few passes over
+    bools, once per strip (shared by every head when the mask is). No pass converts the strip to a wider type."""
+    m, rs, s = keep.shape
+    k8 = keep.view(torch.uint8)
+    dead = ~keep.any(-1)  # (m, rs)
+    first = torch.where(dead, s, k8.argmax(-1))  # argmax returns the first maximal index: the first True
+    last = torch.where(dead, -1, (s - 1) - k8.flip(-1).argmax(-1))
+    # Attendable cells per pooled cell: rows first, added as int16 (exact), then key blocks.
+    whole, rest = rs // fr * fr, rs % fr
+    pieces = []
+    if whole:
+        acc = torch.zeros(m, whole // fr, s, dtype=torch.int16, device=keep.device)
+        for j in range(fr):
+            acc.add_(k8[:, j:whole:fr])
+        pieces.append(acc)
+    if rest:
+        pieces.append(k8[:, whole:].sum(1, keepdim=True, dtype=torch.int16))
+    by_rows = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)  # (m, pooled rows, s)
+    pooled = _block_reduce(by_rows.to(torch.float32), fc, "sum")  # (m, pooled rows, c)
+    # Every row is an interval first..last exactly when the pooled counts are what intervals would give (a row's
+    # attendable keys lie within first..last, so any hole makes some count smaller).
+    c = pooled.shape[-1]
+    c0 = torch.arange(c, device=keep.device) * fc  # (c,)
+    c1 = torch.clamp(c0 + fc, max=s)
+    span = (torch.minimum(last[..., None] + 1, c1) - torch.maximum(first[..., None], c0)).clamp_min(0)  # (m, rs, c)
+    if rest:
+        span = torch.cat([span, span.new_zeros(m, fr - rest, c)], 1)
+    predicted = span.unflatten(1, (-1, fr)).sum(2).to(torch.float32)  # (m, pooled rows, c)
+    interval = bool(torch.equal(predicted, pooled)) and (
+        m == 1 or bool((first == first[:1]).all() and (last == last[:1]).all())
+    )
+    return _Spans(
+        first=first.amin(0).cpu().numpy(),
+        last=last.amax(0).cpu().numpy(),
+        interval=np.full(rs, interval),
+        dead=dead,
+        p0=s0 // fr,
+        counts=pooled,
+    )
+
+
+# Keys per block of the top-k search (see _tile_statistics).
+TOPK_BLOCK = 64
+# Query rows per tile at most: keeps the local-mass band (rows + 2 x window keys) and the masked triangle of a
+# causal tile small.
+MAX_TILE_ROWS = 512
+
+
+def _tiles(first: np.ndarray, last: np.ndarray, th: int, fc: int, s: int, top_k: int, cap: int):
+    """(first row, stop row, first key, stop key) of each tile of a strip: as many rows (at most MAX_TILE_ROWS)
+    as keep th x rows x (keys the rows reach, widened to whole pooled columns) under ``cap`` cells. ``first`` /
+    ``last`` (rows,) are each row's first and last attendable key (s and -1 for a row that reaches none)."""
+    rows = len(first)
+    i = 0
+    while i < rows:
+        stop = min(rows, i + MAX_TILE_ROWS)
+        lo = np.minimum.accumulate(first[i:stop]) // fc * fc
+        hi = np.minimum(s, (np.maximum.accumulate(last[i:stop]) // fc + 1) * fc)
+        width = np.clip(hi - lo, 1, s)
+        cost = th * np.arange(1, stop - i + 1) * width
+        n = max(1, int(np.searchsorted(cost, cap, side="right")))
+        a, z = int(lo[n - 1]), int(hi[n - 1])
+        if z <= a:  # no row reaches a key (every row fully masked): score the first keys
+            a, z = 0, 0
+        if z - a < top_k:  # at least top_k keys, so top-k has k candidates (the extra ones are masked)
+            z = min(s, max(z, a + top_k))
+            a = max(0, min(a, z - top_k) // fc * fc)
+        yield i, i + n, a, z
+        i += n
+
+
+def _ragged(first: np.ndarray, last: np.ndarray, interval: np.ndarray, lo: int, hi: int) -> list[tuple[int, int]]:
+    """The key ranges of a tile [lo, hi) that the mask must be applied to: all of it, unless every row that
+    attends is an interval, when the keys every such row attends (max first .. min last) need no mask."""
+    live = last >= 0
+    if not live.any() or not interval[live].all():
+        return [(lo, hi)]
+    a, z = int(first[live].max()), int(last[live].min()) + 1
+    if a >= z:
+        return [(lo, hi)]
+    return [(x, y) for x, y in ((lo, max(lo, a)), (min(hi, z), hi)) if x < y]
+
+
+def _scored(q_run: Tensor, k_cols: Tensor, scale, mod, run: list[int], rows: slice, lo: int, hi: int, h: int):
+    """Logits (th, tr, cols) of a run of heads with a tensor scale or a score_mod: the engine's compute_logits
+    and the score_mod on this tile's true indices. -inf becomes FILL (rows left with nothing are found later)."""
+    hs = slice(run[0], run[-1] + 1)
+    logits = compute_logits(
+        q_run[None], k_cols[None, None], score_mode="scaled_dot", scale=_head_scale(scale, hs, h)
+    )  # (1, th, tr, cols)
+    if mod is not None:
+        device = q_run.device
+        index = (
+            torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device),
+            torch.arange(hs.start, hs.stop, device=device).view(1, -1, 1, 1),
+            torch.arange(rows.start, rows.stop, device=device).view(1, 1, -1, 1),
+            torch.arange(lo, hi, device=device).view(1, 1, 1, -1),
+        )
+        logits = mod(logits, *index)
+    logits = torch.broadcast_to(logits, (1, len(run), rows.stop - rows.start, hi - lo))[0]
+    return torch.clamp(logits, min=FILL)  # a new tensor: -inf -> FILL, NaN stays NaN
+
+
+def _tile_statistics(
+    probs, logits, row_dead, dead_any, policy, sinks, *, out, hp, rows, lo, fr, fc, s, top_k, w, offset
+):
+    """Every statistic of one tile: probs and logits (th, tr, cols) over keys lo.., rows ``rows``."""
+    pooled_max, pooled_sum, entropy, sink, local, received, top_values, top_keys, fully = out
+    th, tr, cols = probs.shape
+    device = probs.device
+    # Top-k: the k largest values lie in the k blocks (of TOPK_BLOCK keys) with the largest maxima (a value outside
+    # them is beaten by k block maxima), so one cheap block-max pass and k blocks replace a top-k over every key.
+    block = min(TOPK_BLOCK, max(1, cols // top_k))
+    if block == 1:
+        tv, tk = torch.topk(probs, top_k, dim=-1)  # (th, tr, k)
+    else:
+        bmax = _block_reduce(probs, block, "max")  # (th, tr, ceil(cols / block))
+        _, best = torch.topk(bmax, min(top_k, bmax.shape[-1]), dim=-1)  # (th, tr, kb)
+        cand = (best.unsqueeze(-1) * block + torch.arange(block, device=device)).flatten(-2)  # (th, tr, kb * block)
+        outside = cand >= cols
+        cand = cand.clamp_max(cols - 1)
+        vals = probs.gather(-1, cand).masked_fill_(outside, float("-inf"))
+        tv, pick = torch.topk(vals, top_k, dim=-1)
+        tk = cand.gather(-1, pick)
+    # H = lse - E_p[logit] = -log p_max + E_p[m - logit] with m the row's largest logit: two non-negative terms,
+    # so nothing cancels (lse - E_p[logit] directly loses ~1e-6 to rounding). The logits are not needed after.
+    top = logits.gather(-1, tk[..., :1])  # (th, tr, 1): m
+    log_top = torch.log(tv[..., 0])  # (th, tr)
+    lse = top.squeeze(-1) - log_top
+    entropy_p = (-torch.linalg.vecdot(probs, logits.sub_(top)) - log_top).clamp_min(0.0)
+    factor = None
+    if sinks is not None:
+        # The sink takes sigmoid(sink - lse) of each row; the keys share the rest (every statistic is linear in p).
+        factor = torch.sigmoid(lse - sinks.view(-1, 1)).masked_fill(row_dead, 0.0)  # (th, tr)
+        entropy_p = factor * entropy_p - torch.special.xlogy(factor, factor)
+        tv = tv * factor[..., None]
+    if dead_any:
+        dead_entropy = {"zeros": 0.0, "uniform": math.log(s), "nan": float("nan")}[policy]
+        entropy_p = entropy_p.masked_fill(row_dead, dead_entropy)
+    # Pooled cells: rows first (a reduction across rows is vectorised along the keys), then key blocks. With sinks
+    # each row is weighted by its keys' share first.
+    weighted = probs if factor is None else probs * factor[..., None]
+    p0, ps = _row_groups(weighted, rows.start, fr, "sum")
+    _, pm = _row_groups(weighted, rows.start, fr, "max")
+    ps, pm = _block_reduce(ps, fc, "sum"), _block_reduce(pm, fc, "max")  # (th, pooled rows, blocks)
+    c0 = lo // fc
+    here = (hp, slice(p0, p0 + ps.shape[1]), slice(c0, c0 + ps.shape[2]))
+    pooled_sum[here] += ps
+    torch.maximum(pooled_max[here], pm, out=pooled_max[here])
+    entropy[hp, rows] = entropy_p
+    top_values[hp, rows] = tv
+    top_keys[hp, rows] = tk + lo
+    weight = factor if factor is not None else None
+    if lo == 0:
+        sink[hp, rows] = probs[..., 0] if weight is None else probs[..., 0] * weight
+    # Local mass: only the band of keys the tile's windows reach.
+    band_lo = max(lo, rows.start + offset - w + 1)
+    band_hi = min(lo + cols, rows.stop - 1 + offset + w)
+    if band_lo < band_hi:
+        q_pos = torch.arange(rows.start, rows.stop, device=device)[:, None] + offset  # (tr, 1)
+        kv_pos = torch.arange(band_lo, band_hi, device=device)[None, :]  # (1, band)
+        near = ((kv_pos - q_pos).abs() < w).to(probs.dtype)  # (tr, band)
+        mass = torch.linalg.vecdot(probs[..., band_lo - lo : band_hi - lo], near)  # (th, tr)
+        local[hp, rows] = mass if weight is None else mass * weight
+    else:
+        local[hp, rows] = probs[..., 0] * 0.0  # no key in reach: 0, and NaN on rows the "nan" policy left NaN
+    # Attention received: column sums over the rows that attend (rows with nothing to attend do not count).
+    live = (~row_dead).to(probs.dtype) if weight is None else weight
+    if dead_any and policy != "zeros":
+        col = (probs.nan_to_num(0.0) * live.unsqueeze(-1)).sum(-2)  # (th, cols)
+    elif weight is None and not dead_any:
+        col = probs.sum(-2)
+    else:
+        col = torch.bmm(live.unsqueeze(1), probs).squeeze(1)  # (th, 1, tr) @ (th, tr, cols)
+    received[hp, lo : lo + cols] += col
+    fully[hp, rows] = row_dead
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The fused statistics pass
+# ------------------------------------------------------------------------------------------------------------
+
+# A masked logit inside a tile: exp(FILL - row max) underflows to exactly 0 and 0 * FILL = 0, so the entropy's
+# sum of p * logit needs no masking (a -inf there would give 0 * -inf = NaN).
+FILL = -1e30
+# Rows of the keep mask evaluated at once (bools): bounds the mask's temporaries whatever t and s are.
+MASK_STRIP_CELLS = 1 << 24
+
+
+class _MaskRows:
+    """The keep mask one strip of query rows at a time, (m, R, s) bool with m = 1 or every query head: from a
+    bool tensor (a view, no copy) or evaluated from a Mask function on the strip's indices only, so a 131,072²
+    causal mask is never materialised."""
+
+    def __init__(self, mask, b: int, h: int, t: int, s: int, batch: int, device: torch.device):
+        self.t, self.s, self.h = t, s, h
+        self.tensor: Tensor | None = None
+        self.fn: masks_lib.Mask | None = None
+        self.device = device
+        if isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.dim() in (2, 3, 4):
+            m4 = mask[None, None] if mask.dim() == 2 else (mask[:, None] if mask.dim() == 3 else mask)
+            if masks_lib.broadcasts_to(tuple(m4.shape), (b, h, t, s)):
+                m4 = m4[batch : batch + 1] if m4.shape[0] > 1 else m4  # (1, h|1, t|1, s|1)
+                self.tensor = m4.to(device)
+        if self.tensor is None:
+            self.fn = as_mask(mask)
+            if self.fn is not None:
+                self.fn.validate(b, h, t, s)
+                self.batch = torch.full((1, 1, 1, 1), batch, device=device)
+                self.heads = torch.arange(h, device=device).view(1, h, 1, 1)
+                self.keys = torch.arange(s, device=device).view(1, 1, 1, s)
+
+    @property
+    def present(self) -> bool:
+        return self.tensor is not None or self.fn is not None
+
+    def rows(self, r0: int, r1: int) -> Tensor:
+        """(m, r1 - r0, s) bool, contiguous."""
+        if self.tensor is not None:
+            part = self.tensor[0, :, r0:r1] if self.tensor.shape[2] > 1 else self.tensor[0]
+        else:
+            assert self.fn is not None
+            q_idx = torch.arange(r0, r1, device=self.device).view(1, 1, -1, 1)
+            out = torch.as_tensor(self.fn(self.batch, self.heads, q_idx, self.keys, t=self.t, s=self.s))
+            out = out.to(dtype=torch.bool, device=self.device)
+            while out.dim() < 4:
+                out = out.unsqueeze(0)
+            part = out[0]
+        m = part.shape[0]
+        return torch.broadcast_to(part, (m, r1 - r0, self.s)).contiguous()
+
+
+def _block_reduce(x: Tensor, fc: int, op: str) -> Tensor:
+    """(..., cols) -> (..., ceil(cols / fc)): sum or max over consecutive blocks of fc columns (the last may be
+    shorter). ``x`` only needs a contiguous last axis."""
+    cols = x.shape[-1]
+    if fc == 1:
+        return x
+    full = cols // fc
+    parts = []
+    if full:
+        blocks = x[..., : full * fc].unflatten(-1, (full, fc))  # (..., full, fc): a view
+        parts.append(blocks.sum(-1) if op == "sum" else blocks.amax(-1))
+    if cols > full * fc:
+        rest = x[..., full * fc :]
+        parts.append(rest.sum(-1, keepdim=True) if op == "sum" else rest.amax(-1, keepdim=True))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+
+def _row_groups(x: Tensor, first_row: int, fr: int, op: str) -> tuple[int, Tensor]:
+    """Rows first_row.. of x (th, tr, c) reduced per pooled row (fr rows each, counted from row 0): returns
+    (first pooled row, (th, pooled rows, c)). A tile need not start or stop on a pooled row."""
+    tr = x.shape[1]
+    p0 = first_row // fr
+    if fr == 1:
+        return p0, x
+
+    def reduce(y: Tensor, dim: int) -> Tensor:
+        return y.sum(dim) if op == "sum" else y.amax(dim)
+
+    stop = first_row + tr
+    pieces = []
+    a = first_row
+    if first_row % fr:  # starts inside a pooled row
+        a = min(stop, (p0 + 1) * fr)
+        pieces.append(reduce(x[:, : a - first_row], 1).unsqueeze(1))
+    whole = a + (stop - a) // fr * fr
+    if whole > a:  # whole pooled rows: one view, (th, k, fr, c)
+        pieces.append(reduce(x[:, a - first_row : whole - first_row].unflatten(1, (-1, fr)), 2))
+    if stop > whole:  # ends inside a pooled row
+        pieces.append(reduce(x[:, whole - first_row :], 1).unsqueeze(1))
+    return p0, pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
 
 
 def check_region(
@@ -434,7 +811,15 @@ def zoom(
     _, h, _, t, s = _shapes(query, key)
     check_choice("masked_rows", masked_rows, MASKED_ROW_POLICIES)
     (r0, r1), (c0, c1) = check_region(t, s, h, head, rows, cols, max_cells)
-    q, k, keep, mod, scale = _one_item(query, key, mask, score_mod, scale, batch)
+    b = query.shape[0]
+    batch = _check_batch(batch, b)
+    # Only the region's query rows: their queries, their rows of the mask (a Mask function is evaluated on those rows
+    # only, so a zoom at t = 131,072 never builds the whole mask) and a score_mod told their true positions.
+    q, scale = _prescaled(_work(query[batch : batch + 1, :, r0:r1]), scale, score_mod)  # (1, h, rr, d)
+    k = _work(key[batch : batch + 1])  # (1, g, s, d)
+    mask_rows = _MaskRows(mask, b, h, t, s, batch, q.device)
+    keep = mask_rows.rows(r0, r1)[None] if mask_rows.present else None  # (1, m, rr, s)
+    mod = _Shifted(score_mod, batch, r0) if score_mod is not None and (batch or r0) else score_mod
     probs, logits, kept, mass = [], [], [], []
     with torch.no_grad():
         for tile in probability_tiles(
@@ -446,7 +831,6 @@ def zoom(
             masked_rows=masked_rows,
             tile_elements=tile_elements,
             heads=[int(head)],
-            rows=(r0, r1),
             **_sinks(sinks),
         ):
             p = tile.probs[0, 0]  # (tr, s)

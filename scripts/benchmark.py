@@ -17,8 +17,10 @@ Sections (all float32 unless --dtype, batch 1, head dim 64, model dim = heads * 
   3. long-sequence views: time to stream and pool every head, figure build time and payload bytes vs t.
      Goal: payload flat above the pixel budget, <= 2 MB at t = s = 8192 with 16 heads.
   4. peak memory of a scores+output call and of the streamed view vs the size of the probability tensor.
+  5. long: the Long sequences page's fused statistics pass against the tile-by-tile pass it replaced, up to
+     t = 32,768, the default page's analyze() and each view's payload (scripts/bench_long.py; CPU only).
 Times are medians over --repeats runs after one warm-up; attnviz and torch alternate so drift hits both.
-Sections are named (scores,output,views,memory) or numbered (1,2,3,4).
+Sections are named (scores,output,views,memory,long) or numbered (1,2,3,4,5).
 
 --hog (section 1): each case's scores+output is also timed while a CPU-bound process (`while True: pass`) runs
 beside it, busy and quiet blocks alternating (quiet, busy, quiet, busy), and a second table gives the quiet and
@@ -418,7 +420,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 5, quick 2)")
     parser.add_argument("--json", type=Path, help="write the raw results here")
-    parser.add_argument("--sections", default="scores,output,views,memory", help="names or numbers 1-4, commas")
+    parser.add_argument("--sections", default="scores,output,views,memory,long", help="names or numbers 1-5, commas")
     parser.add_argument(
         "--hog", action="store_true", help="section 1 also beside a CPU-bound process (robustness under contention)"
     )
@@ -448,12 +450,13 @@ def main(argv=None) -> int:
         output=[],
         views=[],
         memory=[],
+        long=[],
     )
-    numbered = {"1": "scores", "2": "output", "3": "views", "4": "memory"}
+    numbered = {"1": "scores", "2": "output", "3": "views", "4": "memory", "5": "long"}
     sections = [numbered.get(x.strip(), x.strip()) for x in args.sections.split(",")]
     unknown = sorted(set(sections) - set(numbered.values()))
     if unknown:
-        parser.error(f"unknown sections {unknown}; choose from {sorted(numbered.values())} or 1-4")
+        parser.error(f"unknown sections {unknown}; choose from {sorted(numbered.values())} or 1-5")
     if "scores" in sections:
         results["scores"] = bench_scores(cases["scores"], repeats, device, dtype, hog=args.hog)
     if "output" in sections:
@@ -462,8 +465,16 @@ def main(argv=None) -> int:
         results["views"] = bench_views(cases["views"], device)
     if "memory" in sections:
         results["memory"] = bench_memory(cases["memory"], device, dtype)
+    if "long" in sections and device.type == "cpu":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_long  # scripts/bench_long.py, beside this file: the Long sequences page's statistics pass
+
+        results["long"] = bench_long.long_rows(args.quick, min(repeats, 3))
     print()
     print(markdown(results))
+    if results["long"]:
+        print("\nLong sequences statistics (scripts/bench_long.py)\n")
+        print(bench_long.markdown(results["long"]))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -19,6 +19,10 @@ def test_benchmark_quick_run_writes_every_section(tmp_path, capsys):
     assert all(r["ratio"] > 0 for r in results["scores"] + results["output"])
     assert all(r["lean_ratio"] > 0 for r in results["scores"])
     assert all(r["payload_bytes"] < 2 * 2**20 for r in results["views"])
+    long = results["long"]  # section 5: the Long sequences statistics pass (scripts/bench_long.py)
+    assert {r["kind"] for r in long} == {"stream", "page", "payload"}
+    assert all(r["fused_s"] > 0 for r in long if r["kind"] == "stream")
+    assert all(r["bytes"] < 2 * 2**20 for r in long if r["kind"] == "payload")
     printed = capsys.readouterr().out
     assert "| t | heads | kv heads | reference | torch (s) | attnviz full record (s) | ratio |" in printed
 

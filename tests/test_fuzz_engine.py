@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+from dataclasses import replace
 from unittest import mock
 
 import numpy as np
@@ -1101,6 +1103,7 @@ def long_configs(draw):
         score_mod=draw(st.sampled_from(longseq.SCORE_MODS)),
         masked_rows=draw(st.sampled_from(engine.MASKED_ROW_POLICIES)),
         pixels=draw(st.integers(1, 20)),
+        span=draw(st.sampled_from([0, 0, draw(st.integers(1, 16))])),
         local_window=draw(st.integers(1, 8)),
         top_k=draw(st.integers(1, 5)),
         seed=draw(st.integers(0, 999)),
@@ -1124,7 +1127,10 @@ def test_longseq_analyze_agrees_with_a_full_resolution_zoom(config):
     r, c = result.pooled_max.shape[1:]
     assert result.pooled_max.shape == result.pooled_mean.shape == result.keep_any.shape == (h, r, c)
     assert r == math.ceil(t / result.factor_rows) and c == math.ceil(s / result.factor_cols)
-    assert r <= config.pixels and c <= config.pixels
+    if config.span:  # fixed spans of positions per pooled cell
+        assert (result.factor_rows, result.factor_cols) == (min(config.span, t), min(config.span, s))
+    else:
+        assert r <= config.pixels and c <= config.pixels
     assert result.entropy.shape == result.sink_mass.shape == result.local_mass.shape == (h, t)
     assert result.top_keys.shape == (h, t, config.top_k)
     assert result.kv_head_of == tuple(u // (h // config.kv_heads) for u in range(h))
@@ -1157,10 +1163,15 @@ def test_longseq_analyze_agrees_with_a_full_resolution_zoom(config):
 @fuzz(20)
 @given(st.data())
 def test_longseq_bad_configs_are_value_errors(data):
+    """validate() refuses what the page never runs: lengths beyond LIMITS (131,072 positions), a pooled map finer
+    than MAX_POOLED_SIDE cells per axis, bad names and numbers. Lengths up to the limit are valid: a long run is
+    refused by the work budget (check_work, below) instead, with what would fit."""
     field = data.draw(
         st.sampled_from(
             [
                 "t",
+                "s",
+                "span",
                 "num_heads",
                 "head_dim",
                 "pixels",
@@ -1175,8 +1186,17 @@ def test_longseq_bad_configs_are_value_errors(data):
             ]
         )
     )
+    over_t = data.draw(st.integers(longseq.LIMITS["t"] + 1, 10**7))
+    over_s = data.draw(st.integers(longseq.LIMITS["s"] + 1, 10**7))
+    base = dict(t=32, num_heads=4, num_kv_heads=2, head_dim=8, model_dim=8, top_k=4, device="cpu")
+    # The longest valid sequence is valid (t, s, a window up to it): only the work it asks for can refuse it.
+    longest = longseq.LongConfig(**{**base, "t": longseq.LIMITS["t"], "s": data.draw(st.sampled_from([0, 64]))})
+    longest.validate()
     bad = {
-        "t": data.draw(st.sampled_from([0, -1, 16385])),
+        "t": data.draw(st.sampled_from([0, -1, over_t])),
+        "s": data.draw(st.sampled_from([-1, over_s])),
+        # negative, or so fine that the pooled map would exceed MAX_POOLED_SIDE cells per axis (t = 32 here: fine)
+        "span": data.draw(st.sampled_from([-1, longseq.LIMITS["span"] + 1])),
         "num_heads": 0,
         "head_dim": 257,
         "pixels": 0,
@@ -1189,11 +1209,85 @@ def test_longseq_bad_configs_are_value_errors(data):
         "num_kv_heads": 3,
         "dtype": "float64",
     }[field]
-    base = dict(t=32, num_heads=4, num_kv_heads=2, head_dim=8, model_dim=8, top_k=4, device="cpu")
     config = longseq.LongConfig(**{**base, field: bad})
     with pytest.raises(ValueError) as info:
         config.validate()
     assert_message(info.value)
+    fine = data.draw(st.integers(1, 64))  # a span giving more than MAX_POOLED_SIDE cells per axis
+    too_fine = longseq.LongConfig(**{**base, "t": (longseq.MAX_POOLED_SIDE + 1) * fine, "span": fine})
+    with pytest.raises(ValueError, match=r"span \(\d+\) gives"):
+        too_fine.validate()
+
+
+@st.composite
+def work_configs(draw):
+    """Valid configs of every mask kind, and a work budget around their cost (small, so the mask is sampled fast)."""
+    t = draw(st.integers(1, 600))
+    s = draw(st.sampled_from([0, draw(st.integers(1, 600))]))
+    keys = s or t
+    config = longseq.LongConfig(
+        t=t,
+        s=s,
+        num_heads=draw(st.integers(1, 64)),
+        num_kv_heads=0,
+        causal=draw(st.sampled_from(longseq.CAUSAL_CHOICES)),
+        sliding_window=draw(st.sampled_from([0, 0, draw(st.integers(1, max(t, keys)))])),
+        top_k=1,
+        device="cpu",
+    )
+    budget = draw(st.integers(1, config.num_heads * t * keys * 2))
+    return config, budget
+
+
+@fuzz(30)
+@given(work_configs())
+def test_longseq_work_budget_refuses_exactly_the_runs_beyond_it_and_suggests_what_fits(drawn):
+    """check_work (what analyze calls before streaming) refuses a config exactly when its scored cells exceed the
+    budget, with the numbers; every change it suggests (fewer heads, a sliding window) then passes the check."""
+    config, budget = drawn
+    config.validate()
+    cells = longseq.scored_cells(config)
+    assert 1 <= cells <= config.num_heads * config.t * config.keys
+    if cells <= budget:
+        longseq.check_work(config, budget)
+        return
+    with pytest.raises(ValueError) as info:
+        longseq.check_work(config, budget)
+    message = str(info.value)
+    assert f"{cells:,} cells" in message and f"at most {budget:,}" in message
+    heads = re.search(r"Fits: (\d+) heads? at this length", message)
+    window = re.search(r"a sliding window of at most ([\d,]+) keys", message)
+    if heads:
+        fewer = replace(config, num_heads=int(heads.group(1)), num_kv_heads=0)
+        assert 1 <= fewer.num_heads < config.num_heads
+        fewer.validate()
+        longseq.check_work(fewer, budget)
+    if window:
+        narrow = replace(config, sliding_window=int(window.group(1).replace(",", "")))
+        narrow.validate()
+        longseq.check_work(narrow, budget)
+    assert heads or window or "shorter sequence" in message
+
+
+@fuzz(5)
+@given(
+    heads=st.integers(1, longseq.LIMITS["num_heads"]),
+    causal=st.sampled_from(longseq.CAUSAL_CHOICES),
+)
+def test_longseq_refuses_131072_squared_beyond_the_work_budget(heads, causal):
+    """At the longest length a full or causal map of more than one head is beyond MAX_WORK_CELLS: refused by
+    check_work (and by analyze, before any input is made), though validate() accepts it."""
+    config = longseq.LongConfig(t=longseq.LIMITS["t"], num_heads=heads, num_kv_heads=0, causal=causal, device="cpu")
+    config.validate()
+    cells = longseq.scored_cells(config)
+    if cells <= longseq.MAX_WORK_CELLS:  # one causal head: 2^33 cells fit
+        assert heads == 1 and causal != "off"
+        return
+    with pytest.raises(ValueError, match="cells; at most"):
+        longseq.check_work(config)
+    with mock.patch.object(longseq, "_inputs", side_effect=AssertionError("analyze made inputs")):
+        with pytest.raises(ValueError):
+            longseq.analyze(config)
 
 
 # ------------------------------------------------------------------------------------------------------------

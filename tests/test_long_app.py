@@ -105,3 +105,17 @@ def test_row_summaries_tab(page):
     assert [tr["name"] for tr in fig["data"]] == ["entropy", "sink mass", "local mass", "top keys"]
     frame = page.dataframe[0].value
     assert list(frame["head"]) == list(range(8))
+
+
+def test_attention_received_tab_draws_every_head_per_key(page):
+    open_tab(page, "Attention received")
+    (fig,) = charts(page)
+    heat = fig["data"][0]
+    assert heat["type"] == "heatmap" and "attention received per key" in fig["layout"]["title"]["text"]
+    assert any("Payload of this view" in c.value for c in page.caption)
+
+
+def test_pooling_by_fixed_spans(page):
+    set_form(page, span=64)
+    assert_clean(page)
+    assert "pooled by spans of 64 to 8×8 per head" in page.caption[0].value

@@ -149,7 +149,7 @@ def test_from_url_never_raises_and_always_gives_something_the_page_can_draw(para
     ("key", "value", "fragment"),
     [
         ("ls_t", "0", "below the minimum 1"),
-        ("ls_t", "16385", "above the maximum 16384"),
+        ("ls_t", "131073", "above the maximum 131072"),
         ("ls_t", "abc", "not a whole number"),
         ("ls_t", "1e3", "not a whole number"),
         ("ls_num_heads", "65", "above the maximum 64"),

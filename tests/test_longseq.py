@@ -139,7 +139,8 @@ def test_zoom_refuses_bad_regions():
     "change,message",
     [
         (dict(num_heads=6, num_kv_heads=4), r"num_heads \(6\) must be divisible by num_kv_heads \(4\)"),
-        (dict(t=20000), r"t \(20000\) must be an integer in \[1, 16384\]"),
+        (dict(t=200000), r"t \(200000\) must be an integer in \[1, 131072\]"),
+        (dict(t=4096, span=2), r"span \(2\) gives 2,048 pooled cells per axis; at most 1024 .* at least 4"),
         (dict(source="pictures"), r"source must be one of"),
         (dict(top_k=12, t=10), r"top_k \(12\) cannot exceed the number of keys \(10\)"),
         (dict(weight_scale=float("nan")), r"weight_scale \(nan\) must be in \(0, 100\]"),
@@ -155,6 +156,18 @@ def test_invalid_configs_are_clear_errors(change, message):
 def test_memory_budget_refuses_with_a_message():
     with pytest.raises(ValueError, match="the long-sequence view of t=16384, s=16384, 64 heads needs about"):
         ls.analyze(ls.LongConfig(t=16384, num_heads=64, num_kv_heads=8), memory_budget=2**28)
+
+
+def test_long_runs_are_refused_with_what_fits_and_sliding_windows_reach_131072():
+    with pytest.raises(ValueError, match=r"scores about .* Fits: 1 head at this length or a sliding window of at"):
+        ls.analyze(ls.LongConfig(t=131072, num_heads=2, num_kv_heads=1))
+    # Causal halves the work and a sliding window makes it t x window: both are counted from the mask.
+    causal = ls.scored_cells(ls.LongConfig(t=32768, num_heads=16))
+    assert abs(causal / (16 * 32768 * 32768 / 2) - 1) < 0.01 and causal <= ls.MAX_WORK_CELLS
+    window = ls.scored_cells(ls.LongConfig(t=131072, num_heads=16, sliding_window=1024))
+    assert abs(window / (16 * 131072 * 1024) - 1) < 0.01
+    ls.check_work(ls.LongConfig(t=131072, num_heads=16, sliding_window=1024))  # fits: no error
+    assert ls.scored_cells(ls.LongConfig(t=64, causal="off")) == 16 * 64 * 64
 
 
 def test_summary_frame_and_description():
@@ -253,3 +266,20 @@ def test_analyze_on_cuda_matches_cpu():
     gpu, cpu = ls.analyze(config), ls.analyze(replace(config, device="cpu"))
     torch.testing.assert_close(gpu.pooled_max, cpu.pooled_max, rtol=1e-4, atol=1e-6, equal_nan=True)
     torch.testing.assert_close(gpu.entropy, cpu.entropy, rtol=1e-4, atol=1e-5)
+
+
+def test_received_figure_bins_equal_the_summary():
+    from attnviz.figures import long as lf
+
+    result = ls.analyze(ls.LongConfig(t=300, num_heads=4, num_kv_heads=2, head_dim=16, model_dim=32, pixels=64))
+    starts, mx = lf.received_bins(result, "max", bins=7)
+    width = math.ceil(300 / 7)
+    assert list(starts) == list(range(0, 300, width))
+    for j, a in enumerate(starts):
+        torch.testing.assert_close(torch.from_numpy(mx[:, j]), result.received[:, a : a + width].amax(-1))
+    _, mean = lf.received_bins(result, "mean", bins=7)
+    torch.testing.assert_close(torch.from_numpy(mean[:, -1]), result.received[:, starts[-1] :].mean(-1))
+    fig = lf.received_figure(result, "max")
+    assert lf.figure_bytes(fig) < 2_000_000 and fig.data[0].type == "heatmap"
+    # Under causal attention every row's weights sum to 1: the keys together receive t per head.
+    torch.testing.assert_close(result.received.sum(-1), torch.full((4,), 300.0), rtol=1e-5, atol=1e-3)

@@ -73,6 +73,22 @@ CASES = {
         dict(mask=masks.causal("bottom_right"), masked_rows="nan"),
         dict(pixels=64, top_k=2, local_window=3, aligned_offset=-21),
     ),
+    # A score_mod (or a tensor scale) scores "uniform" / "nan" rows against every key: their mask must still be
+    # applied by each row's own span (a diagonal band or a causal edge was once dropped: every key was attendable).
+    "window_alibi_uniform": (
+        (1, 2, 1, 45, 30),
+        dict(
+            mask=masks.causal("bottom_right") & masks.sliding_window(5, "bottom_right"),
+            score_mod=score_mods.alibi(2),
+            masked_rows="uniform",
+        ),
+        dict(pixels=11, top_k=3, local_window=4, aligned_offset=-15),
+    ),
+    "causal_softcap_nan": (
+        (1, 2, 2, 50, 36),
+        dict(mask=masks.causal("bottom_right"), score_mod=score_mods.softcap(2.0), masked_rows="nan"),
+        dict(pixels=64, top_k=2, local_window=3, aligned_offset=-14),
+    ),
     "head_tensor_mask_by_batch_score_mod": (
         (2, 4, 4, 36, 45),
         dict(mask=_head_mask(2, 4, 36, 45), score_mod=_by_batch),
@@ -151,6 +167,9 @@ def test_every_statistic_equals_the_explicit_record(name, tiles):
     band = (torch.arange(s)[None, :] - q_pos).abs() < extra["local_window"]  # (t, s)
     torch.testing.assert_close(summary.local_mass, (p * band).sum(-1), **P_TOL)
     assert torch.equal(summary.fully_masked, record.fully_masked_rows[batch, heads])
+    attending = (~summary.fully_masked).unsqueeze(-1)  # (n, t, 1): rows with nothing to attend receive no count
+    received = torch.where(attending, p, 0.0).sum(-2)  # (n, s): column sums of the explicit matrix
+    torch.testing.assert_close(summary.received, received, rtol=1e-6, atol=1e-5)
     assert summary.kv_head_of == tuple(record.kv_head_of(u) for u in heads)
     assert summary.masked_rows == call.get("masked_rows", "zeros")
 
@@ -172,17 +191,73 @@ def test_the_edge_cases_are_really_exercised():
 
 def test_tiles_never_hold_a_full_map_per_head(monkeypatch):
     seen = []
-    real = longstats.probability_tiles
+    real = longstats._tile_statistics
 
-    def spy(*args, **kwargs):
-        for tile in real(*args, **kwargs):
-            seen.append(tile.probs.numel())
-            yield tile
+    def spy(probs, *args, **kwargs):
+        seen.append(tuple(probs.shape))
+        return real(probs, *args, **kwargs)
 
-    monkeypatch.setattr(longstats, "probability_tiles", spy)
+    monkeypatch.setattr(longstats, "_tile_statistics", spy)
     q, k, _ = _qkv(1, 2, 1, 300, 280)
     longstats.summarize(q, k, mask=masks.causal(), pixels=50, tile_elements=280 * 24)
-    assert len(seen) > 2 * 10 and max(seen) <= 280 * 24 < 300 * 280  # 24 rows (a multiple of 6) at a time
+    cells = [math.prod(shape) for shape in seen]
+    assert len(seen) > 10 and max(cells) <= 280 * 24 < 300 * 280
+    # Under a causal mask a tile scores only the keys its rows can reach (rounded out to whole pooled columns).
+    assert sum(cells) < 0.6 * 2 * 300 * 280
+
+
+def test_a_mask_function_is_never_materialised(monkeypatch):
+    """summarize and zoom evaluate a Mask function a strip of rows at a time: t = 4096 with strips of 64 rows."""
+    monkeypatch.setattr(longstats, "MASK_STRIP_CELLS", 64 * 4096)
+    biggest = []
+    real = longstats._MaskRows.rows
+
+    def spy(self, r0, r1):
+        out = real(self, r0, r1)
+        biggest.append(out.numel())
+        return out
+
+    monkeypatch.setattr(longstats._MaskRows, "rows", spy)
+    monkeypatch.setattr(masks.Mask, "materialize", lambda *a, **k: pytest.fail("the whole mask was built"))
+    q, k, _ = _qkv(1, 1, 1, 4096, 4096, d=4)
+    mask = masks.causal() & masks.sliding_window(100)
+    summary = longstats.summarize(q, k, mask=mask, pixels=64, local_window=8)
+    assert max(biggest) <= 64 * 4096
+    region = longstats.zoom(q, k, head=0, rows=(4000, 4030), cols=(3900, 4010), mask=mask)
+    assert max(biggest) <= 64 * 4096
+    # Spot-check rows against the explicit softmax of those rows.
+    rows = torch.arange(4000, 4030)
+    logits = (q[0, 0, 4000:4030] @ k[0, 0].T) / 2.0  # (30, s): d = 4
+    keep = (rows[:, None] >= torch.arange(4096)) & ((rows[:, None] - torch.arange(4096)).abs() < 100)
+    p = torch.softmax(logits.masked_fill(~keep, float("-inf")), -1)
+    torch.testing.assert_close(region.probs, p[:, 3900:4010], **P_TOL)
+    torch.testing.assert_close(summary.entropy[0, 4000:4030], -torch.special.xlogy(p, p).sum(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(summary.received[0, 3900:4010], summary.received[0, 3900:4010])  # finite
+    assert bool(torch.isfinite(summary.received).all())
+
+
+@pytest.mark.parametrize("span", [1, 7, 16])
+def test_pooling_by_fixed_spans_equals_the_explicit_blocks(span):
+    (b, h, g, t, s), call, extra = CASES["causal_gqa"]
+    q, k, _, record = _record("causal_gqa")
+    summary = longstats.summarize(q, k, **call, **{**extra, "span": span}, tile_elements=900)
+    assert (summary.factor_rows, summary.factor_cols) == (span, span)
+    p, keep = record.scores_grid[1], record.mask_grid[1]
+    mx, sm, count = _pool_reference(p, keep, span, span)
+    torch.testing.assert_close(summary.pooled_max, torch.where(count > 0, mx, float("nan")), **P_TOL)
+    torch.testing.assert_close(
+        summary.pooled_mean, torch.where(count > 0, sm / count.clamp_min(1), float("nan")), **P_TOL
+    )
+
+
+def test_sharp_and_diffuse_rows_keep_their_entropy():
+    """Entropy as -log p_max + E_p[m - logit] has no cancellation: one-hot rows give 0, uniform rows log(s)."""
+    q = torch.zeros(1, 1, 3, 4)
+    k = torch.zeros(1, 1, 50, 4)
+    q[0, 0, 0, 0], k[0, 0, 7, 0] = 40.0, 40.0  # row 0 puts everything on key 7
+    summary = longstats.summarize(q, k, pixels=10, top_k=2)
+    assert summary.entropy[0, 0] == 0.0 and summary.top_keys[0, 0, 0] == 7
+    torch.testing.assert_close(summary.entropy[0, 1:], torch.full((2,), math.log(50)))
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -229,6 +304,13 @@ def test_sinks_pass_through_to_the_engine():
     p = record.scores_grid[1]  # (h, t, s): rows sum to less than 1
     torch.testing.assert_close(summary.sink_mass, p[..., 0], **P_TOL)
     torch.testing.assert_close(summary.entropy, -torch.special.xlogy(p, p).sum(-1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(summary.received, p.sum(-2), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(summary.top_values, torch.topk(p, 5, dim=-1).values, **P_TOL)
+    _, _, r_c, c_c = (None, None, 5, 5)
+    mx, sm, count = _pool_reference(p, record.mask_grid[1].expand_as(p), r_c, c_c)
+    torch.testing.assert_close(
+        summary.pooled_mean, torch.where(count > 0, sm / count.clamp_min(1), float("nan")), **P_TOL
+    )
     region = longstats.zoom(q, k, head=3, rows=(10, 30), cols=(0, 50), mask=masks.causal(), sinks=sinks, batch=1)
     torch.testing.assert_close(region.probs, p[3, 10:30], **P_TOL)
     out = longstats.stream_output(q, k, v, mask=masks.causal(), sinks=sinks, tile_elements=500)

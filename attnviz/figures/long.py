@@ -245,6 +245,85 @@ def row_summary_figure(
     return fig
 
 
+def received_bins(result: AttentionSummary, mode: str = "max", bins: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """(first key of each bin (c,), per-head attention received per bin (n, c)): each head's key column sums
+    pooled over consecutive keys, the bin's largest ("max") or average ("mean") key. At most ``bins`` bins."""
+    check_choice("mode", mode, ("max", "mean"))
+    received = result.received.numpy()  # (n, s)
+    s = received.shape[-1]
+    width = max(1, math.ceil(s / bins))
+    starts = np.arange(0, s, width)
+    pad = len(starts) * width - s
+    fill = -np.inf if mode == "max" else 0.0
+    blocks = np.pad(received, ((0, 0), (0, pad)), constant_values=fill).reshape(received.shape[0], -1, width)
+    if mode == "max":
+        return starts, blocks.max(-1)
+    sizes = np.minimum(width, s - starts)  # (c,) the last bin may be shorter
+    return starts, (blocks.sum(-1) / sizes).astype(np.float32)
+
+
+def received_figure(
+    result: AttentionSummary,
+    mode: str = "max",
+    colorscale: str = "Viridis",
+    scaling: str = "log",
+    bins: int = 512,
+    *,
+    head_titles: Sequence[str] | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Attention received per key: every head as one row of a heatmap (keys pooled into at most ``bins`` bins,
+    hover gives the key range and the value), and below it the total over heads. A key's attention received is
+    its column sum over the query rows that attend (a sink key approaches t; uniform causal attention gives
+    keys near 0 about log(t))."""
+    check_choice("scaling", scaling, COLOR_SCALINGS)
+    starts, values = received_bins(result, mode, bins)  # (c,), (n, c)
+    n, c = values.shape
+    s = result.s
+    width = int(starts[1] - starts[0]) if c > 1 else s
+    heads = _labels(head_titles, [result.head_title(u) for u in range(n)], "head_titles")
+    vmax = float(values.max()) if values.size and values.max() > 0 else 1.0
+    z, low, high = _unit(values, scaling, 0.0, vmax)
+    z = z * (high - low) + low
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, row_heights=[0.7, 0.3], vertical_spacing=0.06)
+    fig.add_trace(
+        go.Heatmap(
+            z=z.astype(np.float32),
+            x=starts.astype(np.float32),
+            y=list(range(n)),
+            customdata=values.astype(np.float32),
+            colorscale=colorscale,
+            zmin=low,
+            zmax=high,
+            colorbar=dict(
+                title={"log": "log10", "sqrt": "√", "linear": ""}[scaling] + " received", thickness=12, len=0.7, y=0.65
+            ),
+            hovertemplate=f"panel %{{y}} · keys %{{x}}–(+{width - 1})<br>received = %{{customdata:.4g}}<extra></extra>",
+        ),
+        row=1,
+        col=1,
+    )
+    fig.add_trace(
+        go.Scatter(x=starts.astype(np.float32), y=values.sum(0).astype(np.float32), mode="lines", name="all heads"),
+        row=2,
+        col=1,
+    )
+    fig.update_yaxes(tickvals=list(range(n)), ticktext=heads, autorange="reversed", row=1, col=1, tickfont=dict(size=9))
+    fig.update_yaxes(title="sum over heads", type="log" if scaling == "log" else "linear", row=2, col=1)
+    fig.update_xaxes(title="key position", row=2, col=1)
+    per_bin = "largest key" if mode == "max" else "mean key"
+    fig.update_layout(
+        height=max(420, 18 * n + 260),
+        margin=dict(l=10, r=10, t=50, b=10),
+        showlegend=False,
+        title=dict(
+            text=title or f"attention received per key ({per_bin} of each bin of {width:,} keys)",
+            font=dict(size=13),
+        ),
+    )
+    return fig
+
+
 def figure_bytes(fig: go.Figure) -> int:
     """The size of the figure's JSON, which is what Streamlit sends to the browser."""
     return len(fig.to_json())

@@ -32,21 +32,29 @@ from attnviz.longstats import POOL_MODES, AttentionSummary, Region
 from attnviz.memory import check_memory, format_bytes
 
 LIMITS = {
-    "t": 16384,
-    "s": 16384,
+    "t": 131072,
+    "s": 131072,
     "num_heads": 64,
     "head_dim": 256,
     "model_dim": 1024,
     "pixels": 1024,
     "local_window": 4096,
     "top_k": 16,
+    "span": 65536,
 }
+# Scored cells (heads x the keys each query can attend) one analysis may stream: 9 x 2^30, i.e. t = 32,768 causal
+# with 16 heads, or t = 131,072 causal with 1 head. Estimated from ~46M cells/s at t = 4,096: a few minutes each on
+# 2 quiet CPU cores (not yet measured on a quiet machine). Beyond it the page refuses with what would fit (fewer
+# heads, a sliding window), as it refuses what memory cannot hold.
+MAX_WORK_CELLS = 9 * 2**30
+# The pooled map per head: at most this many cells per axis (pixels, or t / span when pooling by fixed spans).
+MAX_POOLED_SIDE = 1024
 SCORE_MODS = ("none", "alibi", "softcap")
 CAUSAL_CHOICES = ("off", "top_left", "bottom_right")
 DEVICES = ("auto", "cpu", "cuda")
 COLORSCALES = ("Viridis", "Magma", "Blues", "Cividis", "Turbo")
 COLOR_SCALINGS = ("log", "sqrt", "linear")  # log first: long rows spread probability thinly
-VIEW_TABS = ("heads", "zoom", "rows")  # the page's tabs: pooled heads, a zoomed region, row summaries
+VIEW_TABS = ("heads", "zoom", "rows", "received")  # pooled heads, a zoomed region, row summaries, per-key views
 # Zoomed regions are drawn cell by cell with hover values: at most this many cells.
 ZOOM_MAX_SIDE = 256
 MAX_ZOOM_CELLS = ZOOM_MAX_SIDE * ZOOM_MAX_SIDE
@@ -61,6 +69,7 @@ FORM_RANGES: dict[str, tuple[float, float]] = {
     "weight_scale": (0.1, 100.0),
     "sliding_window": (0, max(LIMITS["t"], LIMITS["s"])),
     "pixels": (16, LIMITS["pixels"]),
+    "span": (0, LIMITS["span"]),
     "local_window": (1, LIMITS["local_window"]),
     "top_k": (1, LIMITS["top_k"]),
     "seed": (0, 2**31 - 1),
@@ -84,6 +93,7 @@ class LongConfig:
     score_mod: str = "none"  # "none" | "alibi" | "softcap"
     masked_rows: str = "zeros"
     pixels: int = 256  # pooled cells per axis for each head's map
+    span: int = 0  # pool by fixed spans of this many positions per axis instead; 0 = by pixels
     local_window: int = 64  # the row summary's "local" keys: |key - aligned query| < local_window
     top_k: int = 4  # keys listed per query row
     seed: int = 0
@@ -100,9 +110,9 @@ class LongConfig:
 
     def validate(self) -> None:
         """Raise ValueError (with the numbers) for a config the engine cannot or should not run."""
-        for name in ("t", "s", "num_heads", "head_dim", "model_dim", "pixels", "local_window", "top_k"):
+        for name in ("t", "s", "num_heads", "head_dim", "model_dim", "pixels", "local_window", "top_k", "span"):
             value = getattr(self, name)
-            low = 0 if name == "s" else 1
+            low = 0 if name in ("s", "span") else 1
             if not isinstance(value, int) or not low <= value <= LIMITS[name]:
                 raise ValueError(f"{name} ({value}) must be an integer in [{low}, {LIMITS[name]}]")
         if not 0 <= self.num_kv_heads <= self.num_heads or self.num_heads % self.kv_heads:
@@ -118,6 +128,12 @@ class LongConfig:
             raise ValueError(f"weight_scale ({self.weight_scale}) must be in (0, 100]")
         if self.top_k > self.keys:
             raise ValueError(f"top_k ({self.top_k}) cannot exceed the number of keys ({self.keys})")
+        if self.span and math.ceil(max(self.t, self.keys) / self.span) > MAX_POOLED_SIDE:
+            raise ValueError(
+                f"span ({self.span}) gives {math.ceil(max(self.t, self.keys) / self.span):,} pooled cells per axis; "
+                f"at most {MAX_POOLED_SIDE} are drawn: use a span of at least "
+                f"{math.ceil(max(self.t, self.keys) / MAX_POOLED_SIDE)}"
+            )
         resolve_device(self.device)
 
     def mask_spec(self) -> MaskSpec:
@@ -184,9 +200,56 @@ def estimate_bytes(config: LongConfig) -> int:
         num_heads=config.num_heads,
         num_kv_heads=config.kv_heads,
         head_dim=config.head_dim,
-        pixels=config.pixels,
+        pixels=config.pixels if not config.span else math.ceil(max(config.t, config.keys) / config.span),
         top_k=config.top_k,
+        masked=config.causal != "off" or config.sliding_window > 0,
         device=resolve_device(config.device),
+    )
+
+
+def _keys_per_row(config: LongConfig) -> float:
+    """Mean attendable keys per query row (at least 1), from the mask on at most 256 evenly spaced query rows."""
+    mask = config.mask_spec().build(1, config.t, config.keys)
+    if mask is None:
+        return float(config.keys)
+    rows = torch.unique(torch.linspace(0, config.t - 1, min(config.t, 256)).round().long())
+    keep = mask(
+        torch.zeros(1, 1, 1, 1, dtype=torch.long),
+        torch.zeros(1, 1, 1, 1, dtype=torch.long),
+        rows.view(1, 1, -1, 1),
+        torch.arange(config.keys).view(1, 1, 1, -1),
+        t=config.t,
+        s=config.keys,
+    )
+    keep = torch.broadcast_to(torch.as_tensor(keep, dtype=torch.bool), (1, 1, len(rows), config.keys))
+    return max(float(keep.sum()) / len(rows), 1.0)
+
+
+def scored_cells(config: LongConfig) -> int:
+    """About how many (query, key) cells ``analyze`` scores: heads x the keys each query can attend (a causal mask
+    halves it, a sliding window makes it t x window), from the mask on at most 256 evenly spaced query rows."""
+    return int(config.num_heads * config.t * _keys_per_row(config))
+
+
+def check_work(config: LongConfig, max_cells: int = MAX_WORK_CELLS) -> None:
+    """Raise ValueError (with what would fit) when the config scores more than ``max_cells`` cells. Every change
+    the message suggests passes this check: fewer heads (the same keys per row), or a sliding window whose rows
+    hold at most ``window`` keys with a causal mask and ``2 * window - 1`` without one (the band is two-sided)."""
+    per_row = _keys_per_row(config)
+    cells = int(config.num_heads * config.t * per_row)
+    if cells <= max_cells:
+        return
+    heads = int(max_cells // (config.t * per_row))  # heads x t x per_row <= max_cells
+    band = max_cells // (config.num_heads * config.t)  # keys per row that would fit
+    window = band if config.causal != "off" else (band + 1) // 2
+    fits = [f"{heads} head{'s' if heads > 1 else ''} at this length" if heads >= 1 else None]
+    if window >= 1:
+        fits.append(f"a sliding window of at most {window:,} keys")
+    suggestion = f"Fits: {' or '.join(x for x in fits if x)}." if any(fits) else "Use a shorter sequence."
+    plural = "s" if config.num_heads > 1 else ""
+    raise ValueError(
+        f"the long-sequence view of t={config.t:,}, s={config.keys:,}, {config.num_heads} head{plural} scores about "
+        f"{cells:,} cells; at most {max_cells:,} are streamed per run (a few minutes on 2 CPU cores). {suggestion}"
     )
 
 
@@ -201,6 +264,7 @@ def analyze(config: LongConfig, memory_budget: int | None = None) -> LongResult:
         what=f"the long-sequence view of t={config.t}, s={config.keys}, {config.num_heads} heads",
         device=device,
     )
+    check_work(config)
     start = time.perf_counter()
     q, k, _ = _inputs(config)
     summary = longstats.summarize(
@@ -210,6 +274,7 @@ def analyze(config: LongConfig, memory_budget: int | None = None) -> LongResult:
         score_mod=_score_mod(config),
         masked_rows=config.masked_rows,
         pixels=config.pixels,
+        span=config.span,
         top_k=config.top_k,
         local_window=config.local_window,
         aligned_offset=_aligned_offset(config),
@@ -256,6 +321,8 @@ def summary_frame(result: LongResult):
             "mean sink mass": mean(result.sink_mass),
             f"mean local mass (|Δ| < {result.config.local_window})": mean(result.local_mass),
             "mean top-1 weight": mean(result.top_values[..., 0]),
+            "most-attended key": result.received.argmax(-1).tolist(),
+            "its attention received": result.received.amax(-1).tolist(),
             "fully-masked rows": result.fully_masked.sum(-1).tolist(),
         }
     )
@@ -271,10 +338,11 @@ def with_values(config: LongConfig, **changes) -> LongConfig:
 def describe(result: LongResult) -> str:
     c = result.config
     cells = c.num_heads * c.t * c.keys
+    how = f"by spans of {c.span:,}" if c.span else f"{result.factor_rows}×{result.factor_cols}"
     return (
         f"{c.num_heads} query heads / {c.kv_heads} kv heads, t={c.t:,}, s={c.keys:,}: {cells:,} probabilities "
         f"({format_bytes(cells * 4)} in float32) streamed in {result.seconds:.1f} s and pooled "
-        f"{result.factor_rows}×{result.factor_cols} to {len(result.row_edges)}×{len(result.col_edges)} per head."
+        f"{how} to {len(result.row_edges)}×{len(result.col_edges)} per head."
     )
 
 

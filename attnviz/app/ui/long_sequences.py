@@ -23,8 +23,9 @@ from attnviz.pagemodels.longseq import COLOR_SCALINGS
 
 PREFIX = ls.URL_PREFIX
 HELP = {
-    "t": "Query length t. The probabilities are streamed a tile at a time, so 8192 x 8192 per head needs only "
-    "the pooled picture in memory.",
+    "t": "Query length t (up to 131,072). The probabilities are streamed a tile at a time, so 32,768 x 32,768 "
+    "per head needs only the pooled picture in memory; very long runs are refused with what fits (fewer heads, a "
+    "sliding window).",
     "s": "Key length s; 0 = self-attention (s = t).",
     "num_heads": "Query heads h.",
     "num_kv_heads": "Key/value heads g (grouped-query attention: query head u reads kv head u // (h / g)); "
@@ -38,6 +39,8 @@ HELP = {
     "softcap: logits squashed into ±30.",
     "masked_rows": "What a query row with every key masked becomes: zeros, uniform 1/s, or NaN.",
     "pixels": "Pooled cells per axis for each head's picture. The payload stays flat above this budget.",
+    "span": "Pool by fixed spans of this many positions per axis instead of by pixels (e.g. 512: one cell per "
+    "512 x 512 block of queries and keys); 0 = by pixels.",
     "local_window": "The row summary's local window: mass on keys within this distance of the query.",
     "top_k": "How many of each query's strongest keys the row summary lists.",
     "seed": "Seeds the inputs and weights: the same seed gives the same numbers.",
@@ -46,7 +49,12 @@ HELP = {
 }
 
 
-TAB_LABELS = {"heads": "Heads", "zoom": "Zoom", "rows": "Row summaries"}  # LongView.tab -> the tab's label
+TAB_LABELS = {
+    "heads": "Heads",
+    "zoom": "Zoom",
+    "rows": "Row summaries",
+    "received": "Attention received",
+}  # LongView.tab -> the tab's label
 # Plain session keys (not widgets, so they outlive a visit to another page): the last config the form ran and
 # the last view, which refill the widgets when the page is opened again.
 _CONFIG = PREFIX + "_config"
@@ -95,8 +103,8 @@ def config_ui() -> ls.LongConfig:
             )
 
         values: dict[str, Any] = {  # LongConfig field -> widget value (LongConfig.validate checks them)
-            "t": number("Query length t", "t", 256),
-            "s": number("Key length s (0 = self)", "s", 256),
+            "t": number("Query length t", "t", 1024),
+            "s": number("Key length s (0 = self)", "s", 1024),
             "num_heads": number("Query heads h", "num_heads"),
             "num_kv_heads": number("KV heads g (0 = h)", "num_kv_heads"),
             "head_dim": number("Head dim d", "head_dim", 8),
@@ -120,6 +128,7 @@ def config_ui() -> ls.LongConfig:
                 "Fully-masked rows", list(MASKED_ROW_POLICIES), key=_key("masked_rows"), help=HELP["masked_rows"]
             ),
             "pixels": number("Pixels per head (per axis)", "pixels", 32),
+            "span": number("Or pool by spans of (0 = pixels)", "span", 256),
             "local_window": number("Local window", "local_window", 16),
             "top_k": number("Top-k keys", "top_k"),
             "seed": number("Seed", "seed"),
@@ -181,7 +190,7 @@ def view_ui(config: ls.LongConfig) -> ls.LongView:
 
 
 def tabs_ui(config: ls.LongConfig):
-    """The page's three tabs (Heads, Zoom, Row summaries), opened on the view's tab."""
+    """The page's tabs (Heads, Zoom, Row summaries, Attention received), opened on the view's tab."""
     _prepare(config, ["tab"])
     return st.tabs(list(TAB_LABELS.values()), key=_key("tab"), on_change="rerun")
 
