@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,7 +37,15 @@ __all__ = ["dense_applicable", "dense_attention", "all_finite"]
 def all_finite(x: Tensor) -> bool:
     """Whether every element of ``x`` is finite, in one reduction: a sum is finite only if every term is (a NaN or
     an infinity propagates). A finite sum is proof; a non-finite one may be an overflow of large finite values, so
-    only then are the elements checked one by one."""
+    only then are the elements checked one by one.
+
+    A float32/float64 CPU tensor is summed by NumPy over the same memory (no copy): one thread, so no OpenMP
+    region whose threads wait for each other. On a loaded 2-core machine torch's sum of the (8, 512, 64) head
+    outputs took 0.2-8 ms against NumPy's ~0.1-0.25 ms, a fixed cost on every dense call."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        a = x.detach().resolve_neg().numpy()  # a view of the same memory, any strides
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflowing sum is the case checked below
+            return bool(np.isfinite(a.sum())) or bool(np.isfinite(a).all())
     if bool(torch.isfinite(x.sum())):
         return True
     return bool(torch.isfinite(x).all())

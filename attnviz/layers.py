@@ -393,8 +393,8 @@ class MultiHeadAttention(_SeededModule):
         rank = x.dim() - 1  # rank of the unprojected input
         perm = (0, *self._other_axes, rank - 1, *self._axes, rank)
         y = x.permute(perm)
-        n_other = int(np.prod([x.shape[a] for a in self._other_axes])) if self._other_axes else 1
-        n_att = int(np.prod([x.shape[a] for a in self._axes]))
+        n_other = math.prod(x.shape[a] for a in self._other_axes)  # 1 when every axis is attended
+        n_att = math.prod(x.shape[a] for a in self._axes)
         return y.reshape(x.shape[0] * n_other, x.shape[rank - 1], n_att, x.shape[rank])
 
     def _from_grid(self, y: Tensor, query_shape: tuple[int, ...]) -> Tensor:

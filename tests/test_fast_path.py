@@ -6,6 +6,7 @@ in scripts/benchmark.py)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -249,6 +250,35 @@ def test_all_finite():
     assert not fastpath.all_finite(torch.tensor([1.0, math.inf]))
     assert not fastpath.all_finite(torch.tensor([1.0, math.nan]))
     assert not fastpath.all_finite(torch.tensor([math.inf, -math.inf]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_all_finite_layouts_and_dtypes(dtype):
+    """CPU float32/float64 are summed by NumPy over the tensor's own memory: strided views, offsets, tensors that
+    require grad, and an overflowing sum (no RuntimeWarning) agree with torch's element-wise answer."""
+    big = torch.finfo(dtype).max
+    base = randn(3, 5, 8, 6, dtype=dtype)
+    cases = [
+        base,
+        base.permute(0, 2, 1, 3),  # a permuted view
+        base[:, 1:4, ::2, 2:],  # strided, with a storage offset
+        base.transpose(-1, -2)[..., 0],  # no unit stride at all
+        torch.full((4, 3), big, dtype=dtype),  # every element finite, the sum overflows
+        torch.full((4, 3), -big, dtype=dtype).t(),
+        torch.empty(0, 3, dtype=dtype),
+        randn(4, 3, dtype=dtype).requires_grad_(),
+    ]
+    for bad in (math.inf, -math.inf, math.nan):
+        x = base.clone()
+        x[2, 4, 7, 5] = bad
+        cases += [x, x.permute(3, 1, 2, 0), x[2:, 4:, 7:, 5:]]
+    x = torch.full((6,), big, dtype=dtype)
+    x[3] = math.nan
+    cases.append(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # NumPy's overflow / invalid warnings are silenced inside
+        for x in cases:
+            assert fastpath.all_finite(x) == bool(torch.isfinite(x.detach()).all()), (x.shape, x.stride())
 
 
 # -- MultiHeadAttention: one GEMM for query, key and value in self-attention ---------------------------------------
