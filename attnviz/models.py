@@ -286,7 +286,7 @@ def packaged_model_shape() -> tuple[int, int]:
 
 
 def packaged_decoder_path() -> Path:
-    """The small Llama-style decoder shipped inside attnviz (``attnviz/assets/decoder/``): 2 layers, 8 query heads
+    """The small Llama-style decoder shipped inside attnviz (``attnviz/assets/decoder/``): 3 layers, 8 query heads
     sharing 2 kv heads, RoPE, a byte-level tokenizer, trained on text where copying pays by
     ``scripts/train_decoder.py`` (its metrics.json holds the command and the measured induction scores).
     ``AutoModelForCausalLM.from_pretrained(path)`` and ``AutoTokenizer.from_pretrained(path)`` load it offline.

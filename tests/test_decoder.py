@@ -165,8 +165,8 @@ def test_the_example_text_shows_induction(decoder):
     occurrence, and the model continues the string."""
     run = models.run_text(decoder, rms.DECODER_TEXT)
     text = rms.DECODER_TEXT
-    cut = text.rindex("Ticket")  # the repeat starts here
-    first = text.index("Ticket")
+    cut = text.rindex("Code")  # the repeat starts here
+    first = text.index("Code")
     assert text[cut:] == text[first : first + len(text) - cut]
     # token i is byte i - 1 (position 0 is the BOS): queries in the repeat, keys after the first occurrence
     queries = np.arange(cut + 1, len(text) + 1)

@@ -195,8 +195,11 @@ def test_the_packaged_decoder_is_offered_when_installed(monkeypatch, tmp_path):
     at.switch_page(PAGE)
     at.run()
     assert hpu.DECODER in at.sidebar.radio(key="hp_model").options
+    assert at.sidebar.radio(key="hp_corpus").value == "repeated_words"  # the default
     at.sidebar.radio(key="hp_model").set_value(hpu.DECODER).run()
     assert_clean(at)
+    # the untouched default corpus (repeated words: too long for a byte-level model) became the repeated strings
+    assert at.sidebar.radio(key="hp_corpus").value == "repeated_strings"
     assert "llama decoder (causal)" in at.caption[1].value
     assert "(kv head " in at.subheader[0].value  # query heads share kv heads: the opened head says which
     table = at.dataframe[0].value

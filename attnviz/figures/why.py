@@ -81,7 +81,7 @@ def cell_terms_figure(why: CellExplanation, max_terms: int = MAX_TERMS) -> go.Fi
             f"logit, red lowers it</sup>",
             x=0,
         ),
-        xaxis_title="share of the logit",
+        xaxis_title="contribution to the logit",
         height=max(260, 22 * len(labels) + 120),
         margin=dict(l=10, r=10, t=70, b=40),
         showlegend=False,

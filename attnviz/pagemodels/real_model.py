@@ -57,7 +57,7 @@ URL_PREFIX = "rm_"
 DEFAULT_TEXT = "The cat sat on the mat because it was tired."
 # The packaged decoder's example: a random string, then the same string again, cut short. Its induction heads
 # attend from each repeated character to the one after its first occurrence, and it predicts the next one.
-DECODER_TEXT = "Ticket 8fKq-2ZpX-w9Lm. Repeat: Ticket 8fKq-2ZpX-w"
+DECODER_TEXT = "Code 8fKq-2ZpX-w9Lm. Again: Code 8fKq-2ZpX-w"  # 45 tokens: thumbnails stay exact (<= 48)
 DEFAULT_MAX_TOKENS = 64  # as attnviz.models.DEFAULT_MAX_TOKENS
 MIN_TOKENS = 4
 TOKEN_LIMIT = 256  # the largest token limit the page offers

@@ -345,7 +345,7 @@ EXAMPLES = {
     ),
     LLAMA_EXAMPLE: (
         _llama_example,
-        "a transformers LlamaForCausalLM (2 layers, 8 query heads over 2 kv heads, RoPE; attnviz's packaged decoder "
+        "a transformers LlamaForCausalLM (3 layers, 8 query heads over 2 kv heads, RoPE; attnviz's packaged decoder "
         "where it ships, else seeded random weights) run with its fused sdpa attention, one token per byte",
     ),
     LONG_EXAMPLE: (

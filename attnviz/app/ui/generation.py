@@ -257,13 +257,14 @@ def summary_ui(loaded: models.LoadedModel, gen: Generation) -> None:
     st.markdown(f"**Generated {gen.num_generated} tokens{stop}:**")
     st.code(gen.text, language=None, wrap_lines=True)  # as written: spaces and line breaks kept, nothing rendered
     c1, c2, c3, c4 = st.columns(4)
-    ok = "✓" if gen.max_output_error <= TOLERANCE else "✗"
+    ok = "✓" if gen.max_output_error <= gen.output_tolerance else "✗"
     c1.metric(
         "Max output_error",
         f"{gen.max_output_error:.1e} {ok}",
         help=f"Over all {gen.num_calls} attention calls ({len(gen.steps)} steps × {gen.num_layers} layers): max |the "
         "engine's recomputed output − the call's own output|. At most "
-        f"{TOLERANCE:g} (float32) means what is drawn is the model's computation.",
+        f"{gen.output_tolerance:.2g} ({TOLERANCE:g} × the largest |output|, at least {TOLERANCE:g}: float32 "
+        "rounding grows with the values summed) means what is drawn is the model's computation.",
     )
     ok = "✓" if gen.eager_error <= TOLERANCE else "✗"
     c2.metric(
@@ -286,9 +287,10 @@ def summary_ui(loaded: models.LoadedModel, gen: Generation) -> None:
     )
     if not gen.passed:
         st.warning(
-            f"The recomputation differs from the model by more than {TOLERANCE:g} (output_error "
-            f"{gen.max_output_error:.2e}, map vs eager {gen.eager_error:.2e}): the model may run in a lower precision "
-            f"({gen.cache_dtype}).",
+            f"The recomputation differs from the model by more than float32 rounding explains (output_error "
+            f"{gen.max_output_error:.2e}, tolerance {gen.output_tolerance:.2g}; map vs eager {gen.eager_error:.2e}, "
+            f"tolerance {TOLERANCE:g}). The model's cache is {gen.cache_dtype}: a half-precision model or an "
+            "attention function attnviz does not know would explain it.",
             icon="⚠️",
         )
 

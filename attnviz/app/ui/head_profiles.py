@@ -68,6 +68,9 @@ class ModelChoice:
     path: str = ""  # the typed directory (local only)
 
 
+LAST_MODEL = "_" + PREFIX + "last_model"  # the model of the previous run: switching to the decoder fits the corpus
+
+
 def decoder_path() -> str | None:
     """The packaged decoder's directory when this attnviz has one (``models.packaged_decoder_path`` exists and
     its files are installed), else None."""
@@ -88,6 +91,14 @@ def model_ui() -> ModelChoice:
     if st.session_state.get("_" + PREFIX + "model", MINILM) not in options:  # the decoder went away
         widgets.drop_kept(PREFIX + "model")
     choice = widgets.kept(sb.radio, PREFIX + "model", "Model", options, help=HELP["model"])
+    last = st.session_state.get(LAST_MODEL, MINILM)
+    st.session_state[LAST_MODEL] = choice
+    if choice == DECODER and last != DECODER:
+        # the default corpus (repeated words, ~88 bytes a text) is over the token limit of a byte-level model:
+        # switching to the decoder turns an untouched default into the repeated strings it was trained on
+        corpus = st.session_state.get("_" + PREFIX + "corpus", hps.DEFAULT_KIND)
+        if corpus == hps.DEFAULT_KIND:
+            widgets.set_kept(PREFIX + "corpus", "repeated_strings")
     if choice == DECODER:
         return ModelChoice("decoder")
     if choice == LOCAL:
