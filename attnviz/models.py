@@ -75,6 +75,7 @@ __all__ = [
     "validate_model_dir",
     "load_model",
     "run_text",
+    "readable_tokens",
     "expand_heads",
     "ablation_effect",
     "ablation_scan",
@@ -662,6 +663,31 @@ def _pool(hidden: Tensor, valid: Tensor, mode: str, normalize: bool) -> Tensor:
     return torch.nn.functional.normalize(emb, dim=0) if normalize else emb
 
 
+def _is_byte_level(tokenizer) -> bool:
+    """A byte-level BPE tokenizer (GPT-2's, Llama 3's, the packaged decoder's): its token strings spell bytes as
+    stand-in characters ("Ġ" for a space, "Ċ" for a newline)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
+
+
+def readable_tokens(tokenizer, ids: Sequence[int]) -> list[str]:
+    """The tokens' strings as labels: the tokenizer's own (``convert_ids_to_tokens``: "[CLS]", "##ing", "▁the"),
+    except that a byte-level tokenizer's stand-in characters are decoded and whitespace made visible ("Ġthe" →
+    "␣the", "Ċ" → "⏎"); a lone byte of a multi-byte character keeps its token string. One label per id."""
+    ids = [int(i) for i in ids]
+    tokens = [str(t) for t in tokenizer.convert_ids_to_tokens(ids)]
+    if not _is_byte_level(tokenizer):
+        return tokens
+    out = []
+    for i, token in zip(ids, tokens, strict=True):
+        text = tokenizer.decode([i])
+        if not text or "\ufffd" in text or i in set(getattr(tokenizer, "all_special_ids", []) or []):
+            out.append(token)
+            continue
+        out.append(text.replace(" ", "␣").replace("\n", "⏎").replace("\r", "␍").replace("\t", "→"))
+    return out
+
+
 def run_text(
     loaded: LoadedModel,
     text: str,
@@ -703,7 +729,7 @@ def run_text(
     sep_id = getattr(tok, "sep_token_id", None)
     segments = enc.get("token_type_ids")
     return ModelRun(
-        tokens=tuple(tok.convert_ids_to_tokens(ids)),
+        tokens=tuple(readable_tokens(tok, ids)),
         input_ids=tuple(ids),
         segment_ids=tuple(segments[0].tolist()) if segments is not None else (0,) * t,
         special_positions=tuple(i for i, x in enumerate(ids) if x in special),
@@ -778,7 +804,7 @@ def ablation_effect(
         ids = torch.cat([p.topk(min(top_k, p.numel())).indices, q.topk(min(top_k, q.numel())).indices]).unique()
         ids = ids[p[ids].argsort(descending=True)]
         id_list = ids.tolist()
-        names = tokenizer.convert_ids_to_tokens(id_list) if tokenizer is not None else [str(i) for i in id_list]
+        names = readable_tokens(tokenizer, id_list) if tokenizer is not None else [str(i) for i in id_list]
         top = tuple((str(n), float(p[i]), float(q[i])) for n, i in zip(names, id_list, strict=True))
     return AblationEffect(
         heads=ablated.ablated,

@@ -293,3 +293,13 @@ def test_the_page_runs_the_decoder(page, decoder):
     assert len(at.dataframe[0].value) == decoder.info.num_layers * 8
     params = {k: at.query_params[k] for k in at.query_params if k.startswith("rm_")}
     assert params["rm_model"] == "decoder"  # a packaged model travels in the link
+
+
+def test_labels_spell_whitespace_not_byte_stand_ins(decoder):
+    """A byte-level tokenizer names a space "Ġ" and a newline "Ċ": the labels decode them and make whitespace
+    visible; the BOS and a lone byte of a multi-byte character keep their token strings; WordPiece is untouched."""
+    run = models.run_text(decoder, "a b\nc é")
+    assert run.tokens == ("<s>", "a", "␣", "b", "⏎", "c", "␣", "Ã", "©")
+    assert not any("Ġ" in t or "Ċ" in t for t in run.tokens)
+    minilm = models.load_model(models.packaged_model_path())
+    assert models.run_text(minilm, "The cats running.").tokens == ("[CLS]", "the", "cats", "running", ".", "[SEP]")

@@ -455,7 +455,7 @@ def describe(info: models.ModelInfo, run: models.ModelRun, tokenizer=None) -> st
         line += f" · embedding: {run.embedding.numel()}-d, {info.pooling} pooling{norm}"
     if run.next_token_probs is not None:
         p, i = run.next_token_probs.max(0)
-        token = tokenizer.convert_ids_to_tokens([int(i)])[0] if tokenizer is not None else str(int(i))
+        token = models.readable_tokens(tokenizer, [int(i)])[0] if tokenizer is not None else str(int(i))
         line += f" · most likely next token: {literal(repr(token))} (p = {float(p):.3g})"
     return line
 
