@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -51,6 +50,9 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadtest import stop_process_group  # noqa: E402  (scripts/loadtest.py, beside this file)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -133,16 +135,7 @@ class Server:
         raise RuntimeError(f"the server was not healthy within {timeout:.0f} s; log: {self.log.name}")
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
+        stop_process_group(self.proc, timeout=15)
 
 
 def wait_figure(page, timeout: float, before: str | None = None) -> dict:

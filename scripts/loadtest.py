@@ -149,6 +149,21 @@ def descendants(root: int, exclude_groups: set[int] | None = None) -> list[int]:
     return out
 
 
+def stop_process_group(proc: subprocess.Popen | None, timeout: float = 10) -> None:
+    """Stop a server started in its own process group (start_new_session): SIGTERM, then SIGKILL after
+    ``timeout`` seconds. Nothing if it is not running."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+
+
 class Server:
     """The app started as a user starts it, in its own process group so every child goes with it."""
 
@@ -189,16 +204,7 @@ class Server:
         return None if self.proc is None else self.proc.pid
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
+        stop_process_group(self.proc)
 
 
 class ClassServer(Server):
