@@ -260,6 +260,10 @@ def run_with_inputs(config: PlaygroundConfig, query_input, value_input, key_inpu
                 f"{config.t if name == 'query' else config.s}, model_dim={config.model_dim})"
             )
         tensors[name] = tensor.to(torch.float32)
+    if "key" not in tensors and torch.equal(tensors["query"], tensors["value"]):
+        # one X given twice (an upload's query and value arrays): pass one tensor, so the layer takes the same
+        # self-attention path, bit for bit, as layer(x, x) does (its one fused q/k/v projection)
+        tensors["value"] = tensors["query"]
     mask = config.masks.build(config.batch, config.t, config.s)
     layer = build_layer(config)
     return layer(tensors["query"], tensors["value"], tensors.get("key"), mask=mask, training=config.training)

@@ -472,7 +472,9 @@ class MultiHeadAttention(_SeededModule):
         """The query, key and value kernels side by side, (c, h*d + g*d + g*v), and their biases, when one GEMM
         can project all three: self-attention (one input tensor) with no gradient to track. Built once per set of
         weights: the cache key holds each parameter's identity, storage and version counter, which every in-place
-        update (an optimizer step, ``copy_``, ``load_state_dict``) bumps. None: project separately."""
+        update (an optimizer step, ``copy_``, ``load_state_dict``) bumps. None: project separately. One GEMM rounds
+        differently from three (last-bit differences, ~1e-7): ``layer(x, x)`` and ``layer(x, x.clone())`` agree to
+        float32 rounding, not bit for bit."""
         params = (
             self.query_kernel,
             self.key_kernel,
