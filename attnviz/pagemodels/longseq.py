@@ -43,9 +43,10 @@ LIMITS = {
     "span": 65536,
 }
 # Scored cells (heads x the keys each query can attend) one analysis may stream: 9 x 2^30, i.e. t = 32,768 causal
-# with 16 heads, or t = 131,072 causal with 1 head. Estimated from ~46M cells/s at t = 4,096: a few minutes each on
-# 2 quiet CPU cores (not yet measured on a quiet machine). Beyond it the page refuses with what would fit (fewer
-# heads, a sliding window), as it refuses what memory cannot hold.
+# with 16 heads, or t = 131,072 causal with 1 head. Measured on 2 CPU cores: t = 32,768 causal × 4 heads (2.1 G
+# cells) streams in 12.8-21.8 s (scripts/bench_long.py) and the page's analyze() takes 62 s beside a CI run, so a
+# run at the budget takes about 1-5 minutes. Beyond it the page refuses with what would fit (fewer heads, a
+# sliding window), as it refuses what memory cannot hold.
 MAX_WORK_CELLS = 9 * 2**30
 # The pooled map per head: at most this many cells per axis (pixels, or t / span when pooling by fixed spans).
 MAX_POOLED_SIDE = 1024
