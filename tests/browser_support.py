@@ -18,6 +18,7 @@ The script runs are counted on the browser's WebSocket with Streamlit's own prot
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -162,16 +163,26 @@ def new_page(browser, width: int = 1400, height: int = 1000):
     return page
 
 
+@contextlib.contextmanager
+def app_page(app_url: str, width: int = 1400, height: int = 1000):
+    """A Chromium page of ``width`` × ``height`` opened at the app's entry point and idle; the browser closes on
+    exit. A test module's ``page`` fixture wraps it when it needs another viewport."""
+    with playwright_api.sync_playwright() as p:
+        browser = launch(p)
+        try:
+            pg = new_page(browser, width, height)
+            pg.goto(app_url)
+            wait_idle(pg)
+            yield pg
+        finally:
+            browser.close()
+
+
 @pytest.fixture(scope="module")
 def page(app_url):  # noqa: F811
     """One page for the module, opened at the app's entry point and idle."""
-    with playwright_api.sync_playwright() as p:
-        browser = launch(p)
-        pg = new_page(browser)
-        pg.goto(app_url)
-        wait_idle(pg)
+    with app_page(app_url) as pg:
         yield pg
-        browser.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from attnviz.pagemodels.real_model import DECODER_TEXT  # noqa: E402
 
 # The app server, Chromium settings and the waits are browser_support's (one copy for every browser test).
 from tests.browser_support import (  # noqa: E402, F401
+    app_page,
     app_url,
     assert_no_exception,
     expect,
@@ -62,13 +63,8 @@ ATTENTION = """() => {
 
 @pytest.fixture(scope="module")
 def page(app_url):  # noqa: F811  (the fixture imported above)
-    with playwright_api.sync_playwright() as p:
-        browser = launch(p)
-        pg = new_page(browser, 1500, 1600)
-        pg.goto(app_url)
-        wait_idle(pg)
+    with app_page(app_url, 1500, 1600) as pg:
         yield pg
-        browser.close()
 
 
 def markdown_starting(page, prefix: str) -> str:

@@ -15,6 +15,7 @@ from test_real_model import build_tiny_llama  # noqa: E402
 
 # The app server, Chromium settings and the waits are browser_support's (one copy for every browser test).
 from tests.browser_support import (  # noqa: E402, F401
+    app_page,
     app_url,
     assert_no_exception,
     expect,
@@ -58,13 +59,8 @@ def llama_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def page(app_url):  # noqa: F811  (the fixture imported above)
-    with playwright_api.sync_playwright() as p:
-        browser = launch(p)
-        pg = new_page(browser, 1500, 1600)
-        pg.goto(app_url)
-        wait_idle(pg)
+    with app_page(app_url, 1500, 1600) as pg:
         yield pg
-        browser.close()
 
 
 def step_caption(page) -> str:

