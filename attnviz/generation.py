@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attnviz.models import LoadedModel
+from attnviz.models import LoadedModel, visible_whitespace
 from attnviz.trace import CROSS_TOLERANCE, capture
 
 __all__ = [
@@ -194,9 +194,7 @@ class Generation:
 
 def display_token(token: str) -> str:
     """A token as a label: whitespace made visible (␣ space, ⏎ newline, → tab), empty as ∅."""
-    if token == "":
-        return "∅"
-    return token.replace(" ", "␣").replace("\n", "⏎").replace("\r", "␍").replace("\t", "→")
+    return visible_whitespace(token) if token else "∅"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -76,6 +76,7 @@ __all__ = [
     "load_model",
     "run_text",
     "readable_tokens",
+    "visible_whitespace",
     "expand_heads",
     "ablation_effect",
     "ablation_scan",
@@ -670,6 +671,11 @@ def _is_byte_level(tokenizer) -> bool:
     return type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
 
 
+def visible_whitespace(text: str) -> str:
+    """Whitespace made visible for a label: ␣ space, ⏎ newline, ␍ carriage return, → tab."""
+    return text.replace(" ", "␣").replace("\n", "⏎").replace("\r", "␍").replace("\t", "→")
+
+
 def readable_tokens(tokenizer, ids: Sequence[int]) -> list[str]:
     """The tokens' strings as labels: the tokenizer's own (``convert_ids_to_tokens``: "[CLS]", "##ing", "▁the"),
     except that a byte-level tokenizer's stand-in characters are decoded and whitespace made visible ("Ġthe" →
@@ -684,7 +690,7 @@ def readable_tokens(tokenizer, ids: Sequence[int]) -> list[str]:
         if not text or "\ufffd" in text or i in set(getattr(tokenizer, "all_special_ids", []) or []):
             out.append(token)
             continue
-        out.append(text.replace(" ", "␣").replace("\n", "⏎").replace("\r", "␍").replace("\t", "→"))
+        out.append(visible_whitespace(text))
     return out
 
 
